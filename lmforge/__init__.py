@@ -1,0 +1,31 @@
+"""lmforge: pretrain and fine-tune Transformer language models with PyTorch Lightning and Triton.
+
+Importing lmforge is cheap: submodules (model, data, CLI) load when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "GPT": "lmforge.model",
+    "GPTConfig": "lmforge.model",
+    "PretrainModule": "lmforge.pretrain",
+    "PretrainDataModule": "lmforge.data.pretrain",
+}
+
+if TYPE_CHECKING:
+    from lmforge.data.pretrain import PretrainDataModule
+    from lmforge.model import GPT, GPTConfig
+    from lmforge.pretrain import PretrainModule
+
+__all__ = ["GPT", "GPTConfig", "PretrainDataModule", "PretrainModule", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

@@ -1,0 +1,66 @@
+"""Callbacks that make the cost of training visible: tokens per second, time to the first step."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+# Set by the CLI when the process starts, so "time to first step" includes imports and data preparation.
+PROCESS_START: float | None = None
+
+
+class TokenThroughput(L.Callback):
+    """Logs training tokens/s (``train/tokens_per_sec``), prints the time to the first step and a summary."""
+
+    def __init__(self, window: int = 20) -> None:
+        """
+        Args:
+            window: Steps over which tokens/s is averaged.
+        """
+        self.window = window
+        self._times: list[tuple[float, int]] = []
+        self._tokens = 0
+        self._fit_start = 0.0
+        self._first_step: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self._times.clear()
+        self._tokens = 0
+        self._first_step = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self._tokens += int(batch[0].numel()) * trainer.world_size
+        if self._first_step is None:
+            self._first_step = now
+            since = now - PROCESS_START if PROCESS_START is not None else now - self._fit_start
+            pl_module.print(f"lmforge: first training step done {since:.1f} s after the command started")
+        self._times.append((now, self._tokens))
+        self._times = self._times[-(self.window + 1) :]
+        if len(self._times) > 1:
+            (t0, n0), (t1, n1) = self._times[0], self._times[-1]
+            pl_module.log("train/tokens_per_sec", (n1 - n0) / max(t1 - t0, 1e-9), prog_bar=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._first_step is None:
+            return
+        elapsed = time.perf_counter() - self._first_step
+        steady = self._tokens - (self._times[0][1] if self._times else 0)
+        parts = [f"{trainer.global_step} steps", f"{self._tokens:,} tokens"]
+        if elapsed > 0:
+            parts.append(f"{self._tokens / elapsed:,.0f} tokens/s after the first step")
+        if len(self._times) > 1:
+            span = self._times[-1][0] - self._times[0][0]
+            parts.append(f"{steady / max(span, 1e-9):,.0f} tokens/s over the last {len(self._times) - 1} steps")
+        if torch.cuda.is_available():
+            parts.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            parts.append(f"val/loss {float(val):.4f}")
+            gap = trainer.callback_metrics.get("val/gap_to_entropy")
+            if gap is not None:
+                parts.append(f"corpus entropy {float(val) - float(gap):.4f} nats/token")
+        pl_module.print("lmforge: " + ", ".join(parts))

@@ -1,0 +1,132 @@
+"""``lmforge fit|validate|test|predict -c CONFIG``: LightningCLI in omegaconf mode.
+
+Every run gets a ``checkpoint`` section (a ModelCheckpoint that keeps ``last.ckpt`` in
+``<default_root_dir>/checkpoints``, so ``--ckpt_path last`` resumes) and a ``throughput`` section
+(tokens/s). Defaults that follow ``trainer.default_root_dir``, even when it is overridden on the
+command line: ``trainer.logger: null`` means CSV and TensorBoard logs in ``<default_root_dir>/csv``
+and ``/tensorboard``; ``trainer.precision: null`` means bf16-mixed on GPUs that support it,
+32-bit elsewhere. Bad input ends with one line
+on stderr; set ``LMFORGE_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+import time
+
+_START = time.perf_counter()
+_ARGS: list[str] | None = None  # the argv given to main(), for error messages
+
+import yaml  # noqa: E402
+from jsonargparse import Namespace  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+
+from lmforge import callbacks, ops  # noqa: E402
+from lmforge.data.pretrain import PretrainDataModule  # noqa: E402
+from lmforge.data.sources import CorpusError  # noqa: E402
+from lmforge.pretrain import PretrainModule  # noqa: E402
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line."""
+
+
+class LmforgeArgumentParser(LightningArgumentParser):
+    """Turns jsonargparse's multi-line parse errors into one line with a suggestion."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        raise UserError(_explain_parse_error(message, self))
+
+
+def _all_keys(parser) -> list[str]:
+    """Every option name the parser (and its subcommands, without their prefix) accepts."""
+    keys: list[str] = []
+    for action in parser._actions:
+        subparsers = getattr(action, "_name_parser_map", None)
+        if subparsers:
+            for sub in subparsers.values():
+                keys.extend(_all_keys(sub))
+        elif action.dest not in ("help", "config", "print_config"):
+            keys.append(action.dest)
+    return list(dict.fromkeys(keys))
+
+
+def _config_path(args: list[str]) -> str:
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return "the config file"
+
+
+def _explain_parse_error(message: str, parser) -> str:
+    text = " ".join(message.split())
+    config = _config_path(sys.argv[1:] if _ARGS is None else _ARGS)
+    missing = re.search(r"File does not exist: '([^']+)'", text)
+    if missing:
+        return (
+            f"config file {missing.group(1)!r} not found; give the path to a YAML file, e.g. -c configs/gpt-small.yaml"
+        )
+    if "Problems parsing config" in text:
+        where = re.search(r"line (\d+), column (\d+)", text)
+        at = f" at line {where.group(1)}, column {where.group(2)}" if where else ""
+        detail = text.split("Problems parsing config:", 1)[1].split(' in "<unicode string>"')[0].strip()
+        return f"config file {config} is not valid YAML{at}: {detail}"
+    unknown = re.search(r"does not accept option '([\w.\-]+)'|unrecognized arguments: --([\w.\-]+)", text, re.I)
+    if unknown:
+        key = unknown.group(1) or unknown.group(2)
+        close = difflib.get_close_matches(key, _all_keys(parser), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else "; see the valid keys with --help"
+        return f"config: unknown key {key!r}{hint}"
+    literal = re.search(r'Parser key "([\w.\-]+)": Expected a typing\.Literal\[(.*?)\]\. Got value: (\S+)', text)
+    if literal:
+        return f"config: {literal.group(1)}={literal.group(3)!r} is not one of {literal.group(2)}"
+    return f"config: {text[:500]}"
+
+
+class LmforgeCLI(LightningCLI):
+    """LightningCLI for lmforge: the pretraining module and data module, omegaconf interpolation."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.add_lightning_class_args(callbacks.TokenThroughput, "throughput")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.precision is None:
+            trainer.precision = "bf16-mixed" if ops.cuda_supports_bf16() else "32-true"
+        root = trainer.default_root_dir or "."
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        if trainer.logger is None or trainer.logger is True:
+            trainer.logger = [
+                Namespace(class_path=f"lightning.pytorch.loggers.{cls}", init_args=Namespace(save_dir=root, name=name))
+                for cls, name in (("CSVLogger", "csv"), ("TensorBoardLogger", "tensorboard"))
+            ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _ARGS
+    callbacks.PROCESS_START = _START
+    _ARGS = argv
+    try:
+        LmforgeCLI(
+            PretrainModule,
+            PretrainDataModule,
+            parser_class=LmforgeArgumentParser,
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except (UserError, CorpusError, ValueError, FileNotFoundError, yaml.YAMLError) as err:
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"lmforge: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

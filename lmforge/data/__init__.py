@@ -1,0 +1,1 @@
+"""Data: corpus sources, the embedded synthetic corpus, the token cache and the data modules."""

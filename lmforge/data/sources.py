@@ -1,0 +1,156 @@
+"""Corpus sources: text files, folders and globs, JSONL with a text field, or the embedded corpus.
+
+A :class:`Corpus` yields documents (strings) and has a content key: the same files with the same
+bytes give the same key, whatever their paths, so the token cache is reused exactly when it is valid.
+
+Undecodable bytes: text is read as UTF-8. With ``decode_errors="replace"`` (the default) each
+invalid byte becomes U+FFFD and one warning per file names the file, the count and the first
+offset; with ``"strict"`` the first invalid byte is an error naming the file and the offset.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lmforge.data.synthetic import SyntheticGrammar
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".jsonl"}
+DecodeErrors = Literal["replace", "strict"]
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be read; the message names the file (and line) and what to do."""
+
+
+def resolve_files(patterns: list[str]) -> list[Path]:
+    """Expand files, folders (recursively, text-like suffixes) and globs, in the order given.
+
+    Each folder or glob contributes its files sorted by path; duplicates are kept once.
+    """
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not found:
+                raise CorpusError(f"corpus: folder {path} has no files ending in {', '.join(sorted(TEXT_SUFFIXES))}")
+            files.extend(found)
+        elif glob.has_magic(pattern):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not found:
+                raise CorpusError(f"corpus: pattern {pattern!r} matches no file")
+            files.extend(found)
+        else:
+            raise CorpusError(f"corpus: {pattern} does not exist; give files, folders or glob patterns")
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique
+
+
+def _decode(data: bytes, path: Path, errors: DecodeErrors) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if errors == "strict":
+            raise CorpusError(
+                f"corpus: {path} is not valid UTF-8 at byte {err.start}; "
+                "fix the file or set data.decode_errors: replace"
+            ) from None
+        text = data.decode("utf-8", errors="replace")
+        log.warning(
+            "corpus: %s has invalid UTF-8 (first at byte %d); %d character(s) replaced by U+FFFD",
+            path,
+            err.start,
+            text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd"),
+        )
+        return text
+
+
+@dataclass
+class FileCorpus:
+    """Documents from text files (one document per file) and JSONL files (one per line, ``text_field``)."""
+
+    files: list[Path]
+    text_field: str = "text"
+    decode_errors: DecodeErrors = "replace"
+
+    def key(self) -> str:
+        digest = hashlib.sha256(f"files-v1|{self.text_field}|{self.decode_errors}".encode())
+        for path in self.files:
+            file_hash = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    file_hash.update(chunk)
+            digest.update(path.suffix.lower().encode() + b"|" + file_hash.digest())
+        return digest.hexdigest()[:32]
+
+    def num_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def documents(self) -> Iterator[str]:
+        for path in self.files:
+            text = _decode(path.read_bytes(), path, self.decode_errors)
+            if path.suffix.lower() == ".jsonl":
+                yield from self._jsonl_documents(path, text)
+            elif text:
+                yield text
+
+    def _jsonl_documents(self, path: Path, text: str) -> Iterator[str]:
+        for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is valid in JSON
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(
+                    f"corpus: {path}:{lineno}: not valid JSON ({err.msg}); fix or remove the line"
+                ) from None
+            if not isinstance(record, dict) or self.text_field not in record:
+                raise CorpusError(
+                    f"corpus: {path}:{lineno}: no field {self.text_field!r}; "
+                    "set data.text_field to the field holding the text"
+                )
+            value = record[self.text_field]
+            if not isinstance(value, str):
+                raise CorpusError(
+                    f"corpus: {path}:{lineno}: field {self.text_field!r} is {type(value).__name__}, not text"
+                )
+            if value:
+                yield value
+
+
+@dataclass
+class EmbeddedCorpus:
+    """The seeded synthetic corpus shipped with lmforge (see :mod:`lmforge.data.synthetic`)."""
+
+    num_bytes_target: int = 2_000_000
+    seed: int = 0
+    branching: int = 6
+
+    @property
+    def grammar(self) -> SyntheticGrammar:
+        return SyntheticGrammar(seed=self.seed, branching=self.branching)
+
+    def key(self) -> str:
+        spec = f"embedded-v1|{self.num_bytes_target}|{self.seed}|{self.branching}"
+        return hashlib.sha256(spec.encode()).hexdigest()[:32]
+
+    def num_bytes(self) -> int:
+        return self.num_bytes_target
+
+    def documents(self) -> Iterator[str]:
+        text, _ = self.grammar.generate(self.num_bytes_target)
+        yield text
+
+
+Corpus = FileCorpus | EmbeddedCorpus

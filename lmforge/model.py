@@ -1,0 +1,270 @@
+"""A decoder-only Transformer, configured by one validated dataclass.
+
+One module covers the GPT-2 family (learned positions, LayerNorm, GELU, biases, tied
+embeddings) and the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases).
+Attention and the loss go through :mod:`lmforge.ops`, the single dispatch point where the
+Triton kernels plug in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge import ops
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+@dataclass
+class GPTConfig:
+    """Shape and options of a :class:`GPT`; every field is checked on construction."""
+
+    vocab_size: int = 384
+    """Rows of the embedding table; at least the tokenizer's vocabulary (pad up to a multiple of 64 for speed)."""
+    block_size: int = 256
+    """Context length in tokens."""
+    n_layer: int = 4
+    """Number of Transformer blocks."""
+    n_head: int = 4
+    """Query heads per attention layer."""
+    n_kv_head: int | None = None
+    """Key/value heads: equal to n_head for MHA (the default), a divisor of it for GQA, 1 for MQA."""
+    n_embd: int = 256
+    """Width of the residual stream; a multiple of n_head."""
+    mlp_hidden: int | None = None
+    """MLP hidden width; default 4 * n_embd (GELU) or 8/3 * n_embd rounded up to 64 (SwiGLU, as Llama)."""
+    pos_encoding: Literal["learned", "rope"] = "learned"
+    """Learned absolute position embeddings (GPT-2) or rotary embeddings (Llama)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation before attention, before the MLP and at the end."""
+    norm_eps: float = 1e-5
+    """Epsilon of the norms."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """MLP type: GELU (tanh approximation, as GPT-2) or SwiGLU (as Llama)."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorm."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output projection."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches."""
+    attention: Backend = "auto"
+    """Attention implementation: auto (best available), triton (lmforge kernel) or torch (SDPA)."""
+    loss: Backend = "auto"
+    """Loss implementation: auto (best available), triton (fused linear + cross-entropy) or torch."""
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"model config: {key}={getattr(self, key)!r} {why}")
+
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, "must be a positive integer")
+        if self.kv_heads < 1 or self.n_head % self.kv_heads:
+            raise bad("n_kv_head", f"must divide n_head={self.n_head} (n_head for MHA, 1 for MQA)")
+        if self.n_embd % self.n_head:
+            raise bad("n_embd", f"must be a multiple of n_head={self.n_head}")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise bad("n_embd", f"gives an odd head dim {self.head_dim}; RoPE needs an even one")
+        if self.mlp_width < 1:
+            raise bad("mlp_hidden", "must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "must be in [0, 1)")
+        for key, allowed in (
+            ("pos_encoding", ("learned", "rope")),
+            ("norm", ("layernorm", "rmsnorm")),
+            ("mlp", ("gelu", "swiglu")),
+            ("attention", ("auto", "triton", "torch")),
+            ("loss", ("auto", "triton", "torch")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"is not one of {', '.join(allowed)}")
+        ops.check_backend("attention", self.attention)
+        ops.check_backend("loss", self.loss)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads after defaults: n_kv_head, or n_head when unset."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_width(self) -> int:
+        """MLP hidden width after defaults."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def shape(self) -> dict:
+        """The fields that fix the weights' shapes and meaning, defaults resolved."""
+        return {
+            "vocab_size": self.vocab_size,
+            "block_size": self.block_size,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_kv_head": self.kv_heads,
+            "n_embd": self.n_embd,
+            "mlp_hidden": self.mlp_width,
+            "pos_encoding": self.pos_encoding,
+            "norm": self.norm,
+            "mlp": self.mlp,
+            "bias": self.bias,
+            "tie_embeddings": self.tie_embeddings,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embeddings (the 'rotate half' layout used by Llama)."""
+
+    def __init__(self, head_dim: int, block_size: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Rotate x of shape (B, nh, T, hs)."""
+        T = x.size(-2)
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        hs, nh, nkv = config.head_dim, config.n_head, config.kv_heads
+        self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, nkv * hs, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, nkv * hs, bias=config.bias)
+        self.c_proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
+        self.rope = RotaryEmbedding(hs, config.block_size, config.rope_theta) if config.pos_encoding == "rope" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        hs, nh, nkv = self.config.head_dim, self.config.n_head, self.config.kv_heads
+        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        dropout = self.config.dropout if self.training else 0.0
+        y = ops.attention(q, k, v, causal=True, dropout_p=dropout, backend=self.config.attention)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.gate = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias) if self.swiglu else None
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            h = F.silu(self.gate(x)) * self.c_fc(x)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = _norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = _norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only Transformer language model."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = _norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count, shared (tied) tensors counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """Final normalised hidden states (B, T, C) for token ids idx (B, T)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits (B, T, vocab_size) for token ids idx (B, T)."""
+        return self.lm_head(self.hidden_states(idx))
+
+    def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Mean next-token cross-entropy; goes through the loss dispatch and may never build the logits."""
+        h = self.hidden_states(idx)
+        return ops.linear_cross_entropy(
+            h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=ignore_index, backend=self.config.loss
+        )

@@ -1,0 +1,174 @@
+"""The pretraining LightningModule: next-token loss, perplexity, AdamW with warmup + cosine."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+import lmforge
+from lmforge.model import GPT, GPTConfig
+from lmforge.optim import OptimizerSpec, SchedulerSpec, build_optimizer, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+class PretrainModule(L.LightningModule):
+    """Trains a :class:`~lmforge.model.GPT` on next-token prediction."""
+
+    def __init__(
+        self,
+        config: GPTConfig = GPTConfig(),
+        optimizer: OptimizerSpec = OptimizerSpec(),
+        scheduler: SchedulerSpec = SchedulerSpec(),
+        compile: bool = False,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 40,
+    ) -> None:
+        """
+        Args:
+            config: The model.
+            optimizer: The optimizer.
+            scheduler: The learning-rate schedule.
+            compile: Compile the model with torch.compile.
+            max_new_tokens: For predict: tokens generated after each prompt.
+            temperature: For predict: sampling temperature (0 is greedy).
+            top_k: For predict: sample among the k most likely tokens only.
+        """
+        super().__init__()
+        if isinstance(config, dict):
+            config = GPTConfig(**config)
+        self.save_hyperparameters()
+        self.config = config
+        self.optimizer_spec = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec(**optimizer)
+        self.scheduler_spec = scheduler if isinstance(scheduler, SchedulerSpec) else SchedulerSpec(**scheduler)
+        self.model = GPT(config)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            self.model = torch.compile(self.model)
+
+    # -- steps -------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = self.model.loss(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metric: MeanMetric) -> None:
+        x, y = batch
+        metric.update(self.model.loss(x, y), weight=y.numel())
+
+    def _eval_epoch_end(self, stage: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/ppl", loss.exp())
+        entropy = self._corpus_entropy()
+        if entropy is not None:
+            self.log(f"{stage}/gap_to_entropy", loss - entropy, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val", self.val_loss)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test", self.test_loss)
+
+    @torch.no_grad()
+    def predict_step(self, batch: Tensor, batch_idx: int) -> str:
+        """Continue a prompt (1, T) by sampling; prints and returns the text."""
+        idx = batch
+        for _ in range(self.hparams.max_new_tokens):
+            logits = self.model(idx[:, -self.config.block_size :])[:, -1, :].float()  # (1, V)
+            if self.hparams.temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / self.hparams.temperature
+                if self.hparams.top_k:
+                    kth = torch.topk(logits, min(self.hparams.top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+            idx = torch.cat((idx, nxt), dim=1)
+        tokenizer = self._tokenizer()
+        text = tokenizer.decode(idx[0].tolist()) if tokenizer is not None else str(idx[0].tolist())
+        self.print(text)
+        return text
+
+    # -- optimizer ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optimizer_spec)
+        spec = self.scheduler_spec
+        decay_steps = spec.decay_steps or self.trainer.max_steps
+        if decay_steps is None or decay_steps < 0:
+            decay_steps = int(self.trainer.estimated_stepping_batches)
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=max(1, spec.warmup_steps),
+            decay_steps=decay_steps,
+            min_lr_ratio=spec.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- data-aware helpers ------------------------------------------------------------------
+    def _datamodule(self):
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def _tokenizer(self):
+        return getattr(self._datamodule(), "tokenizer", None)
+
+    def _corpus_entropy(self) -> float | None:
+        fn = getattr(self._datamodule(), "entropy_nats_per_token", None)
+        return fn() if fn is not None else None
+
+    def on_fit_start(self) -> None:
+        tokenizer = self._tokenizer()
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"model.config.vocab_size={self.config.vocab_size} is smaller than the tokenizer's "
+                f"{tokenizer.vocab_size} tokens; raise it (a multiple of 64 at least {tokenizer.vocab_size})"
+            )
+        n = self.model.num_parameters()
+        self.print(f"lmforge: model has {n:,} parameters ({n / 1e6:.1f}M)")
+        ckpt = self.trainer.checkpoint_callback
+        if tokenizer is not None and ckpt is not None and ckpt.dirpath and self.trainer.is_global_zero:
+            tokenizer.save(Path(ckpt.dirpath) / "tokenizer")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        tokenizer = self._tokenizer()
+        checkpoint["lmforge"] = {
+            "version": lmforge.__version__,
+            "model_config": self.config.to_dict(),
+            "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get("lmforge") or {}).get("model_config")
+        if saved is None:
+            return
+        before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
+        diffs = [f"{k}={before[k]!r} (config: {now[k]!r})" for k in now if before[k] != now[k]]
+        if diffs:
+            raise ValueError(
+                "checkpoint was trained with a different model shape: "
+                + ", ".join(diffs)
+                + "; use the model config it was trained with or start without --ckpt_path"
+            )

@@ -1,0 +1,166 @@
+"""Tokenizers: exact byte-level (the default) and Hugging Face ``tokenizers`` (loaded or trained BPE).
+
+A tokenizer is saved beside every checkpoint and inside it, so a checkpoint is self-describing:
+:func:`load_tokenizer` reads a folder back, :func:`tokenizer_from_dict` a checkpoint entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+EOS_TOKEN = "<|endoftext|>"
+META_FILE = "lmforge_tokenizer.json"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What lmforge needs from a tokenizer."""
+
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def fingerprint(self) -> str: ...
+    def to_dict(self) -> dict: ...
+    def save(self, directory: str | Path) -> None: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, plus ``<|endoftext|>`` = 256. Lossless on any text."""
+
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def fingerprint(self) -> str:
+        return "bytes-v1"
+
+    def to_dict(self) -> dict:
+        return {"type": "bytes"}
+
+    def save(self, directory: str | Path) -> None:
+        _write_json_atomic(Path(directory) / META_FILE, self.to_dict())
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers.Tokenizer`` (tokenizer.json) with an end-of-text token."""
+
+    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN) -> None:
+        self._tok = tokenizer
+        eos_id = tokenizer.token_to_id(eos_token)
+        if eos_id is None:
+            raise ValueError(f"tokenizer has no end-of-text token {eos_token!r}; set tokenizer.eos_token to one it has")
+        self.eos_token = eos_token
+        self.eos_id = eos_id
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path, eos_token: str = EOS_TOKEN) -> HFTokenizer:
+        from tokenizers import Tokenizer as _Tok
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer: no tokenizer.json at {path}; give a folder holding one or the file")
+        try:
+            return cls(_Tok.from_file(str(file)), eos_token)
+        except Exception as err:  # the Rust error type is not importable
+            raise ValueError(f"tokenizer: {file} is not a valid tokenizer.json: {err}") from None
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
+        """Train a byte-level BPE (GPT-2 style) of ``vocab_size`` tokens, the end-of-text token included."""
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257:
+            raise ValueError(f"tokenizer: vocab_size={vocab_size} is too small for byte-level BPE (at least 257)")
+        tok = _Tok(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        return "hf-" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:32]
+
+    def to_dict(self) -> dict:
+        return {"type": "hf", "eos_token": self.eos_token, "tokenizer_json": self._tok.to_str()}
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        _write_text_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        _write_json_atomic(directory / META_FILE, {"type": "hf", "eos_token": self.eos_token})
+
+
+def tokenizer_from_dict(values: dict) -> Tokenizer:
+    """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` (as stored in checkpoints)."""
+    if values.get("type") == "bytes":
+        return ByteTokenizer()
+    if values.get("type") == "hf":
+        from tokenizers import Tokenizer as _Tok
+
+        return HFTokenizer(_Tok.from_str(values["tokenizer_json"]), values.get("eos_token", EOS_TOKEN))
+    raise ValueError(f"unknown tokenizer type {values.get('type')!r} in checkpoint")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load the tokenizer saved in ``directory`` by :meth:`Tokenizer.save`."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        if (directory / "tokenizer.json").is_file():
+            return HFTokenizer.from_file(directory)
+        raise FileNotFoundError(f"tokenizer: {directory} has neither {META_FILE} nor tokenizer.json")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("type") == "bytes":
+        return ByteTokenizer()
+    return HFTokenizer.from_file(directory, meta.get("eos_token", EOS_TOKEN))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json_atomic(path: Path, values: dict) -> None:
+    _write_text_atomic(path, json.dumps(values, indent=2) + "\n")

@@ -1,0 +1,186 @@
+"""Byte and Hugging Face tokenizers: exact round trips, saving, loading and fingerprints."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lmforge.tokenizers import (
+    EOS_TOKEN,
+    META_FILE,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_from_dict,
+)
+
+SAMPLES = [
+    "plain ASCII text, with punctuation!\n\tand a tab",
+    "accents: café, naïve, Größe, señor, Ångström, œuvre",
+    "CJK: 東京は日本の首都です。北京欢迎你。서울특별시",
+    "emoji: 😀 🎉 👩‍👩‍👧 🇫🇷 and a flag",
+    "",
+]
+
+TRAIN_CORPUS = [
+    "Grüße aus München! Die schöne Straße führt über die Brücke zum Fluss.",
+    "Ça va très bien, merci beaucoup. Le garçon mange une crêpe à côté de la fenêtre.",
+    "東京は日本の首都です。大阪は食べ物が美味しい。京都には古いお寺がたくさんあります。",
+    "Привет, как дела? Сегодня хорошая погода, и мы идём в парк.",
+    "El niño comió paella en la playa de Valencia con su familia.",
+    "Καλημέρα! Η θάλασσα είναι γαλάζια σήμερα.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+] * 40
+
+UNSEEN = [
+    "Ελληνικά, עברית and हिन्दी were never in the training text 🐍🚀",
+    "  leading spaces, trailing spaces  \n\n\r\nand CRLF\r\n",
+    "Zürich → Tōkyō ≠ Kraków ✓ \u00a0nbsp \u200bzwsp",
+    "数学: ∑_{i=1}^n i² = n(n+1)/2",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe() -> HFTokenizer:
+    return HFTokenizer.train_bpe(TRAIN_CORPUS, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def other_bpe() -> HFTokenizer:
+    return HFTokenizer.train_bpe(TRAIN_CORPUS[:3] * 3, vocab_size=300)
+
+
+# -- bytes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_byte_tokenizer_round_trip(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert all(0 <= i < 256 for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_byte_tokenizer_constants_and_eos():
+    tok = ByteTokenizer()
+    assert tok.vocab_size == 257 and tok.eos_id == 256
+    assert isinstance(tok, Tokenizer)
+    assert tok.decode([104, 105, 256, 33, 256]) == "hi!"
+    assert tok.encode_batch(["ab", "é"]) == [[97, 98], [0xC3, 0xA9]]
+    assert tok.fingerprint() == "bytes-v1"
+
+
+def test_byte_tokenizer_save_load(tmp_path):
+    ByteTokenizer().save(tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / META_FILE).read_text()) == {"type": "bytes"}
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert isinstance(loaded, ByteTokenizer)
+    assert isinstance(tokenizer_from_dict(ByteTokenizer().to_dict()), ByteTokenizer)
+
+
+# -- trained BPE -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", SAMPLES + UNSEEN + TRAIN_CORPUS[:7])
+def test_bpe_exact_round_trip(bpe, text):
+    ids = bpe.encode(text)
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+    assert bpe.eos_id not in ids
+    assert bpe.decode(ids) == text
+
+
+def test_bpe_vocabulary(bpe):
+    assert isinstance(bpe, Tokenizer)
+    assert 257 <= bpe.vocab_size <= 320
+    assert bpe.eos_id == bpe._tok.token_to_id(EOS_TOKEN)
+    assert EOS_TOKEN in bpe._tok.get_vocab(with_added_tokens=True)
+    # It learned merges: the training text takes fewer tokens than bytes.
+    text = TRAIN_CORPUS[0]
+    assert len(bpe.encode(text)) < 0.8 * len(text.encode("utf-8"))
+    # decode drops the end-of-text token
+    assert bpe.decode(bpe.encode("ab") + [bpe.eos_id] + bpe.encode("cd")) == "abcd"
+    assert bpe.encode_batch(UNSEEN[:2]) == [bpe.encode(UNSEEN[0]), bpe.encode(UNSEEN[1])]
+
+
+@pytest.mark.parametrize("vocab_size", [0, 100, 256])
+def test_bpe_vocab_too_small(vocab_size):
+    with pytest.raises(ValueError, match=f"vocab_size={vocab_size}.*257"):
+        HFTokenizer.train_bpe(TRAIN_CORPUS, vocab_size=vocab_size)
+
+
+def test_bpe_save_load_round_trip(bpe, tmp_path):
+    bpe.save(tmp_path / "tok")
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "tok" / META_FILE).read_text()) == {"type": "hf", "eos_token": EOS_TOKEN}
+    assert not list((tmp_path / "tok").glob("*.tmp")) and not list((tmp_path / "tok").glob(".*"))
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert isinstance(loaded, HFTokenizer)
+    assert loaded.fingerprint() == bpe.fingerprint()
+    assert (loaded.vocab_size, loaded.eos_id) == (bpe.vocab_size, bpe.eos_id)
+    for text in UNSEEN + SAMPLES:
+        assert loaded.encode(text) == bpe.encode(text)
+    # A folder holding only tokenizer.json (e.g. from the Hub) loads too.
+    (tmp_path / "tok" / META_FILE).unlink()
+    assert load_tokenizer(tmp_path / "tok").fingerprint() == bpe.fingerprint()
+    # from_file takes the folder or the file itself
+    assert HFTokenizer.from_file(tmp_path / "tok" / "tokenizer.json").fingerprint() == bpe.fingerprint()
+
+
+def test_bpe_to_dict_round_trip(bpe):
+    values = bpe.to_dict()
+    assert values["type"] == "hf" and values["eos_token"] == EOS_TOKEN
+    rebuilt = tokenizer_from_dict(json.loads(json.dumps(values)))  # as stored in a checkpoint
+    assert rebuilt.fingerprint() == bpe.fingerprint()
+    for text in UNSEEN + SAMPLES:
+        assert rebuilt.encode(text) == bpe.encode(text)
+
+
+def test_fingerprints_differ_between_tokenizers(bpe, other_bpe):
+    assert bpe.fingerprint().startswith("hf-")
+    assert bpe.fingerprint() != other_bpe.fingerprint()
+    assert bpe.fingerprint() != ByteTokenizer().fingerprint()
+    # deterministic: training again on the same text gives the same tokenizer
+    assert HFTokenizer.train_bpe(TRAIN_CORPUS, vocab_size=320).fingerprint() == bpe.fingerprint()
+
+
+def test_from_file_missing_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        HFTokenizer.from_file(missing)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        load_tokenizer(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(empty))):
+        HFTokenizer.from_file(empty)
+
+
+def test_tokenizer_json_without_eos(tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models
+
+    folder = tmp_path / "noeos"
+    folder.mkdir()
+    RustTokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+    with pytest.raises(ValueError, match="eos_token"):
+        HFTokenizer.from_file(folder)
+    with pytest.raises(ValueError, match="eos_token"):
+        load_tokenizer(folder)
+    # naming a token it has works
+    tok = HFTokenizer.from_file(folder, eos_token="[UNK]")
+    assert tok.eos_id == 0 and tok.vocab_size == 2
+
+
+def test_invalid_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tokenizer.json"))):
+        HFTokenizer.from_file(tmp_path)
+
+
+def test_unknown_type_in_checkpoint():
+    with pytest.raises(ValueError, match="'sentencepiece'"):
+        tokenizer_from_dict({"type": "sentencepiece"})
