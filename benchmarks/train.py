@@ -5,12 +5,12 @@ anything compared with the same model trained by a bare PyTorch loop?
 
 Providers, run side by side in one process on the same random tokens and the same seed:
 
-* ``plain``: ``lmforge.model.GPT`` and the AdamW of ``lmforge.optim.build_optimizer``; each step is
+* ``plain``: ``lmforge.model.GPT`` and the AdamW of ``lmforge.optim.adamw`` (the ``adamw`` optimizer plugin); each step is
   ``model.loss(x, y)``, ``backward``, ``clip_grad_norm_(1.0)``, ``step``, ``zero_grad`` (bf16 autocast on CUDA).
 * ``lightning``: ``lmforge.pretrain.PretrainModule`` fitted by ``lightning.Trainer`` (no logger, checkpoints,
   progress bar or summary; gradient clipping 1.0; ``32-true`` on CPU, ``bf16-mixed`` on CUDA) over a DataLoader
   of an in-memory ``TensorDataset`` of (x, y) pairs. This includes everything lmforge's loop does per step:
-  the DataLoader, ``self.log`` of loss and perplexity, the warmup + cosine LR scheduler, the Trainer's hooks.
+  the DataLoader, the module's ``self.log`` calls, the warmup + cosine LR scheduler, the Trainer's hooks.
 
 Only the steady state is timed: ``--warmup`` steps run first, then ``--steps`` steps are timed with
 ``time.perf_counter`` (around the loop for ``plain``; from a Callback's ``on_train_batch_end`` for ``lightning``,
@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lmforge
 from lmforge.model import GPT, GPTConfig
-from lmforge.optim import OptimizerSpec, build_optimizer
+from lmforge.optim import adamw
 from lmforge.pretrain import PretrainModule
 
 PROVIDERS = ("plain", "lightning")
@@ -191,6 +191,7 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning 2.6 on torch 2.13
 
 
 # -- providers --------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def run_plain(shape: Shape, tokens: Tensor, warmup: int, steps: int, device: tor
     torch.manual_seed(seed)
     model = GPT(shape.config()).to(device)
     model.train()
-    optimizer = build_optimizer(model, OptimizerSpec())
+    optimizer = adamw(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(batch: Tensor) -> None:
@@ -335,7 +336,7 @@ def print_table(results: list[Measurement], shape: Shape, repeats: int, peak: fl
     if peak:
         print(
             f"MFU = tokens/s * (6*N + 12*L*d*T) / peak = tokens/s * (6*{params:,} + 12*{shape.layers}*{shape.width}"
-            f"*{shape.seq}) / {peak:.0e} FLOP/s"
+            f"*{shape.seq}) / {peak / 1e12:.0f}e12 FLOP/s"
         )
 
 
@@ -464,6 +465,7 @@ def main() -> None:
         f"lightning {L.__version__}, lmforge {lmforge.__version__}"
     )
     print(f"shape: {shape_label(shape)}; {args.warmup} warmup + {args.steps} timed steps, {args.repeats} repeat(s)")
+    print(f"load average before the runs: {load_average()} (other work on the CPU slows and scatters the numbers)")
     results = measure(shape, providers, args, device)
     peak = peak_flops(name) if device.type == "cuda" else None
     print()

@@ -11,7 +11,9 @@ on stderr; set ``LMFORGE_DEBUG=1`` for the traceback.
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
 import os
 import re
 import sys
@@ -25,7 +27,7 @@ from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
-from lmforge import callbacks, ops  # noqa: E402
+from lmforge import callbacks, ops, plugins  # noqa: E402
 from lmforge.data.pretrain import PretrainDataModule  # noqa: E402
 from lmforge.data.sources import CorpusError  # noqa: E402
 from lmforge.pretrain import PretrainModule  # noqa: E402
@@ -96,9 +98,17 @@ class LmforgeCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(callbacks.TokenThroughput, "throughput")
+        parser.add_argument(
+            "--plugin_autoload",
+            type=bool,
+            default=True,
+            help=f"Load third-party plugins (false: only lmforge's own; also {plugins.AUTOLOAD_ENV}=1)",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if not config.plugin_autoload:
+            plugins.autoload_override = False
         trainer = config.trainer
         if trainer.precision is None:
             trainer.precision = "bf16-mixed" if ops.cuda_supports_bf16() else "32-true"
@@ -112,20 +122,82 @@ class LmforgeCLI(LightningCLI):
             ]
 
 
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def plugins_command(argv: list[str]) -> None:
+    """``lmforge plugins [--json]``: every plugin group, name, distribution, version and load status."""
+    parser = argparse.ArgumentParser(prog="lmforge plugins", description=plugins_command.__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    rows = [
+        {
+            "group": plugins.GROUPS[st.info.kind].name,
+            "name": st.info.name,
+            "distribution": st.info.distribution,
+            "version": st.info.version,
+            "builtin": st.info.builtin,
+            "status": st.status,
+            "target": st.info.value,
+        }
+        for st in plugins.inspect_all()
+    ]
+    if args.json:
+        print(json.dumps({"autoload": plugins.autoload_enabled(), "plugins": rows}, indent=2))
+        return
+    headers = ["group", "name", "distribution", "version", "status", "target"]
+    print(format_table(headers, [[r[h] for h in headers] for r in rows]))
+    if not plugins.autoload_enabled():
+        print(f"(third-party plugins hidden: {plugins.AUTOLOAD_ENV} is set)")
+
+
+def export_command(argv: list[str]) -> None:
+    """``lmforge export CKPT --to DIR [--format NAME] [--arg KEY=VALUE ...]``: run an exporter plugin."""
+    parser = argparse.ArgumentParser(prog="lmforge export", description=export_command.__doc__)
+    parser.add_argument("checkpoint", help="a .ckpt written by lmforge fit")
+    parser.add_argument("--to", required=True, help="the folder to create")
+    parser.add_argument("--format", default="safetensors", help="an exporter plugin (see lmforge plugins)")
+    parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="exporter argument")
+    args = parser.parse_args(argv)
+    kwargs = {}
+    for item in args.arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"export: --arg {item!r} is not KEY=VALUE")
+        kwargs[key] = yaml.safe_load(value)
+    out = plugins.build("exporter", {"name": args.format, **kwargs}, args.checkpoint, args.to)
+    print(f"lmforge: exported {args.checkpoint} as {args.format} to {out}")
+
+
+COMMANDS = {"plugins": plugins_command, "export": export_command}
+
+
 def main(argv: list[str] | None = None) -> None:
     global _ARGS
     callbacks.PROCESS_START = _START
     _ARGS = argv
+    args = sys.argv[1:] if argv is None else argv
     try:
+        if args and args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
+            return
         LmforgeCLI(
             PretrainModule,
             PretrainDataModule,
             parser_class=LmforgeArgumentParser,
-            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "default_env": False,
+                "description": "Pretrain and fine-tune language models. Also: lmforge plugins [--json], "
+                "lmforge export CKPT --to DIR.",
+            },
             save_config_kwargs={"overwrite": True},
             args=argv,
         )
-    except (UserError, CorpusError, ValueError, FileNotFoundError, yaml.YAMLError) as err:
+    except (UserError, CorpusError, ValueError, FileNotFoundError, FileExistsError, yaml.YAMLError) as err:
         if os.environ.get("LMFORGE_DEBUG"):
             raise
         print(f"lmforge: error: {err}", file=sys.stderr)

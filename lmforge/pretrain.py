@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -12,8 +12,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 import lmforge
+from lmforge import plugins
 from lmforge.model import GPT, GPTConfig
-from lmforge.optim import OptimizerSpec, SchedulerSpec, build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ class PretrainModule(L.LightningModule):
     def __init__(
         self,
         config: GPTConfig = GPTConfig(),
-        optimizer: OptimizerSpec = OptimizerSpec(),
-        scheduler: SchedulerSpec = SchedulerSpec(),
+        optimizer: dict[str, Any] = {"name": "adamw", "lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]},
+        scheduler: dict[str, Any] = {"name": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.1},
         compile: bool = False,
         max_new_tokens: int = 200,
         temperature: float = 0.8,
@@ -34,8 +34,9 @@ class PretrainModule(L.LightningModule):
         """
         Args:
             config: The model.
-            optimizer: The optimizer.
-            scheduler: The learning-rate schedule.
+            optimizer: An optimizer plugin and its arguments: adamw, adam, sgd, muon, or any installed one.
+            scheduler: A learning-rate schedule plugin and its arguments: cosine (warmup_steps, min_lr_ratio,
+                decay_steps), constant (warmup_steps), or any installed one.
             compile: Compile the model with torch.compile.
             max_new_tokens: For predict: tokens generated after each prompt.
             temperature: For predict: sampling temperature (0 is greedy).
@@ -46,8 +47,8 @@ class PretrainModule(L.LightningModule):
             config = GPTConfig(**config)
         self.save_hyperparameters()
         self.config = config
-        self.optimizer_spec = optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec(**optimizer)
-        self.scheduler_spec = scheduler if isinstance(scheduler, SchedulerSpec) else SchedulerSpec(**scheduler)
+        plugins.validate("optimizer", optimizer)
+        plugins.validate("scheduler", scheduler)
         self.model = GPT(config)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -112,19 +113,30 @@ class PretrainModule(L.LightningModule):
 
     # -- optimizer ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optimizer_spec)
-        spec = self.scheduler_spec
-        decay_steps = spec.decay_steps or self.trainer.max_steps
-        if decay_steps is None or decay_steps < 0:
-            decay_steps = int(self.trainer.estimated_stepping_batches)
-        schedule = partial(
-            warmup_cosine,
-            warmup_steps=max(1, spec.warmup_steps),
-            decay_steps=decay_steps,
-            min_lr_ratio=spec.min_lr_ratio,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer = plugins.build("optimizer", self.hparams.optimizer, self.model)
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        scheduler = plugins.build("scheduler", self.hparams.scheduler, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Optimizers with train()/eval() modes (schedule-free ones) follow the module's mode.
+    def _optimizer_mode(self, mode: str) -> None:
+        for optimizer in self.trainer.optimizers:
+            switch = getattr(optimizer, mode, None)
+            if callable(switch):
+                switch()
+
+    def on_train_start(self) -> None:
+        self._optimizer_mode("train")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._optimizer_mode("eval")
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._optimizer_mode("train")
 
     # -- data-aware helpers ------------------------------------------------------------------
     def _datamodule(self):

@@ -125,6 +125,29 @@ class HFTokenizer:
         _write_json_atomic(directory / META_FILE, {"type": "hf", "eos_token": self.eos_token})
 
 
+# -- the built-in ``lmforge.tokenizers`` plugins: (corpus, cache_dir, **kwargs) -> Tokenizer ---------------
+
+
+def byte_level(corpus, cache_dir: Path) -> ByteTokenizer:
+    """``bytes``: exact UTF-8 bytes, 257 ids; needs no training and no files."""
+    return ByteTokenizer()
+
+
+def bpe(corpus, cache_dir: Path, vocab_size: int = 4096, min_frequency: int = 2) -> HFTokenizer:
+    """``bpe``: a byte-level BPE trained on the corpus once, then cached (keyed by corpus content)."""
+    folder = Path(cache_dir) / f"bpe-{corpus.key()}-{vocab_size}-{min_frequency}"
+    if (folder / "tokenizer.json").is_file():
+        return HFTokenizer.from_file(folder)
+    tokenizer = HFTokenizer.train_bpe(corpus.documents(), vocab_size, min_frequency)
+    tokenizer.save(folder)
+    return tokenizer
+
+
+def hf(corpus, cache_dir: Path, path: str, eos_token: str = EOS_TOKEN) -> HFTokenizer:
+    """``hf``: a Hugging Face tokenizer.json, from a folder holding one or the file itself."""
+    return HFTokenizer.from_file(path, eos_token)
+
+
 def tokenizer_from_dict(values: dict) -> Tokenizer:
     """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` (as stored in checkpoints)."""
     if values.get("type") == "bytes":

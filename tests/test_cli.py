@@ -11,7 +11,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = str(CONFIGS / "gpt-tiny.yaml")
 # A very small, fast variant of gpt-tiny for the behaviour tests (not the learning test).
 FAST = [
-    "--data.embedded.size_bytes",
+    "--data.dataset.size_bytes",
     "120000",
     "--model.config.n_layer",
     "1",
@@ -84,12 +84,16 @@ def test_invalid_values_name_the_key(run_cli):
 def test_corpus_errors_are_one_line(run_cli, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    assert "no text found" in one_line_error(run_cli("fit", "-c", TINY, "--data.corpus", "empty", *FAST))
+    assert "no text found" in one_line_error(
+        run_cli("fit", "-c", TINY, *FAST, "--data.dataset", "{name: files, paths: [empty]}")
+    )
     (tmp_path / "short.txt").write_text("too short for a window")
     assert "shorter than one training window" in one_line_error(
-        run_cli("fit", "-c", TINY, "--data.corpus", "short.txt")
+        run_cli("fit", "-c", TINY, "--data.dataset", "{name: files, paths: [short.txt]}")
     )
-    assert "does not exist" in one_line_error(run_cli("fit", "-c", TINY, "--data.corpus", "missing/"))
+    assert "does not exist" in one_line_error(
+        run_cli("fit", "-c", TINY, "--data.dataset", "{name: files, paths: [missing/]}")
+    )
 
 
 def test_fit_validate_test_predict_and_files_beside_the_checkpoint(run_cli, tmp_path):
@@ -123,6 +127,24 @@ def test_fit_validate_test_predict_and_files_beside_the_checkpoint(run_cli, tmp_
         check=True,
     )
     assert "The fox" in pred.stdout
+
+    # the built-in safetensors exporter: same weights, same logits, atomic folder
+    out = run_cli("export", ckpt_path, "--to", "exported", "--arg", "dtype=float32", check=True)
+    assert "exported" in out.stdout
+    from lmforge.export import load_exported, read_checkpoint
+    from lmforge.model import GPT
+
+    config, state, _ = read_checkpoint(ckpt_path)
+    reference = GPT(config)
+    reference.load_state_dict(state)
+    model, tokenizer = load_exported(tmp_path / "exported")
+    assert tokenizer is not None and tokenizer.vocab_size == 257
+    idx = torch.randint(0, 257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=0)
+    assert "already exists" in one_line_error(run_cli("export", ckpt_path, "--to", "exported"))
+    assert "not one of float32" in one_line_error(run_cli("export", ckpt_path, "--to", "x2", "--arg", "dtype=int8"))
+    assert not (tmp_path / "x2").exists() and not list(tmp_path.glob(".x2.*"))
 
 
 def test_resume_continues_step_and_schedule(run_cli, tmp_path):

@@ -14,13 +14,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lmforge.data import sources
 from lmforge.data.cache import build_token_file, token_dtype
 from lmforge.data.pretrain import PretrainDataModule, TokenWindowDataset
 from lmforge.data.sources import CorpusError, EmbeddedCorpus, FileCorpus, resolve_files
 from lmforge.data.synthetic import SyntheticGrammar
+from lmforge.plugins import PluginError
 from lmforge.tokenizers import ByteTokenizer, HFTokenizer
 
 SMALL = {"size_bytes": 60_000, "seed": 0, "branching": 6}
+EMBEDDED = {"name": "embedded", **SMALL}
 
 DOCS = {
     "a.txt": "First document.\nWith two lines, ASCII only.\n",
@@ -172,7 +175,7 @@ def test_embedded_corpus_key():
 
 
 def test_truncated_token_file_is_rebuilt(tmp_path, caplog):
-    corpus = EmbeddedCorpus(num_bytes_target=50_000)
+    corpus = EmbeddedCorpus(size_bytes=50_000)
     cache = tmp_path / "cache"
     built = build_token_file(corpus, ByteTokenizer(), cache, progress=False)
     good = np.fromfile(built.path, dtype=np.uint16)
@@ -192,7 +195,7 @@ def test_truncated_token_file_is_rebuilt(tmp_path, caplog):
 
 
 def test_missing_metadata_is_rebuilt(tmp_path, caplog):
-    corpus = EmbeddedCorpus(num_bytes_target=50_000)
+    corpus = EmbeddedCorpus(size_bytes=50_000)
     cache = tmp_path / "cache"
     built = build_token_file(corpus, ByteTokenizer(), cache, progress=False)
     good = np.fromfile(built.path, dtype=np.uint16)
@@ -237,7 +240,9 @@ def test_empty_corpus(tmp_path):
         build_token_file(FileCorpus(resolve_files([str(folder)])), ByteTokenizer(), cache, progress=False)
     assert not [n for n in cache_files(cache) if n.endswith((".tmp", ".bin", ".json"))], cache_files(cache)
     # through the data module too
-    dm = PretrainDataModule(corpus=str(folder), cache_dir=str(tmp_path / "cache2"), num_workers=0)
+    dm = PretrainDataModule(
+        dataset={"name": "files", "paths": str(folder)}, cache_dir=str(tmp_path / "cache2"), num_workers=0
+    )
     with pytest.raises(CorpusError, match="no text"):
         dm.prepare_data()
     assert not [n for n in cache_files(tmp_path / "cache2") if n.endswith((".tmp", ".bin"))]
@@ -322,14 +327,17 @@ def test_jsonl_line_separator_inside_string(tmp_path):
 
 
 def make_dm(cache: Path, **kwargs) -> PretrainDataModule:
-    args = {"embedded": SMALL, "seq_len": 64, "batch_size": 4, "num_workers": 0, "cache_dir": str(cache)}
+    args = {"dataset": EMBEDDED, "seq_len": 64, "batch_size": 4, "num_workers": 0, "cache_dir": str(cache)}
     return PretrainDataModule(**{**args, **kwargs})
 
 
 def test_data_module_is_deterministic(tmp_path):
     a, b = make_dm(tmp_path / "c1"), make_dm(tmp_path / "c2")
+    assert a.corpus is None and a.tokenizer is None and a.token_file is None  # nothing is built before prepare_data
+    assert not (tmp_path / "c1").exists()
     for dm in (a, b):
         dm.prepare_data()
+        assert dm.corpus == EmbeddedCorpus(**SMALL) and isinstance(dm.tokenizer, ByteTokenizer)
         dm.setup("fit")
     assert a.token_file.path.parent == tmp_path / "c1" and b.token_file.path.parent == tmp_path / "c2"
     assert a.token_file.path.name == b.token_file.path.name
@@ -343,6 +351,7 @@ def test_data_module_is_deterministic(tmp_path):
     c = make_dm(tmp_path / "c1")
     c.setup("fit")
     assert c.split == a.split and c.token_file.path == a.token_file.path
+    assert c.corpus == a.corpus and isinstance(c.tokenizer, ByteTokenizer)
 
 
 def test_windows_are_shifted_slices(tmp_path):
@@ -366,7 +375,7 @@ def test_windows_are_shifted_slices(tmp_path):
 
 
 def test_window_dataset_lengths(tmp_path):
-    built = build_token_file(EmbeddedCorpus(num_bytes_target=2_000), ByteTokenizer(), tmp_path, progress=False)
+    built = build_token_file(EmbeddedCorpus(size_bytes=2_000), ByteTokenizer(), tmp_path, progress=False)
     assert len(TokenWindowDataset(built, 0, 11, 10)) == 1  # exactly seq_len + 1 tokens
     assert len(TokenWindowDataset(built, 0, 10, 10)) == 0
     assert len(TokenWindowDataset(built, 0, 3, 10)) == 0
@@ -377,7 +386,9 @@ def test_window_dataset_lengths(tmp_path):
 def test_corpus_shorter_than_a_window(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("hello world, far too short for a window")
-    dm = PretrainDataModule(corpus=str(path), seq_len=256, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    dm = PretrainDataModule(
+        dataset={"name": "files", "paths": [str(path)]}, seq_len=256, num_workers=0, cache_dir=str(tmp_path / "cache")
+    )
     dm.prepare_data()
     with pytest.raises(CorpusError, match="seq_len=256"):
         dm.setup("fit")
@@ -392,11 +403,95 @@ def test_constructor_validation(tmp_path):
         make_dm(tmp_path, val_fraction=1.0)
 
 
+def test_unknown_plugin_name(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(PluginError, match=r"unknown dataset 'embeded'; did you mean 'embedded'\? Available: ") as err:
+        make_dm(cache, dataset={"name": "embeded"})
+    assert isinstance(err.value, ValueError)
+    available = str(err.value).split("Available: ")[1].split(" (")[0].split(", ")
+    assert available == sorted(available) and {"embedded", "files"} <= set(available), err.value
+    with pytest.raises(
+        PluginError, match=r"unknown tokenizer 'bpee'; did you mean 'bpe'\? Available: .*bpe.*bytes.*hf"
+    ):
+        make_dm(cache, tokenizer={"name": "bpee"})
+    # nothing close: no suggestion, still the list
+    with pytest.raises(PluginError, match=r"unknown dataset 'zzzz' Available: .*embedded") as err:
+        make_dm(cache, dataset={"name": "zzzz"})
+    assert "did you mean" not in str(err.value)
+    assert not cache.exists()  # the constructor fails before anything is written
+
+
+def test_wrong_plugin_argument(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(
+        PluginError, match=r"dataset 'embedded' has no argument 'sise_bytes'; did you mean 'size_bytes'\?"
+    ):
+        make_dm(cache, dataset={"name": "embedded", "sise_bytes": 10})
+    with pytest.raises(PluginError, match=r"tokenizer 'bpe' has no argument 'vocab'; did you mean 'vocab_size'\?"):
+        make_dm(cache, tokenizer={"name": "bpe", "vocab": 300})
+    # no close name: the accepted ones are listed
+    with pytest.raises(
+        PluginError, match=r"dataset 'embedded' has no argument 'paths'; it accepts size_bytes, seed, branching"
+    ):
+        make_dm(cache, dataset={"name": "embedded", "paths": ["x.txt"]})
+    with pytest.raises(PluginError, match=r"tokenizer 'bytes' has no argument 'vocab_size'; it accepts no arguments"):
+        make_dm(cache, tokenizer={"name": "bytes", "vocab_size": 300})
+    # required arguments
+    with pytest.raises(PluginError, match=r"dataset 'files' needs the argument 'paths'"):
+        make_dm(cache, dataset={"name": "files"})
+    with pytest.raises(PluginError, match=r"tokenizer 'hf' needs the argument 'path'"):
+        make_dm(cache, tokenizer={"name": "hf"})
+    # a spec without a name
+    with pytest.raises(PluginError, match=r"dataset: expected \{name: \.\.\., <arguments>\}"):
+        make_dm(cache, dataset={"size_bytes": 10})
+    assert not cache.exists()
+
+
+def test_plugin_spec_as_a_name(tmp_path):
+    dm = make_dm(tmp_path / "cache", dataset="embedded", tokenizer="bytes")
+    assert dm.dataset_spec == "embedded" and dm.tokenizer_spec == "bytes"
+
+
+def test_files_factory(tmp_path):
+    folder = write_corpus(tmp_path / "corpus")
+    corpus = sources.files(str(folder))  # one path or a list
+    assert corpus == FileCorpus(resolve_files([str(folder)]), "text", "replace")
+    assert sources.files([str(folder / "a.txt")], text_field="body", decode_errors="strict") == FileCorpus(
+        [(folder / "a.txt").resolve()], "body", "strict"
+    )
+    with pytest.raises(CorpusError, match="decode_errors='ignore' must be replace or strict"):
+        sources.files(str(folder), decode_errors="ignore")
+    with pytest.raises(CorpusError, match="does not exist"):
+        sources.files([str(tmp_path / "missing.txt")])
+    # through the data module
+    with pytest.raises(CorpusError, match="decode_errors='ignore'"):
+        make_dm(
+            tmp_path / "cache", dataset={"name": "files", "paths": str(folder), "decode_errors": "ignore"}
+        ).prepare_data()
+
+
+def test_embedded_factory(tmp_path):
+    assert sources.embedded() == EmbeddedCorpus(size_bytes=2_000_000, seed=0, branching=6)
+    corpus = sources.embedded(size_bytes=5_000, seed=3, branching=2)
+    assert corpus == EmbeddedCorpus(size_bytes=5_000, seed=3, branching=2) and corpus.num_bytes() == 5_000
+    assert corpus.entropy_nats_per_byte() == SyntheticGrammar(seed=3, branching=2).entropy_nats_per_byte()
+    assert list(corpus.documents()) == [SyntheticGrammar(seed=3, branching=2).generate(5_000)[0]]
+    for size in (0, -1):
+        with pytest.raises(CorpusError, match=f"size_bytes={size} must be positive"):
+            sources.embedded(size_bytes=size)
+    with pytest.raises(CorpusError, match="size_bytes=0"):
+        make_dm(tmp_path / "cache", dataset={"name": "embedded", "size_bytes": 0}).prepare_data()
+
+
 def test_file_corpus_end_to_end(tmp_path):
     docs = {f"doc{i}.txt": f"Document {i}: " + "lorem ipsum " * 40 for i in range(5)}
     folder = write_corpus(tmp_path / "corpus", docs)
     dm = PretrainDataModule(
-        corpus=[str(folder)], seq_len=32, batch_size=2, num_workers=0, cache_dir=str(tmp_path / "cache")
+        dataset={"name": "files", "paths": [str(folder)]},
+        seq_len=32,
+        batch_size=2,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
     )
     dm.prepare_data()
     dm.setup("fit")
@@ -427,6 +522,7 @@ def test_bpe_data_module_end_to_end(tmp_path):
 
     # The trained tokenizer is cached: a second module reuses it without retraining.
     (folder,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith("bpe-")]
+    assert folder.name == f"bpe-{dm.corpus.key()}-300-2"
     stamp = (folder / "tokenizer.json").stat().st_mtime_ns
     again = make_dm(cache, tokenizer=spec, seq_len=32)
     again.prepare_data()
@@ -435,15 +531,34 @@ def test_bpe_data_module_end_to_end(tmp_path):
     assert (folder / "tokenizer.json").stat().st_mtime_ns == stamp
     assert again.state_dict()["tokenizer"] == dm.tokenizer.to_dict()
 
+    # The same tokenizer loaded through the hf plugin gives the same token file.
+    loaded = make_dm(cache, tokenizer={"name": "hf", "path": str(folder)}, seq_len=32)
+    loaded.prepare_data()
+    assert loaded.tokenizer.fingerprint() == dm.tokenizer.fingerprint()
+    assert loaded.token_file.path == dm.token_file.path
+
 
 def test_entropy_nats_per_token(tmp_path):
-    value = make_dm(tmp_path).entropy_nats_per_token()
+    cache = tmp_path / "cache"
+    dm = make_dm(cache)
+    assert dm.entropy_nats_per_token() is None  # the corpus and tokenizer are not built yet
+    dm.prepare_data()
+    value = dm.entropy_nats_per_token()
     assert isinstance(value, float)
     assert value == pytest.approx(SyntheticGrammar(seed=0, branching=6).entropy_nats_per_byte())
-    other = make_dm(tmp_path, embedded={**SMALL, "branching": 2}).entropy_nats_per_token()
+    other_dm = make_dm(cache, dataset={**EMBEDDED, "branching": 2})
+    other_dm.setup("fit")  # setup alone builds them too
+    other = other_dm.entropy_nats_per_token()
     assert other == pytest.approx(SyntheticGrammar(seed=0, branching=2).entropy_nats_per_byte()) and other < value
-    assert make_dm(tmp_path, tokenizer={"name": "bpe", "vocab_size": 300}).entropy_nats_per_token() is None
-    assert make_dm(tmp_path, corpus=str(tmp_path)).entropy_nats_per_token() is None
+    # unknown for other tokenizers and for datasets that do not know their entropy
+    small = {**EMBEDDED, "size_bytes": 5_000}
+    bpe = make_dm(cache, dataset=small, tokenizer={"name": "bpe", "vocab_size": 300})
+    bpe.prepare_data()
+    assert bpe.entropy_nats_per_token() is None
+    folder = write_corpus(tmp_path / "corpus")
+    files = make_dm(cache, dataset={"name": "files", "paths": [str(folder)]})
+    files.prepare_data()
+    assert files.entropy_nats_per_token() is None
 
 
 def test_dataset_pickles_without_memmap(tmp_path):

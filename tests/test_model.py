@@ -94,6 +94,7 @@ def test_llama_preset_shape():
     with torch.device("meta"):
         model = GPT(config)
     assert model.lm_head.weight is not model.wte.weight
+    assert model.num_parameters() == 125_848_320  # the '~126M' the preset's comment states
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
 
 

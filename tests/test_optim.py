@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from lmforge import plugins
 from lmforge.model import GPT, GPTConfig
-from lmforge.optim import OptimizerSpec, build_optimizer, param_groups, warmup_cosine
+from lmforge.optim import MuonWithAdamW, param_groups, warmup_cosine
 
 
 def test_weight_decay_only_on_linear_matrices():
@@ -25,12 +26,91 @@ def test_weight_decay_only_on_linear_matrices():
         assert total == model.num_parameters()
 
 
-def test_build_optimizer_is_adamw_with_spec():
-    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
-    opt = build_optimizer(model, OptimizerSpec(lr=1e-3, betas=(0.8, 0.9), weight_decay=0.2))
+def tiny_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **kw))
+
+
+def test_adamw_plugin_builds_with_config_arguments():
+    model = tiny_model()
+    opt = plugins.build("optimizer", {"name": "adamw", "lr": 1e-3, "betas": [0.8, 0.9], "weight_decay": 0.2}, model)
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["betas"] == (0.8, 0.9)
-    assert opt.param_groups[0]["weight_decay"] == 0.2
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+
+
+def _train(opt_spec: dict, steps: int = 30) -> tuple[float, float, torch.optim.Optimizer]:
+    model = tiny_model()
+    opt = plugins.build("optimizer", opt_spec, model)
+    x = torch.randint(0, 64, (8, 16))
+    first = None
+    for _ in range(steps):
+        loss = model.loss(x, x.roll(-1, dims=1))  # a learnable, fixed batch
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, loss.item(), opt
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "adamw", "lr": 1e-2},
+        {"name": "adam", "lr": 1e-2},
+        {"name": "sgd", "lr": 0.5},
+        {"name": "muon", "lr": 0.02, "adamw_lr": 1e-2},
+    ],
+)
+def test_builtin_optimizers_fit_a_batch(spec):
+    first, last, _ = _train(spec)
+    assert last < 0.5 * first, (spec, first, last)
+
+
+def test_muon_splits_hidden_matrices_from_the_rest():
+    model = tiny_model(tie_embeddings=False)
+    opt = plugins.build("optimizer", {"name": "muon"}, model)
+    assert isinstance(opt, MuonWithAdamW)
+    muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw_ids = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not muon_ids & adamw_ids
+    assert muon_ids | adamw_ids == {id(p) for p in model.parameters()}
+    assert all(names[i].startswith("blocks.") and names[i].endswith("weight") for i in muon_ids)
+    assert {names[i] for i in adamw_ids} >= {"wte.weight", "wpe.weight", "lm_head.weight"}
+    assert len(muon_ids) == 2 * 6  # q, k, v, c_proj, c_fc, c_proj per block
+    # one param_groups list: a scheduler scales both inner optimizers
+    assert opt.param_groups[0] is opt.muon.param_groups[0] and opt.param_groups[-1] is opt.adamw.param_groups[-1]
+
+
+def test_muon_state_round_trips():
+    _, _, opt = _train({"name": "muon"}, steps=3)
+    state = opt.state_dict()
+    model = tiny_model()
+    fresh = plugins.build("optimizer", {"name": "muon"}, model)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["muon"]["state"].keys() == state["muon"]["state"].keys()
+    buf = next(iter(state["muon"]["state"].values()))["momentum_buffer"]
+    torch.testing.assert_close(next(iter(fresh.state_dict()["muon"]["state"].values()))["momentum_buffer"], buf)
+
+
+def test_schedulers_are_plugins():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = plugins.build("scheduler", {"name": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}, opt, 110)
+    lrs = []
+    for _ in range(120):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[115] == pytest.approx(0.1)
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched2 = plugins.build("scheduler", {"name": "constant", "warmup_steps": 4}, opt2, 100)
+    seen = []
+    for _ in range(8):
+        seen.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0])
 
 
 def test_warmup_then_cosine():

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from lmforge.data.sources import EmbeddedCorpus
 from lmforge.data.synthetic import CONTENT, GRAMMAR, SEPARATORS, START, START_CONTEXT, WORDS, SyntheticGrammar
 
 CATEGORY_OF = {word: cat for cat, words in WORDS.items() for word in words}
@@ -126,3 +127,14 @@ def test_text_uses_only_grammar_words_and_sentence_punctuation():
         assert all(w in CATEGORY_OF for w in rest), sentence
     # Both separators occur: new paragraphs as well as running text.
     assert ".\n" in text and ". " in text
+
+
+def test_embedded_corpus_is_the_grammar_text_with_its_entropy():
+    corpus = EmbeddedCorpus(size_bytes=100_000, seed=2, branching=3)
+    grammar = SyntheticGrammar(seed=2, branching=3)
+    (text,) = corpus.documents()
+    expected, nll = grammar.generate(100_000)
+    assert text == expected
+    assert corpus.entropy_nats_per_byte() == grammar.entropy_nats_per_byte()
+    # the entropy is what the text's NLL says (in nats here)
+    assert nll * math.log(2) / len(text.encode("utf-8")) == pytest.approx(corpus.entropy_nats_per_byte(), rel=0.03)

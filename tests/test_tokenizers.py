@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from lmforge import plugins, tokenizers
 from lmforge.tokenizers import (
     EOS_TOKEN,
     META_FILE,
@@ -41,6 +42,23 @@ UNSEEN = [
     "Zürich → Tōkyō ≠ Kraków ✓ \u00a0nbsp \u200bzwsp",
     "数学: ∑_{i=1}^n i² = n(n+1)/2",
 ]
+
+
+class ListCorpus:
+    """A minimal corpus (the ``lmforge.datasets`` protocol) that counts how often it is read."""
+
+    def __init__(self, texts: list[str], key: str = "list-corpus") -> None:
+        self.texts, self._key, self.reads = texts, key, 0
+
+    def key(self) -> str:
+        return self._key
+
+    def documents(self):
+        self.reads += 1
+        return iter(self.texts)
+
+    def num_bytes(self) -> int:
+        return sum(len(t.encode("utf-8")) for t in self.texts)
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +202,66 @@ def test_invalid_tokenizer_json(tmp_path):
 def test_unknown_type_in_checkpoint():
     with pytest.raises(ValueError, match="'sentencepiece'"):
         tokenizer_from_dict({"type": "sentencepiece"})
+
+
+# -- the ``lmforge.tokenizers`` plugins: (corpus, cache_dir, **kwargs) -> Tokenizer --------------------
+
+
+def test_byte_level_factory(tmp_path):
+    corpus = ListCorpus(TRAIN_CORPUS)
+    tok = tokenizers.byte_level(corpus, tmp_path / "cache")
+    assert isinstance(tok, ByteTokenizer)
+    assert corpus.reads == 0 and not (tmp_path / "cache").exists()  # needs no training and no files
+    assert isinstance(plugins.build("tokenizer", {"name": "bytes"}, corpus, tmp_path / "cache"), ByteTokenizer)
+
+
+def test_bpe_factory_trains_once_and_caches(bpe, tmp_path):
+    corpus = ListCorpus(TRAIN_CORPUS)
+    tok = tokenizers.bpe(corpus, tmp_path, vocab_size=320)
+    folder = tmp_path / "bpe-list-corpus-320-2"  # keyed by corpus content, vocabulary and min_frequency
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    assert (folder / "tokenizer.json").is_file()
+    assert json.loads((folder / META_FILE).read_text()) == {"type": "hf", "eos_token": EOS_TOKEN}
+    assert corpus.reads == 1
+    assert tok.fingerprint() == bpe.fingerprint()  # the same as training directly with the same settings
+
+    # A second call loads the cached tokenizer: the corpus is not read again, nothing is rewritten.
+    stamp = (folder / "tokenizer.json").stat().st_mtime_ns
+    again = tokenizers.bpe(corpus, tmp_path, vocab_size=320)
+    assert corpus.reads == 1
+    assert again.fingerprint() == tok.fingerprint() and (again.vocab_size, again.eos_id) == (tok.vocab_size, tok.eos_id)
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == stamp
+
+    # another corpus key, vocabulary or frequency threshold: another folder
+    tokenizers.bpe(ListCorpus(TRAIN_CORPUS[:3] * 3, key="other"), tmp_path, vocab_size=300, min_frequency=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe-list-corpus-320-2", "bpe-other-300-1"]
+
+    # through the plugin registry
+    built = plugins.build("tokenizer", {"name": "bpe", "vocab_size": 320}, corpus, tmp_path)
+    assert corpus.reads == 1 and built.fingerprint() == bpe.fingerprint()
+
+
+def test_bpe_factory_vocab_too_small(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=256.*257"):
+        tokenizers.bpe(ListCorpus(TRAIN_CORPUS), tmp_path, vocab_size=256)
+    assert not list(tmp_path.iterdir())  # no half-written cache folder
+
+
+def test_hf_factory(bpe, tmp_path):
+    bpe.save(tmp_path / "tok")
+    corpus = ListCorpus(TRAIN_CORPUS)
+    cache = tmp_path / "cache"
+    tok = tokenizers.hf(corpus, cache, path=str(tmp_path / "tok"))
+    assert isinstance(tok, HFTokenizer) and tok.eos_token == EOS_TOKEN
+    assert tok.fingerprint() == bpe.fingerprint()
+    # the file itself works too
+    assert (
+        tokenizers.hf(corpus, cache, path=str(tmp_path / "tok" / "tokenizer.json")).fingerprint() == bpe.fingerprint()
+    )
+    assert corpus.reads == 0 and not cache.exists()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nowhere"))):
+        tokenizers.hf(corpus, cache, path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="'<missing>'.*eos_token"):
+        tokenizers.hf(corpus, cache, path=str(tmp_path / "tok"), eos_token="<missing>")
+    built = plugins.build("tokenizer", {"name": "hf", "path": str(tmp_path / "tok")}, corpus, cache)
+    assert built.fingerprint() == bpe.fingerprint()

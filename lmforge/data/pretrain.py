@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lmforge import plugins
 from lmforge.data.cache import TokenDType, TokenFile, build_token_file, default_cache_dir
-from lmforge.data.sources import Corpus, CorpusError, DecodeErrors, EmbeddedCorpus, FileCorpus, resolve_files
-from lmforge.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenizerSpec:
-    """Which tokenizer to use."""
-
-    name: Literal["bytes", "bpe", "hf"] = "bytes"
-    """bytes: exact UTF-8 bytes (257 ids); bpe: train a byte-level BPE on the corpus; hf: load a tokenizer.json."""
-    vocab_size: int = 4096
-    """For bpe: the vocabulary size to train, the end-of-text token included."""
-    min_frequency: int = 2
-    """For bpe: merges seen fewer times are not learned."""
-    path: str | None = None
-    """For hf: a folder holding tokenizer.json, or the file itself."""
-    eos_token: str = "<|endoftext|>"
-    """For hf: the token that separates documents."""
-
-
-@dataclass
-class EmbeddedCorpusSpec:
-    """Size and seed of the built-in synthetic corpus (used when data.corpus is empty)."""
-
-    size_bytes: int = 2_000_000
-    """Bytes of text to generate."""
-    seed: int = 0
-    """Seed of the grammar and of the text."""
-    branching: int = 6
-    """Favourite words per context: higher means more entropy."""
+from lmforge.data.sources import Corpus, CorpusError
+from lmforge.tokenizers import ByteTokenizer, Tokenizer
 
 
 class TokenWindowDataset(Dataset):
@@ -75,16 +44,16 @@ class TokenWindowDataset(Dataset):
 class PretrainDataModule(L.LightningDataModule):
     """Tokenizes a corpus once (cached), splits it and serves windows of ``seq_len`` + 1 tokens.
 
-    With no ``corpus`` the embedded synthetic corpus is used: no download, known entropy.
+    The dataset and the tokenizer are plugins named in the config with their arguments, e.g.
+    ``dataset: {name: files, paths: [books/]}`` and ``tokenizer: {name: bpe, vocab_size: 8192}``;
+    ``lmforge plugins`` lists what is installed. The default is the embedded synthetic corpus: no
+    download, known entropy.
     """
 
     def __init__(
         self,
-        corpus: list[str] | str | None = None,
-        text_field: str = "text",
-        decode_errors: DecodeErrors = "replace",
-        embedded: EmbeddedCorpusSpec = EmbeddedCorpusSpec(),
-        tokenizer: TokenizerSpec = TokenizerSpec(),
+        dataset: dict[str, Any] = {"name": "embedded"},
+        tokenizer: dict[str, Any] = {"name": "bytes"},
         seq_len: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.05,
@@ -95,11 +64,10 @@ class PretrainDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            corpus: Text files, folders, glob patterns or .jsonl files; empty means the embedded corpus.
-            text_field: The field holding the text in .jsonl records.
-            decode_errors: Invalid UTF-8 in a text file: replace (U+FFFD, with a warning) or strict (an error).
-            embedded: The built-in synthetic corpus.
-            tokenizer: The tokenizer.
+            dataset: A dataset plugin and its arguments: embedded (size_bytes, seed, branching),
+                files (paths, text_field, decode_errors), or any installed one.
+            tokenizer: A tokenizer plugin and its arguments: bytes, bpe (vocab_size, min_frequency),
+                hf (path, eos_token), or any installed one.
             seq_len: Tokens per training window (the model's block_size at most).
             batch_size: Windows per batch.
             val_fraction: Fraction of tokens (the tail of the corpus) held out for validation.
@@ -109,20 +77,15 @@ class PretrainDataModule(L.LightningDataModule):
             predict_prompts: Prompts that ``lmforge predict`` continues.
         """
         super().__init__()
-        if isinstance(embedded, dict):
-            embedded = EmbeddedCorpusSpec(**embedded)
-        if isinstance(tokenizer, dict):
-            tokenizer = TokenizerSpec(**tokenizer)
         if seq_len < 1:
             raise ValueError(f"data.seq_len={seq_len} must be positive")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must be between 0 and 1")
-        self.corpus_patterns = [corpus] if isinstance(corpus, str) else list(corpus or [])
-        self.text_field = text_field
-        self.decode_errors = decode_errors
-        self.embedded = embedded
+        plugins.validate("dataset", dataset)
+        plugins.validate("tokenizer", tokenizer)
+        self.dataset_spec = dataset
         self.tokenizer_spec = tokenizer
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -131,43 +94,21 @@ class PretrainDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.token_dtype = token_dtype
         self.predict_prompts = predict_prompts or ["The "]
+        self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.token_file: TokenFile | None = None
 
-    # -- corpus and tokenizer -------------------------------------------------------------
-    def corpus(self) -> Corpus:
-        if not self.corpus_patterns:
-            e = self.embedded
-            return EmbeddedCorpus(num_bytes_target=e.size_bytes, seed=e.seed, branching=e.branching)
-        return FileCorpus(resolve_files(self.corpus_patterns), self.text_field, self.decode_errors)
-
     def entropy_nats_per_token(self) -> float | None:
-        """The corpus entropy in nats per token when it is known (the embedded corpus with byte tokens)."""
-        if self.corpus_patterns or self.tokenizer_spec.name != "bytes":
+        """The corpus entropy in nats per token, when the dataset knows it and tokens are bytes."""
+        entropy = getattr(self.corpus, "entropy_nats_per_byte", None)
+        if entropy is None or not isinstance(self.tokenizer, ByteTokenizer):
             return None
-        e = self.embedded
-        return EmbeddedCorpus(e.size_bytes, e.seed, e.branching).grammar.entropy_nats_per_byte()
-
-    def build_tokenizer(self, corpus: Corpus) -> Tokenizer:
-        spec = self.tokenizer_spec
-        if spec.name == "bytes":
-            return ByteTokenizer()
-        if spec.name == "hf":
-            if not spec.path:
-                raise ValueError("data.tokenizer.path: required for name: hf (a folder with tokenizer.json)")
-            return HFTokenizer.from_file(spec.path, spec.eos_token)
-        folder = self.cache_dir / f"bpe-{corpus.key()}-{spec.vocab_size}-{spec.min_frequency}"
-        if (folder / "tokenizer.json").is_file():
-            return load_tokenizer(folder)
-        log.info("training a byte-level BPE tokenizer of %d tokens on the corpus", spec.vocab_size)
-        tokenizer = HFTokenizer.train_bpe(corpus.documents(), spec.vocab_size, spec.min_frequency)
-        tokenizer.save(folder)
-        return tokenizer
+        return entropy()
 
     def _prepare(self, progress: bool) -> None:
-        corpus = self.corpus()
-        self.tokenizer = self.build_tokenizer(corpus)
-        self.token_file = build_token_file(corpus, self.tokenizer, self.cache_dir, self.token_dtype, progress)
+        self.corpus = plugins.build("dataset", self.dataset_spec)
+        self.tokenizer = plugins.build("tokenizer", self.tokenizer_spec, self.corpus, self.cache_dir)
+        self.token_file = build_token_file(self.corpus, self.tokenizer, self.cache_dir, self.token_dtype, progress)
 
     # -- LightningDataModule ----------------------------------------------------------------
     def prepare_data(self) -> None:

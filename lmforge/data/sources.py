@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from lmforge.data.synthetic import SyntheticGrammar
 
@@ -133,7 +133,7 @@ class FileCorpus:
 class EmbeddedCorpus:
     """The seeded synthetic corpus shipped with lmforge (see :mod:`lmforge.data.synthetic`)."""
 
-    num_bytes_target: int = 2_000_000
+    size_bytes: int = 2_000_000
     seed: int = 0
     branching: int = 6
 
@@ -142,15 +142,41 @@ class EmbeddedCorpus:
         return SyntheticGrammar(seed=self.seed, branching=self.branching)
 
     def key(self) -> str:
-        spec = f"embedded-v1|{self.num_bytes_target}|{self.seed}|{self.branching}"
+        spec = f"embedded-v1|{self.size_bytes}|{self.seed}|{self.branching}"
         return hashlib.sha256(spec.encode()).hexdigest()[:32]
 
     def num_bytes(self) -> int:
-        return self.num_bytes_target
+        return self.size_bytes
 
     def documents(self) -> Iterator[str]:
-        text, _ = self.grammar.generate(self.num_bytes_target)
+        text, _ = self.grammar.generate(self.size_bytes)
         yield text
 
+    def entropy_nats_per_byte(self) -> float:
+        """The exact entropy of the text: the lowest loss per byte any model can reach."""
+        return self.grammar.entropy_nats_per_byte()
 
-Corpus = FileCorpus | EmbeddedCorpus
+
+class Corpus(Protocol):
+    """What the ``lmforge.datasets`` plugins return: documents, and a key that changes with them."""
+
+    def key(self) -> str: ...
+    def documents(self) -> Iterator[str]: ...
+    def num_bytes(self) -> int: ...
+
+
+# -- the built-in ``lmforge.datasets`` plugins: (**kwargs) -> Corpus ------------------------------------
+
+
+def files(paths: list[str] | str, text_field: str = "text", decode_errors: DecodeErrors = "replace") -> FileCorpus:
+    """``files``: text files (one document each), folders, globs and .jsonl files (one document per record)."""
+    if decode_errors not in ("replace", "strict"):
+        raise CorpusError(f"dataset files: decode_errors={decode_errors!r} must be replace or strict")
+    return FileCorpus(resolve_files([paths] if isinstance(paths, str) else list(paths)), text_field, decode_errors)
+
+
+def embedded(size_bytes: int = 2_000_000, seed: int = 0, branching: int = 6) -> EmbeddedCorpus:
+    """``embedded``: lmforge's synthetic corpus of known entropy; nothing to download."""
+    if size_bytes < 1:
+        raise CorpusError(f"dataset embedded: size_bytes={size_bytes} must be positive")
+    return EmbeddedCorpus(size_bytes, seed, branching)
