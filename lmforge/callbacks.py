@@ -63,4 +63,5 @@ class TokenThroughput(L.Callback):
             gap = trainer.callback_metrics.get("val/gap_to_entropy")
             if gap is not None:
                 parts.append(f"corpus entropy {float(val) - float(gap):.4f} nats/token")
-        pl_module.print("lmforge: " + ", ".join(parts))
+        if trainer.is_global_zero:  # plain print: the progress bar is closed by now and would swallow it
+            print("lmforge: " + ", ".join(parts), flush=True)

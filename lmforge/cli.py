@@ -1,12 +1,12 @@
-"""``lmforge fit|validate|test|predict -c CONFIG``: LightningCLI in omegaconf mode.
+"""``lmforge fit|validate|test|predict -c CONFIG``: LightningCLI in omegaconf mode; and
+``lmforge plugins`` and ``lmforge export``.
 
 Every run gets a ``checkpoint`` section (a ModelCheckpoint that keeps ``last.ckpt`` in
 ``<default_root_dir>/checkpoints``, so ``--ckpt_path last`` resumes) and a ``throughput`` section
 (tokens/s). Defaults that follow ``trainer.default_root_dir``, even when it is overridden on the
 command line: ``trainer.logger: null`` means CSV and TensorBoard logs in ``<default_root_dir>/csv``
 and ``/tensorboard``; ``trainer.precision: null`` means bf16-mixed on GPUs that support it,
-32-bit elsewhere. Bad input ends with one line
-on stderr; set ``LMFORGE_DEBUG=1`` for the traceback.
+32-bit elsewhere. Bad input ends with one line on stderr; ``LMFORGE_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations

@@ -158,7 +158,8 @@ class PretrainModule(L.LightningModule):
                 f"{tokenizer.vocab_size} tokens; raise it (a multiple of 64 at least {tokenizer.vocab_size})"
             )
         n = self.model.num_parameters()
-        self.print(f"lmforge: model has {n:,} parameters ({n / 1e6:.1f}M)")
+        if self.trainer.is_global_zero:  # before the progress bar exists, so a plain print
+            print(f"lmforge: model has {n:,} parameters ({n / 1e6:.1f}M)", flush=True)
         ckpt = self.trainer.checkpoint_callback
         if tokenizer is not None and ckpt is not None and ckpt.dirpath and self.trainer.is_global_zero:
             tokenizer.save(Path(ckpt.dirpath) / "tokenizer")

@@ -58,7 +58,7 @@ def _train(opt_spec: dict, steps: int = 30) -> tuple[float, float, torch.optim.O
     [
         {"name": "adamw", "lr": 1e-2},
         {"name": "adam", "lr": 1e-2},
-        {"name": "sgd", "lr": 0.5},
+        {"name": "sgd", "lr": 0.1},
         {"name": "muon", "lr": 0.02, "adamw_lr": 1e-2},
     ],
 )
