@@ -2,28 +2,68 @@
 
 Every model calls :func:`attention` and :func:`linear_cross_entropy`; the ``backend`` argument
 (``auto | triton | torch``, set in the model config) picks the implementation. The torch paths
-(``scaled_dot_product_attention`` and ``cross_entropy``) run everywhere. Triton kernels from
-``lmforge.kernels`` register here as they land; until a kernel exists for an op, ``auto``
-resolves to torch and ``triton`` is refused when the config is validated.
+(``scaled_dot_product_attention`` and ``cross_entropy``) run everywhere. ``auto`` uses a Triton
+kernel from ``lmforge.kernels`` where it can run (CUDA, fp16/bf16) and logs once why it does not
+elsewhere; ``triton`` forces the kernel and fails clearly where it cannot run (on CPU it runs only
+under ``TRITON_INTERPRET=1``, for tests). The loss has no Triton kernel yet.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Ops for which lmforge.kernels provides a Triton implementation. Empty until the kernel issues land.
-TRITON_OPS: frozenset[str] = frozenset()
+log = logging.getLogger(__name__)
+
+# Ops for which lmforge.kernels provides a Triton implementation.
+TRITON_OPS: frozenset[str] = frozenset({"attention"})
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_told: set[str] = set()
+
+
+def _tell_once(message: str) -> None:
+    if message not in _told:
+        _told.add(message)
+        log.info(message)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def check_backend(op: str, backend: str) -> None:
-    """Raise a one-line error when ``backend`` cannot serve ``op`` in this version of lmforge."""
-    if backend == "triton" and op not in TRITON_OPS:
+    """Raise a one-line error when ``backend`` cannot serve ``op`` in this installation."""
+    if backend != "triton":
+        return
+    if op not in TRITON_OPS:
         raise ValueError(
             f"model config: {op}='triton' is not available: this lmforge has no Triton kernel for {op} yet; "
             f"use {op}: auto or {op}: torch"
         )
+    if not triton_available():
+        raise ValueError(f"model config: {op}='triton' needs the triton package (Linux); use {op}: auto or torch")
+
+
+def _attention_kernel_refusal(q: Tensor, dropout_p: float) -> str | None:
+    """Why the Triton kernel cannot run these inputs, or None when it can."""
+    if not (q.is_cuda or _interpreting()):
+        return f"inputs are on {q.device.type}, not CUDA"
+    if not triton_available():
+        return "triton is not installed"
+    if dropout_p > 0:
+        return "attention dropout > 0"
+    if q.size(-1) > 256:
+        return f"head dim {q.size(-1)} > 256"
+    return None
 
 
 def attention(
@@ -35,12 +75,52 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     backend: str = "auto",
+    key_padding_mask: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
-    """Scaled dot-product attention. q: (B, nh, T, hs); k, v: (B, nkv, T, hs) with nkv dividing nh."""
+    """Attention. q: (B, nh, T, hs); k, v: (B, nkv, T, hs) with nkv dividing nh.
+
+    key_padding_mask (B, T, True = real token) and segment_ids (B, T, packed documents) restrict
+    which keys a query sees; rows that can see nothing give zeros. ``auto`` runs lmforge's Triton
+    kernel on CUDA for fp16/bf16 and scaled_dot_product_attention otherwise (saying why, once).
+    """
     check_backend("attention", backend)
-    return F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=k.size(1) != q.size(1)
+    if backend != "torch":
+        refusal = _attention_kernel_refusal(q, dropout_p)
+        if refusal is None and backend == "auto" and q.dtype not in KERNEL_DTYPES:
+            refusal = f"dtype {q.dtype} (the kernel serves float16 and bfloat16)"
+        if refusal is None:
+            from lmforge.kernels.attention import flash_attention
+
+            return flash_attention(
+                q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids
+            )
+        if backend == "triton":
+            raise ValueError(f"attention='triton' cannot run here: {refusal}; use attention: auto or torch")
+        _tell_once(f"attention: using torch scaled_dot_product_attention because {refusal}")
+    return _sdpa(q, k, v, causal, dropout_p, scale, key_padding_mask, segment_ids)
+
+
+def _sdpa(q, k, v, causal, dropout_p, scale, key_padding_mask, segment_ids) -> Tensor:
+    gqa = k.size(1) != q.size(1)
+    if key_padding_mask is None and segment_ids is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
+    T = q.size(-2)
+    mask = torch.ones(q.size(0), 1, T, T, dtype=torch.bool, device=q.device)  # (B, 1, T, T)
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.bool()[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    has_key = mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
+    # a row with no key would be NaN: let it see every key, then zero its output (and so its gradients)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
     )
+    return y * has_key.to(y.dtype)
 
 
 def linear_cross_entropy(

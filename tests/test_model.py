@@ -141,7 +141,6 @@ def test_rope_is_relative():
         (dict(dropout=1.0), "dropout"),
         (dict(norm="batchnorm"), "norm"),
         (dict(pos_encoding="rope", n_embd=36, n_head=4), "n_embd"),
-        (dict(attention="triton"), "attention"),
         (dict(loss="triton"), "loss"),
     ],
 )
@@ -163,3 +162,10 @@ def test_gqa_attention_equals_repeated_kv():
         q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True
     )
     torch.testing.assert_close(out, ref)
+
+
+def test_forced_triton_attention_on_cpu_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = GPT(tiny(attention="triton"))
+    with pytest.raises(ValueError, match=r"attention='triton' cannot run here: inputs are on cpu, not CUDA"):
+        model(torch.zeros(1, 4, dtype=torch.long))

@@ -1,0 +1,503 @@
+"""Fused attention (FlashAttention-2 style) in Triton: forward, backward, autograd, module.
+
+Layout of this file: the Triton kernels, then the plain-Python launchers, then the
+``torch.autograd.Function``, then the thin public API (:func:`flash_attention`, :class:`FlashAttention`).
+
+What it computes, for q (B, H, N, D) and k, v (B, H_kv, N, D), H_kv dividing H:
+``softmax(q k^T * scale + mask) v``, where the mask combines, as requested, causality (key index
+<= query index), a key-padding mask (B, N: True = a real token) and segment ids (B, N: a query sees
+only keys of its own packed document). Grouped-query and multi-query attention read each key/value
+head once for its whole group of query heads: K and V are never repeated in memory.
+
+The forward pass tiles queries into BLOCK_M rows and streams BLOCK_N keys at a time with an online
+softmax in base 2 (exp2, with log2(e) folded into the scale), accumulating in fp32; it keeps the
+row-wise logsumexp (base 2) for the backward. A row with no key to attend to outputs zeros (its
+logsumexp is stored as +inf, so the backward sees probabilities of exactly 0, never NaN).
+
+The backward is the FlashAttention-2 scheme: delta = rowsum(dO * O); then one program per key block
+and key/value head accumulates dK and dV over every query head of its group and every query
+block; a second kernel computes dQ per query block. No atomics are used, so gradients are
+deterministic, run to run.
+
+Key blocks that the masks remove entirely (above the causal diagonal, fully padded, or of other
+documents) are skipped, so packed documents cost about the sum of their squares, not the square
+of their sum.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # Ampere (A100) and Hopper (H100/H200) both do well in this small set; autotuning picks per shape.
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (64, 64, 4, 3),
+            (128, 32, 4, 4),
+            (64, 32, 4, 4),
+        ]
+    ]
+
+
+def _bwd_configs() -> list[triton.Config]:
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (32, 128, 8, 2),
+            (64, 128, 8, 2),
+            (32, 64, 4, 2),
+            (64, 64, 4, 3),
+            (16, 64, 4, 3),
+        ]
+    ]
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    """Large tiles at head dim 256 exceed shared memory; keep the configs that fit."""
+    d = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs.get("BLOCK_D", 64)
+    kept = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[-1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_mask(
+    offs_m, offs_n, N, seg_q, kpm_ptr, seg_ptr, mask_base,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_M, BLOCK_N) boolean: may query offs_m attend to key offs_n?"""
+    valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+    if CAUSAL:
+        valid = valid & (offs_m[:, None] >= offs_n[None, :])
+    if HAS_KPM:
+        keep = tl.load(kpm_ptr + mask_base + offs_n, mask=offs_n < N, other=0)
+        valid = valid & (keep[None, :] != 0)
+    if HAS_SEG:
+        seg_k = tl.load(seg_ptr + mask_base + offs_n, mask=offs_n < N, other=-1)
+        valid = valid & (seg_q[:, None] == seg_k[None, :])
+    return valid
+
+
+@triton.jit
+def _block_is_empty(
+    start_m, start_n, N, seg_lo, seg_hi, kpm_ptr, seg_ptr, mask_base,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+):  # fmt: skip
+    """True when the masks remove every (query, key) pair of the tile, so it can be skipped."""
+    empty = start_n >= N
+    if CAUSAL:
+        empty = empty | (start_n > start_m + BLOCK_M - 1)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if HAS_KPM:
+        keep = tl.load(kpm_ptr + mask_base + offs_n, mask=offs_n < N, other=0)
+        empty = empty | (tl.max(keep.to(tl.int32), axis=0) == 0)
+    if HAS_SEG:
+        seg_k = tl.load(seg_ptr + mask_base + offs_n, mask=offs_n < N, other=-1)
+        lo = tl.min(tl.where(offs_n < N, seg_k, 2147483647), axis=0)
+        hi = tl.max(tl.where(offs_n < N, seg_k, -2147483647), axis=0)
+        empty = empty | (hi < seg_lo) | (lo > seg_hi)
+    return empty
+
+
+@triton.jit
+def _segment_range(offs, N, seg_ptr, mask_base, HAS_SEG: tl.constexpr):
+    """The segment ids of positions offs, and their min and max (0s without segments)."""
+    if HAS_SEG:
+        seg = tl.load(seg_ptr + mask_base + offs, mask=offs < N, other=-1)
+        lo = tl.min(tl.where(offs < N, seg, 2147483647), axis=0)
+        hi = tl.max(tl.where(offs < N, seg, -2147483647), axis=0)
+    else:
+        seg = tl.zeros_like(offs)
+        lo = 0
+        hi = 0
+    return seg, lo, hi
+
+
+@triton.autotune(configs=_fwd_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})  # fmt: skip
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out, LSE, KPM, SEG,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    H, GROUP, N, D, qk_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_base = b.to(tl.int64) * N
+    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+    seg_q, seg_lo, seg_hi = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi_n = N
+    if CAUSAL:
+        hi_n = tl.minimum(N, start_m + BLOCK_M)
+    for start_n in range(0, hi_n, BLOCK_N):
+        skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
+                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+        if not skip:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * qk_scale  # base-2 logits
+            valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet stay at zero
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if IEEE:
+                acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc += tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_delta(
+    Out, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta[b, h, m] = sum_d dO * O: the row term of the softmax backward."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    o = tl.load(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+                mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
+
+
+@triton.autotune(configs=_bwd_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})  # fmt: skip
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
+    H, HKV, GROUP, N, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of one key block of one key/value head, summed over the query heads of its group."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    b = bkv // HKV
+    kvh = bkv % HKV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_base = b.to(tl.int64) * N
+    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    k = tl.load(K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)  # fmt: skip
+    v = tl.load(V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)  # fmt: skip
+    seg_k, seg_lo, seg_hi = _segment_range(offs_n, N, SEG, mask_base, HAS_SEG)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo_m = 0
+    if CAUSAL:
+        lo_m = (start_n // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        bh = b * H + h
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        for start_m in range(lo_m, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            # the same tile, seen from the query side: skip it when the masks empty it
+            skip = start_m >= N
+            if CAUSAL:
+                skip = skip | (start_n > start_m + BLOCK_M - 1)
+            if HAS_SEG:
+                seg_q_blk = tl.load(SEG + mask_base + offs_m, mask=offs_m < N, other=-1)
+                q_lo = tl.min(tl.where(offs_m < N, seg_q_blk, 2147483647), axis=0)
+                q_hi = tl.max(tl.where(offs_m < N, seg_q_blk, -2147483647), axis=0)
+                skip = skip | (q_hi < seg_lo) | (q_lo > seg_hi)
+            if not skip:
+                q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+                q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+                lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
+                delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+                seg_q, _, _ = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
+                valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+                p = tl.where(valid, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+                if IEEE:
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                else:
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                    dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                if IEEE:
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+                else:
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * sm_scale
+    tl.store(DK + b.to(tl.int64) * skgb + kvh.to(tl.int64) * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
+    tl.store(DV + b.to(tl.int64) * svgb + kvh.to(tl.int64) * svgh + offs_n[:, None] * svgn + offs_d[None, :] * svgd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
+
+
+@triton.autotune(configs=_bwd_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})  # fmt: skip
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    sqgb, sqgh, sqgn, sqgd,
+    H, GROUP, N, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block of one query head."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_base = b.to(tl.int64) * N
+    q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=q_mask, other=0.0)  # fmt: skip
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=q_mask, other=0.0)  # fmt: skip
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    seg_q, seg_lo, seg_hi = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
+    k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi_n = N
+    if CAUSAL:
+        hi_n = tl.minimum(N, start_m + BLOCK_M)
+    for start_n in range(0, hi_n, BLOCK_N):
+        skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
+                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+        if not skip:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+                dp = tl.dot(do, tl.trans(v))
+            valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+            p = tl.where(valid, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            else:
+                dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * sqgb + h.to(tl.int64) * sqgh + offs_m[:, None] * sqgn + offs_d[None, :] * sqgd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
+    B, N = q.shape[0], q.shape[2]
+    kpm = seg = None
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (B, N):
+            raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected (B, N) = {(B, N)}")
+        kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
+    if segment_ids is not None:
+        if segment_ids.shape != (B, N):
+            raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected (B, N) = {(B, N)}")
+        seg = segment_ids.to(device=q.device, dtype=torch.int32).contiguous()
+    return kpm, seg
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("flash_attention expects q, k, v of shape (B, H, N, D)")
+    B, H, N, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
+        raise ValueError(
+            f"flash_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree "
+            "on batch, length and head dim (self-attention)"
+        )
+    if H % k.shape[1]:
+        raise ValueError(f"flash_attention: {H} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention: head dim {D} is above the supported {MAX_HEAD_DIM}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash_attention: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+
+
+def _dummy(q: torch.Tensor) -> torch.Tensor:
+    return torch.empty(1, device=q.device, dtype=torch.int32)
+
+
+def _forward(q, k, v, causal, scale, kpm, seg):
+    B, H, N, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(D))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](
+        q, k, v, o, lse, kpm if kpm is not None else _dummy(q), seg if seg is not None else _dummy(q),
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, H // k.shape[1], N, D, scale * LOG2E,
+        CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_D=block_d,
+    )  # fmt: skip
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg):
+    B, H, N, D = q.shape
+    HKV = k.shape[1]
+    block_d = max(16, triton.next_power_of_2(D))
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(N, 64), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, N, D, BLOCK_M=64, BLOCK_D=block_d
+    )
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    kpm_arg = kpm if kpm is not None else _dummy(q)
+    seg_arg = seg if seg is not None else _dummy(q)
+    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32)
+    _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * HKV)](
+        q, k, v, do, lse, delta, dk, dv, kpm_arg, seg_arg,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, HKV, H // HKV, N, D, scale * LOG2E, scale,
+        BLOCK_D=block_d, **flags,
+    )  # fmt: skip
+    _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, kpm_arg, seg_arg,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, H // HKV, N, D, scale * LOG2E, scale,
+        BLOCK_D=block_d, **flags,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd and the public API
+# ----------------------------------------------------------------------------------------------
+
+
+class _FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, kpm, seg):
+        o, lse = _forward(q, k, v, causal, scale, kpm, seg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.kpm, ctx.seg = causal, scale, kpm, seg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.kpm, ctx.seg)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused attention. q: (B, H, N, D); k, v: (B, H_kv, N, D) with H_kv dividing H.
+
+    key_padding_mask: (B, N) bool, True for real tokens. segment_ids: (B, N) ints; a query attends
+    only to keys with its id (packed documents). Rows that can attend to nothing give zeros.
+    Runs on CUDA (fp16, bf16; fp32 computes its products in full precision, slowly) and on CPU
+    under ``TRITON_INTERPRET=1`` for testing.
+    """
+    _check(q, k, v)
+    kpm, seg = _masks(q, key_padding_mask, segment_ids)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _FlashAttentionFunction.apply(q, k, v, causal, scale, kpm, seg)
+
+
+class FlashAttention(torch.nn.Module):
+    """:func:`flash_attention` as a module, for models built from modules."""
+
+    def __init__(self, causal: bool = True, scale: float | None = None) -> None:
+        super().__init__()
+        self.causal, self.scale = causal, scale
+
+    def forward(self, q, k, v, key_padding_mask=None, segment_ids=None):
+        return flash_attention(
+            q, k, v, causal=self.causal, scale=self.scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids
+        )
