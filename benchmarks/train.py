@@ -29,11 +29,8 @@ Results: a table on stdout, one CSV row per measurement appended to ``<out>/trai
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import logging
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -42,12 +39,12 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
+import harness
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-import lmforge
 from lmforge.model import GPT, GPTConfig
 from lmforge.optim import adamw
 from lmforge.pretrain import PretrainModule
@@ -152,18 +149,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def peak_flops(name: str) -> float | None:
     """The bf16 dense peak of a known GPU, else None."""
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
@@ -171,11 +156,6 @@ def peak_flops(name: str) -> float | None:
 
 def flops_per_token(shape: Shape, params: int) -> float:
     return 6 * params + 12 * shape.layers * shape.width * shape.seq
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_average() -> str:
@@ -219,12 +199,12 @@ def run_plain(shape: Shape, tokens: Tensor, warmup: int, steps: int, device: tor
 
     for i in range(warmup):
         step(tokens[i])
-    sync(device)
+    harness.sync(device)
     marks = [time.perf_counter()]
     for i in range(warmup, warmup + steps):
         step(tokens[i])
         if i == warmup + steps - 1:
-            sync(device)
+            harness.sync(device)
         marks.append(time.perf_counter())
     return Measurement("plain", model.num_parameters(), marks, torch.get_num_threads(), load_average())
 
@@ -241,7 +221,7 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
         if step in (self.first, self.last):
-            sync(self.device)
+            harness.sync(self.device)
         if self.first <= step <= self.last:
             self.marks.append(time.perf_counter())
             self.threads = torch.get_num_threads()
@@ -312,23 +292,16 @@ def print_table(results: list[Measurement], shape: Shape, repeats: int, peak: fl
     summary = summarise(results, shape)
     base = summary["plain"][0] if "plain" in summary else None
     params = results[0].params
-    header = (
-        f"{'provider':<10} {'shape':<44} {'params':>10} {'ms/step':>9} {'p50 step':>9} {'tokens/s':>10} {'vs plain':>9}"
-    )
-    if peak:
-        header += f" {'MFU':>6}"
-    print(header)
-    print("-" * len(header))
+    headers = ["provider", "shape", "params", "ms/step", "p50 step", "tokens/s", "vs plain"] + (["MFU"] if peak else [])
+    rows = []
     for provider, (speed, median_ms) in summary.items():
         ms = 1000 * shape.tokens_per_step / speed
-        ratio = f"{speed / base:.3f}" if base else "-"
-        line = (
-            f"{provider:<10} {shape_label(shape):<44} {params:>10,} {ms:>9.1f} {median_ms:>9.1f} {speed:>10,.0f} "
-            f"{ratio:>9}"
-        )
+        row = [provider, shape_label(shape), f"{params:,}", f"{ms:.1f}", f"{median_ms:.1f}", f"{speed:,.0f}"]
+        row.append(f"{speed / base:.3f}" if base else "-")
         if peak:
-            line += f" {speed * flops_per_token(shape, params) / peak:>6.1%}"
-        print(line)
+            row.append(f"{speed * flops_per_token(shape, params) / peak:.1%}")
+        rows.append(row)
+    harness.print_table(headers, rows)
     print(
         f"(median of {repeats} run(s) per provider; ms/step and tokens/s over the timed window, p50 step = median "
         "single step; vs plain = tokens/s / tokens/s of plain)"
@@ -340,20 +313,10 @@ def print_table(results: list[Measurement], shape: Shape, repeats: int, peak: fl
         )
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    is_new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if is_new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def csv_rows(results: list[Measurement], shape: Shape, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    name = device_name(device)
+    name = harness.device_name(device)
     peak = peak_flops(name) if device.type == "cuda" else None
     common = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "shape": shape.name,
         "layers": shape.layers,
         "width": shape.width,
@@ -362,12 +325,8 @@ def csv_rows(results: list[Measurement], shape: Shape, args: argparse.Namespace,
         "seq": shape.seq,
         "vocab": shape.vocab,
         "device": device.type,
-        "device_name": name,
         "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
         "warmup": args.warmup,
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "lmforge": lmforge.__version__,
     }
     return [
         {
@@ -390,24 +349,10 @@ def csv_rows(results: list[Measurement], shape: Shape, args: argparse.Namespace,
 
 def plot(path: Path, results: list[Measurement], shape: Shape, title: str) -> bool:
     """A bar chart of tokens/s per provider; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     speeds = {provider: speed for provider, (speed, _) in summarise(results, shape).items()}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    bars = ax.bar(list(speeds), list(speeds.values()), color=["tab:gray", "tab:blue"][: len(speeds)])
-    ax.bar_label(bars, fmt="{:,.0f}")
-    ax.margins(y=0.15)
-    ax.set_ylabel("tokens/s (higher is better)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return harness.plot_bars(
+        path, speeds, ylabel="tokens/s (higher is better)", title=title, colors=["tab:gray", "tab:blue"]
+    )
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -459,10 +404,11 @@ def main() -> None:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     quiet_lightning()
-    name = device_name(device)
+    name = harness.device_name(device)
+    env = harness.stamp(device)
     print(
-        f"device: {device.type} ({name}), threads {torch.get_num_threads()}, torch {torch.__version__}, "
-        f"lightning {L.__version__}, lmforge {lmforge.__version__}"
+        f"device: {device.type} ({name}), threads {torch.get_num_threads()}, torch {env['torch']}, "
+        f"lightning {env['lightning']}, lmforge {env['lmforge']}"
     )
     print(f"shape: {shape_label(shape)}; {args.warmup} warmup + {args.steps} timed steps, {args.repeats} repeat(s)")
     print(f"load average before the runs: {load_average()} (other work on the CPU slows and scatters the numbers)")
@@ -471,13 +417,16 @@ def main() -> None:
     print()
     print_table(results, shape, args.repeats, peak)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "train.csv", csv_rows(results, shape, args, device))
+    env["date"] = harness.iso_date()  # when the results were written, as before
+    csv_path = harness.write_csv(
+        args.out / "train.csv", csv_rows(results, shape, args, device), common=env, fields=CSV_FIELDS
+    )
     png = args.out / f"train_{shape.name}_{device.type}.png"
     title = f"{shape_label(shape)}\n{name}, {results[0].threads} threads"
     if plot(png, results, shape, title):
-        print(f"wrote {args.out / 'train.csv'} and {png}")
+        print(f"wrote {csv_path} and {png}")
     else:
-        print(f"wrote {args.out / 'train.csv'}; matplotlib is not installed, so no plot")
+        print(f"wrote {csv_path}; matplotlib is not installed, so no plot")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
         self.rope = RotaryEmbedding(hs, config.block_size, config.rope_theta) if config.pos_encoding == "rope" else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         hs, nh, nkv = self.config.head_dim, self.config.n_head, self.config.kv_heads
         q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -176,7 +176,10 @@ class CausalSelfAttention(nn.Module):
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         dropout = self.config.dropout if self.training else 0.0
-        y = ops.attention(q, k, v, causal=True, dropout_p=dropout, backend=self.config.attention)  # (B, nh, T, hs)
+        y = ops.attention(
+            q, k, v, causal=True, dropout_p=dropout, backend=self.config.attention,
+            key_padding_mask=key_padding_mask, segment_ids=segment_ids,
+        )  # (B, nh, T, hs)  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
         return self.c_proj(y)
 
@@ -206,8 +209,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, segment_ids))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -245,8 +248,14 @@ class GPT(nn.Module):
         """Parameter count, shared (tied) tensors counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def hidden_states(self, idx: Tensor) -> Tensor:
-        """Final normalised hidden states (B, T, C) for token ids idx (B, T)."""
+    def hidden_states(
+        self, idx: Tensor, key_padding_mask: Tensor | None = None, segment_ids: Tensor | None = None
+    ) -> Tensor:
+        """Final normalised hidden states (B, T, C) for token ids idx (B, T).
+
+        key_padding_mask (B, T; True = real token) hides padding from attention; segment_ids (B, T)
+        keeps packed documents from attending to each other.
+        """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
@@ -255,16 +264,23 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, key_padding_mask, segment_ids)
         return self.ln_f(x)
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, key_padding_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token ids idx (B, T)."""
-        return self.lm_head(self.hidden_states(idx))
+        return self.lm_head(self.hidden_states(idx, key_padding_mask, segment_ids))
 
-    def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    def loss(
+        self,
+        idx: Tensor,
+        targets: Tensor,
+        ignore_index: int = -100,
+        key_padding_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> Tensor:
         """Mean next-token cross-entropy; goes through the loss dispatch and may never build the logits."""
-        h = self.hidden_states(idx)
+        h = self.hidden_states(idx, key_padding_mask, segment_ids)
         return ops.linear_cross_entropy(
             h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=ignore_index, backend=self.config.loss
         )

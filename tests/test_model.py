@@ -169,3 +169,30 @@ def test_forced_triton_attention_on_cpu_says_why(monkeypatch):
     model = GPT(tiny(attention="triton"))
     with pytest.raises(ValueError, match=r"attention='triton' cannot run here: inputs are on cpu, not CUDA"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_packed_documents_do_not_see_each_other():
+    """With RoPE (relative positions), a document packed after another gives the same outputs as alone."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_encoding="rope", n_kv_head=2)).eval()
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 14))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 9 + [1] * 14])
+    with torch.no_grad():
+        out = model(packed, segment_ids=segments)
+        torch.testing.assert_close(out[:, :9], model(a), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, 9:], model(b), atol=1e-5, rtol=1e-5)
+
+
+def test_key_padding_mask_hides_padding():
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_encoding="rope")).eval()
+    x = torch.randint(0, 97, (1, 12))
+    keep = torch.ones(1, 12, dtype=torch.bool)
+    keep[0, :4] = False  # left padding: later positions must not depend on what the padding holds
+    y = x.clone()
+    y[0, :4] = (y[0, :4] + 5) % 97
+    with torch.no_grad():
+        a, b = model(x, key_padding_mask=keep), model(y, key_padding_mask=keep)
+        torch.testing.assert_close(a[:, 4:], b[:, 4:])
+        assert not torch.allclose(model(x)[:, 4:], model(y)[:, 4:])  # without the mask they would differ
