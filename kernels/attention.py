@@ -139,6 +139,37 @@ def _segment_range(offs, N, seg_ptr, mask_base, HAS_SEG: tl.constexpr):
     return seg, lo, hi
 
 
+@triton.jit
+def _fwd_tile(
+    q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d, N, D, qk_scale,
+    seg_q, KPM, SEG, mask_base,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One step of the online softmax: fold keys [start_n, start_n + BLOCK_N) into (m_i, l_i, acc)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale  # base-2 logits
+    valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet stay at zero
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc += tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=_fwd_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
                  prune_configs_by={"early_config_prune": _prune_for_head_dim})  # fmt: skip
 @triton.jit
@@ -170,37 +201,84 @@ def _attn_fwd(
     if CAUSAL:
         hi_n = tl.minimum(N, start_m + BLOCK_M)
     for start_n in range(0, hi_n, BLOCK_N):
-        skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
-                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
-        if not skip:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale  # base-2 logits
-            valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet stay at zero
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if IEEE:
-                acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc += tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        if HAS_KPM or HAS_SEG:  # only these masks can empty a whole tile: branch only then
+            skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
+                                   BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+            if not skip:
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
+                                          offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+                                          CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
+        else:
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
+                                      offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+
+@triton.jit
+def _dq_tile(
+    q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d, N, D, qk_scale,
+    seg_q, KPM, SEG, mask_base,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dQ += dS K for the keys [start_n, start_n + BLOCK_N)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+        dp = tl.dot(do, tl.trans(v))
+    valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+    p = tl.where(valid, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    ds = p * (dp - delta[:, None])
+    if IEEE:
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    else:
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _dkdv_tile(
+    k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m, offs_n, offs_d, N, D, qk_scale,
+    KPM, SEG, mask_base,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """dV += P^T dO and dK += dS^T Q for the queries [start_m, start_m + BLOCK_M) of one head."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    seg_q, _, _ = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
+    valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+    p = tl.where(valid, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    if IEEE:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    if IEEE:
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+    else:
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
 
 
 @triton.jit
@@ -247,52 +325,35 @@ def _attn_bwd_dkdv(
                 mask=kv_mask, other=0.0)  # fmt: skip
     v = tl.load(V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                 mask=kv_mask, other=0.0)  # fmt: skip
-    seg_k, seg_lo, seg_hi = _segment_range(offs_n, N, SEG, mask_base, HAS_SEG)
+    _, seg_lo, seg_hi = _segment_range(offs_n, N, SEG, mask_base, HAS_SEG)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo_m = 0
     if CAUSAL:
         lo_m = (start_n // BLOCK_M) * BLOCK_M
+    hi_m = N
+    if HAS_KPM:  # a key block that is all padding gets zero gradients without visiting any query
+        keep = tl.load(KPM + mask_base + offs_n, mask=offs_n < N, other=0)
+        hi_m = tl.where(tl.max(keep.to(tl.int32), axis=0) == 0, 0, N)
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         bh = b * H + h
         q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-        for start_m in range(lo_m, N, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            # the same tile, seen from the query side: skip it when the masks empty it
-            skip = start_m >= N
-            if CAUSAL:
-                skip = skip | (start_n > start_m + BLOCK_M - 1)
-            if HAS_SEG:
+        for start_m in range(lo_m, hi_m, BLOCK_M):
+            if HAS_SEG:  # skip query blocks of other documents (the causal range is already cut by lo_m)
+                offs_m = start_m + tl.arange(0, BLOCK_M)
                 seg_q_blk = tl.load(SEG + mask_base + offs_m, mask=offs_m < N, other=-1)
                 q_lo = tl.min(tl.where(offs_m < N, seg_q_blk, 2147483647), axis=0)
                 q_hi = tl.max(tl.where(offs_m < N, seg_q_blk, -2147483647), axis=0)
-                skip = skip | (q_hi < seg_lo) | (q_lo > seg_hi)
-            if not skip:
-                q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-                q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
-                lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
-                delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
-                seg_q, _, _ = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
-                valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
-                p = tl.where(valid, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-                if IEEE:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                else:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                    dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                if IEEE:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-                else:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                if (q_hi >= seg_lo) & (q_lo <= seg_hi):
+                    dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
+                                        offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                        CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M)  # fmt: skip
+            else:
+                dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
+                                    offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                    CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M)  # fmt: skip
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * skgb + kvh.to(tl.int64) * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
@@ -335,26 +396,15 @@ def _attn_bwd_dq(
     if CAUSAL:
         hi_n = tl.minimum(N, start_m + BLOCK_M)
     for start_n in range(0, hi_n, BLOCK_N):
-        skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
-                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
-        if not skip:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-                dp = tl.dot(do, tl.trans(v))
-            valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
-            p = tl.where(valid, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            if IEEE:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+        if HAS_KPM or HAS_SEG:
+            skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
+                                   BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+            if not skip:
+                dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
+                              N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
+        else:
+            dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
+                          N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * sqgb + h.to(tl.int64) * sqgh + offs_m[:, None] * sqgn + offs_d[None, :] * sqgd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip

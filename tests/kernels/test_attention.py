@@ -1,0 +1,484 @@
+"""Correctness of lmforge's fused attention kernel (``lmforge.kernels.attention.flash_attention``).
+
+Every output and every gradient (dq, dk, dv, through ``torch.autograd.grad`` with a random upstream
+gradient) is compared with a float64 reference written out below: an explicit softmax over the
+allowed keys, GQA by ``repeat_interleave`` of a float64 copy of K/V, and zero output for a query row
+that has no key to attend to. The reference always sees the very values the kernel sees (fp16 inputs
+are rounded first, then upcast), so the tolerance measures the kernel alone.
+
+Without a GPU the kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``, set here and in
+this folder's conftest before the kernel module is imported) in fp32 and fp16, at small sizes to keep
+the suite to a few minutes. The ``gpu_*`` tests repeat the main checks at training sizes in fp16 and
+bf16 and run only where CUDA is available.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the import of the kernel module (see conftest.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from lmforge import ops  # noqa: E402
+from lmforge.kernels.attention import flash_attention  # noqa: E402
+from lmforge.model import GPT, GPTConfig  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16]  # bf16 is GPU-only: the interpreter's bf16 dot is unreliable
+requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+# (rtol relative to the largest reference magnitude, atol floor). On a GPU an fp32 tl.dot may use
+# TF32, hence the looser fp32 bound there; on CPU the interpreter computes fp32 dots in fp32.
+TOL = {
+    torch.float32: (5e-3, 1e-4) if ON_GPU else (1e-4, 1e-5),
+    torch.float16: (2e-2, 2e-3),
+    torch.bfloat16: (2e-2, 2e-3),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# reference and helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def allowed_keys(N, *, causal, key_padding_mask=None, segment_ids=None, batch=1, device="cpu"):
+    """(B, N, N) bool: entry [b, i, j] is True when query i of batch row b may attend to key j."""
+    allowed = torch.ones(batch, N, N, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed & torch.ones(N, N, dtype=torch.bool, device=device).tril()
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, :]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return allowed
+
+
+def reference_attention(q, k, v, *, causal=True, scale=None, key_padding_mask=None, segment_ids=None):
+    """Float64 attention by the book; rows with no allowed key give 0 (and zero gradients, no NaN)."""
+    B, H, N, D = q.shape
+    q, k, v = q.double(), k.double(), v.double()
+    group = H // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    allowed = allowed_keys(
+        N, causal=causal, key_padding_mask=key_padding_mask, segment_ids=segment_ids, batch=B, device=q.device
+    )[:, None]  # (B, 1, N, N)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    has_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, N, 1)
+    scores = scores.masked_fill(~has_key, 0.0)  # an empty row would be softmax(-inf, ...) = NaN
+    probs = torch.softmax(scores, dim=-1) * has_key
+    return probs @ v
+
+
+def make_inputs(B, H, H_kv, N, D, dtype, *, seed=0, device=DEVICE, q_scale=1.0):
+    """q (B, H, N, D), k, v (B, H_kv, N, D) and an upstream gradient, rounded to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=g) * q_scale
+    k = torch.randn(B, H_kv, N, D, generator=g)
+    v = torch.randn(B, H_kv, N, D, generator=g)
+    dout = torch.randn(B, H, N, D, generator=g)
+    return tuple(t.to(dtype).to(device) for t in (q, k, v, dout))
+
+
+def run_kernel(q, k, v, dout, **kwargs):
+    """Kernel output and (dq, dk, dv) for upstream gradient ``dout``; strides of q, k, v are kept."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, **kwargs)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return out.detach(), dq, dk, dv
+
+
+def run_reference(q, k, v, dout, **kwargs):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = reference_attention(q, k, v, **kwargs)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.double())
+    return out.detach(), dq, dk, dv
+
+
+def assert_close(actual, expected, dtype, what):
+    """max |actual - expected| <= atol + rtol * max |expected|, with no NaN/inf in ``actual``."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: {(~torch.isfinite(actual)).sum().item()} non-finite values"
+    rtol, atol = TOL[dtype]
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    bound = atol + rtol * scale
+    assert err <= bound, f"{what} ({dtype}): max abs error {err:.3e} > {bound:.3e} (reference max {scale:.3e})"
+
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def check_against_reference(q, k, v, dout, dtype, **kwargs):
+    """Run kernel and reference, compare all four tensors; returns the kernel's (out, dq, dk, dv)."""
+    got = run_kernel(q, k, v, dout, **kwargs)
+    want = run_reference(q, k, v, dout, **kwargs)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
+        assert_close(a, b, dtype, name)
+    return got
+
+
+def padding_mask(lengths, N, side, device=DEVICE):
+    """(B, N) bool, True on the ``lengths[b]`` real tokens, on the right (side='right': tokens first,
+    padding after) or on the left (side='left': padding first, as for left-padded prompts)."""
+    pos = torch.arange(N)
+    lengths = torch.as_tensor(lengths)[:, None]
+    mask = pos[None, :] < lengths if side == "right" else pos[None, :] >= N - lengths
+    return mask.to(device)
+
+
+def packed_ids(doc_lengths, ids=None, device=DEVICE):
+    """(N,) segment ids for documents of the given lengths packed back to back."""
+    ids = range(len(doc_lengths)) if ids is None else ids
+    return torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in zip(ids, doc_lengths)]).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU (interpreter) suite; on a GPU machine it runs on the GPU
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("N", [1, 17, 64, 257])
+def test_matches_reference(N, causal, dtype):
+    B, H = (1, 2) if N > 64 else (2, 2)
+    q, k, v, dout = make_inputs(B, H, H, N, 32, dtype, seed=N)
+    check_against_reference(q, k, v, dout, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [16, 32, 64, 128, 256])
+def test_head_dims(D, dtype):
+    q, k, v, dout = make_inputs(1, 2, 2, 33, D, dtype, seed=D)
+    check_against_reference(q, k, v, dout, dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_explicit_scale(causal, dtype):
+    # scale 0.7 with D=32 gives peaked softmaxes (scores of std ~4): exercises the running max
+    q, k, v, dout = make_inputs(2, 2, 2, 40, 32, dtype, seed=7)
+    check_against_reference(q, k, v, dout, dtype, causal=causal, scale=0.7)
+    # the default really is 1/sqrt(D)
+    default = run_kernel(q, k, v, dout, causal=causal)
+    explicit = run_kernel(q, k, v, dout, causal=causal, scale=1 / math.sqrt(32))
+    for name, a, b in zip(NAMES, default, explicit):
+        assert_close(a, b, dtype, f"default vs explicit 1/sqrt(D) scale: {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("H_kv", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_query_attention(H_kv, causal, dtype):
+    B, H, N, D = 2, 4, 45, 32
+    q, k, v, dout = make_inputs(B, H, H_kv, N, D, dtype, seed=H_kv)
+    out, dq, dk, dv = check_against_reference(q, k, v, dout, dtype, causal=causal)
+    assert dk.shape == (B, H_kv, N, D) and dv.shape == (B, H_kv, N, D)
+    # dk/dv of a shared head are the sum over the query heads of its group: run the kernel as plain MHA
+    # on K/V repeated per query head and sum each group's gradients
+    group = H // H_kv
+    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out_rep, dq_rep, dk_rep, dv_rep = run_kernel(q, k_rep, v_rep, dout, causal=causal)
+    assert_close(out, out_rep, dtype, "GQA vs MHA on repeated K/V: out")
+    assert_close(dq, dq_rep, dtype, "GQA vs MHA on repeated K/V: dq")
+    assert_close(dk, dk_rep.view(B, H_kv, group, N, D).sum(2), dtype, "dk = sum of the group's dk")
+    assert_close(dv, dv_rep.view(B, H_kv, group, N, D).sum(2), dtype, "dv = sum of the group's dv")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_key_padding_mask(side, causal, dtype):
+    B, H, N, D = 3, 2, 37, 32
+    lengths = torch.randint(1, N, (B,), generator=torch.Generator().manual_seed(3)).tolist()
+    lengths[0] = N  # one row without padding
+    mask = padding_mask(lengths, N, side)
+    q, k, v, dout = make_inputs(B, H, H, N, D, dtype, seed=11)
+    out, dq, dk, dv = check_against_reference(q, k, v, dout, dtype, causal=causal, key_padding_mask=mask)
+    # padding keys take no gradient at all
+    pad = ~mask[:, None, :, None].expand_as(dk)
+    assert (dk[pad] == 0).all() and (dv[pad] == 0).all(), "padding keys got a non-zero dk/dv"
+    if side == "left" and causal:  # queries before the first real token see nothing: exact zeros
+        empty = ~allowed_keys(N, causal=True, key_padding_mask=mask, batch=B, device=mask.device).any(-1)
+        assert empty.any()
+        empty = empty[:, None, :, None].expand_as(out)
+        assert (out[empty] == 0).all() and (dq[empty] == 0).all()
+
+
+DOCS = [5, 11, 1, 20]  # packed in one row of 37 tokens
+DOCS_ROW2 = ([20, 17], [2, 5])  # a second row: other lengths, ids that neither start at 0 nor are consecutive
+
+
+def packed_segment_ids():
+    return torch.stack([packed_ids(DOCS), packed_ids(*DOCS_ROW2)])  # (2, 37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_segment_ids_match_separate_documents(causal, dtype):
+    B, H, H_kv, N, D = 2, 2, 1, sum(DOCS), 32
+    seg = packed_segment_ids()
+    q, k, v, dout = make_inputs(B, H, H_kv, N, D, dtype, seed=5)
+    out, dq, dk, dv = check_against_reference(q, k, v, dout, dtype, causal=causal, segment_ids=seg)
+
+    # the same as attending within each document on its own
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    parts, total = [], 0.0
+    for b, lengths in enumerate([DOCS, DOCS_ROW2[0]]):
+        start = 0
+        for n in lengths:
+            sl = slice(start, start + n)
+            o = reference_attention(*(t[b : b + 1, :, sl] for t in leaves), causal=causal)
+            parts.append((b, sl, o.detach()))
+            total = total + (o * dout[b : b + 1, :, sl].double()).sum()
+            start += n
+    for b, sl, o in parts:
+        assert_close(out[b : b + 1, :, sl], o, dtype, f"out of row {b}, document {sl}")
+    ref_grads = torch.autograd.grad(total, leaves)
+    for name, a, e in zip(NAMES[1:], (dq, dk, dv), ref_grads):
+        assert_close(a, e, dtype, f"{name} vs documents run separately")
+
+
+def test_segment_ids_isolate_documents():
+    dtype, H, N, D = torch.float32, 2, sum(DOCS), 32
+    seg = packed_ids(DOCS)[None]
+    q, k, v, dout = make_inputs(1, H, H, N, D, dtype, seed=6)
+    starts = [sum(DOCS[:i]) for i in range(len(DOCS))]
+    doc2 = slice(starts[1], starts[1] + DOCS[1])
+    others = torch.ones(N, dtype=torch.bool, device=DEVICE)
+    others[doc2] = False
+
+    # perturbing document 2 leaves every other document's output bit-for-bit unchanged
+    # (document 1 is before it, documents 3 and 4 after it: causality alone would not isolate those)
+    base = flash_attention(q, k, v, causal=True, segment_ids=seg)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, :, doc2] += torch.randn(t[:, :, doc2].shape, generator=torch.Generator().manual_seed(1)).to(t)
+    moved = flash_attention(q2, k2, v2, causal=True, segment_ids=seg)
+    assert torch.equal(base[:, :, others], moved[:, :, others]), "another document's tokens changed the output"
+    assert not torch.allclose(base[:, :, doc2], moved[:, :, doc2])
+
+    # a loss on document 2 alone has exactly zero gradient on every other document's q, k, v
+    dout2 = torch.zeros_like(dout)
+    dout2[:, :, doc2] = dout[:, :, doc2]
+    _, dq, dk, dv = run_kernel(q, k, v, dout2, causal=True, segment_ids=seg)
+    for name, g in zip(NAMES[1:], (dq, dk, dv)):
+        assert (g[:, :, others] == 0).all(), f"{name}: gradient leaked out of document 2"
+        assert g[:, :, doc2].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_fully_masked_rows(causal, dtype):
+    B, H, N, D = 2, 2, 40, 32
+    mask = padding_mask([27, 0], N, "left")  # row 0: 13 padding tokens first; row 1: nothing at all
+    assert not mask[1].any()
+    q, k, v, dout = make_inputs(B, H, H, N, D, dtype, seed=9)
+    out, dq, dk, dv = check_against_reference(q, k, v, dout, dtype, causal=causal, key_padding_mask=mask)
+    for name, t in zip(NAMES, (out, dq, dk, dv)):
+        assert not torch.isnan(t).any(), f"{name} has NaN"
+    # row 1 has no key: output and every gradient exactly 0
+    for name, t in zip(NAMES, (out, dq, dk, dv)):
+        assert (t[1] == 0).all(), f"{name}: non-zero in the fully masked batch row"
+    # row 0: the 13 padding keys take no gradient; with causal the 13 first queries see nothing
+    assert (dk[0, :, :13] == 0).all() and (dv[0, :, :13] == 0).all()
+    if causal:
+        assert (out[0, :, :13] == 0).all() and (dq[0, :, :13] == 0).all()
+        assert out[0, :, 13:].abs().amin(-1).gt(0).all()
+    else:
+        assert out[0].abs().amin(-1).gt(0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    # the model's layout: (B, N, H, D) projections viewed as (B, H, N, D) by transpose(1, 2); the
+    # upstream gradient of such a model is a transposed view as well
+    B, H, H_kv, N, D = 2, 4, 2, 50, 32
+    g = torch.Generator().manual_seed(12)
+    q, k, v, dout = (
+        torch.randn(B, N, h, D, generator=g).to(dtype).to(DEVICE).transpose(1, 2) for h in (H, H_kv, H_kv, H)
+    )
+    assert not any(t.is_contiguous() for t in (q, k, v, dout))
+    mask = padding_mask([N, 31], N, "right")
+    check_against_reference(q, k, v, dout, dtype, causal=True, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic(dtype):
+    B, H, H_kv, N, D = 2, 4, 1, 70, 32  # MQA: every query head adds into the same dk/dv
+    q, k, v, dout = make_inputs(B, H, H_kv, N, D, dtype, seed=4)
+    mask = padding_mask([N, 50], N, "right")
+    first = run_kernel(q, k, v, dout, causal=True, key_padding_mask=mask)
+    second = run_kernel(q, k, v, dout, causal=True, key_padding_mask=mask)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def _bad_inputs():
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape).to(dtype).to(DEVICE)
+
+    ok = dict(q=t(2, 4, 16, 32), k=t(2, 2, 16, 32), v=t(2, 2, 16, 32))
+    mask = torch.ones(2, 16, dtype=torch.bool, device=DEVICE)
+    seg = torch.zeros(2, 16, dtype=torch.long, device=DEVICE)
+    return {
+        "q-3d": dict(ok, q=t(4, 16, 32)),
+        "k-3d": dict(ok, k=t(2, 16, 32)),
+        "head-dim-mismatch": dict(ok, k=t(2, 2, 16, 16), v=t(2, 2, 16, 16)),
+        "seq-len-mismatch": dict(ok, k=t(2, 2, 15, 32), v=t(2, 2, 15, 32)),
+        "batch-mismatch": dict(ok, k=t(1, 2, 16, 32), v=t(1, 2, 16, 32)),
+        "k-v-mismatch": dict(ok, v=t(2, 1, 16, 32)),
+        "heads-not-divisible": dict(ok, q=t(2, 3, 16, 32)),
+        "more-kv-heads": dict(ok, k=t(2, 8, 16, 32), v=t(2, 8, 16, 32)),
+        "mask-too-long": dict(ok, key_padding_mask=torch.ones(2, 17, dtype=torch.bool, device=DEVICE)),
+        "mask-batch": dict(ok, key_padding_mask=torch.ones(3, 16, dtype=torch.bool, device=DEVICE)),
+        "mask-3d": dict(ok, key_padding_mask=mask[:, None]),
+        "segments-too-short": dict(ok, segment_ids=seg[:, :15]),
+        "segments-batch": dict(ok, segment_ids=seg[:1]),
+        "head-dim-too-large": dict(q=t(1, 1, 4, 512), k=t(1, 1, 4, 512), v=t(1, 1, 4, 512)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_invalid_inputs_raise_value_error(case):
+    kwargs = _bad_inputs()[case]
+    with pytest.raises(ValueError):
+        flash_attention(**kwargs)
+
+
+OPS_CASES = ["left-padding", "segments", "segments+padding", "full-padding"]
+
+
+def _ops_case(case, B, N):
+    """(causal, key_padding_mask, segment_ids) for ``test_ops_attention``; B == 2, N == 29."""
+    if case == "left-padding":  # causal + left padding: empty first rows; row 1 entirely padding
+        return True, padding_mask([20, 0], N, "left"), None
+    if case == "segments":
+        return True, None, torch.stack([packed_ids([7, 1, 21]), packed_ids([10, 19], [4, 8])])
+    if case == "segments+padding":  # row 0: three documents then 5 padding tokens; row 1: padding first
+        seg = torch.stack([packed_ids([7, 10, 7, 5], [0, 1, 2, 3]), packed_ids([6, 9, 14], [0, 1, 2])])
+        return True, torch.stack([padding_mask([24], N, "right")[0], padding_mask([23], N, "left")[0]]), seg
+    if case == "full-padding":  # non-causal, right padding; row 1 entirely padding
+        return False, padding_mask([17, 0], N, "right"), None
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", OPS_CASES)
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+def test_ops_attention(backend, case):
+    dtype, B, H, H_kv, N, D = torch.float32, 2, 4, 2, 29, 16
+    causal, mask, seg = _ops_case(case, B, N)
+    q, k, v, dout = make_inputs(B, H, H_kv, N, D, dtype, seed=13)
+    kwargs = dict(causal=causal, key_padding_mask=mask, segment_ids=seg)
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = ops.attention(*leaves, backend=backend, **kwargs)
+    got = (out.detach(), *torch.autograd.grad(out, leaves, dout))
+    want = run_reference(q, k, v, dout, **kwargs)
+    for name, a, b in zip(NAMES, got, want):
+        assert not torch.isnan(a).any(), f"{name} has NaN (backend={backend})"
+        assert_close(a, b, dtype, f"ops.attention(backend={backend!r}) {name}")
+    if mask is not None and not mask[1].any():
+        assert (got[0][1] == 0).all(), "a batch row with no real token must give exact zeros"
+
+
+def test_training_step_matches_torch_backend():
+    kwargs = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos_encoding="rope")
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(**kwargs, attention="torch")).to(DEVICE)
+    model = GPT(GPTConfig(**kwargs, attention="triton")).to(DEVICE)
+    model.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 64, (2, 32), generator=g).to(DEVICE)
+    targets = torch.randint(0, 64, (2, 32), generator=g).to(DEVICE)
+
+    losses = []
+    for m in (ref, model):
+        loss = m.loss(idx, targets)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    ref_grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert_close(p.grad, ref_grads[name].grad, torch.float32, f"grad of {name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU suite: training sizes, fp16 and bf16, compiled kernels (no interpreter)
+# --------------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _gpu_masks(N, seed):
+    """Right padding in row 0, left padding in row 1, and random packed documents in both rows."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.stack([padding_mask([N - N // 5], N, "right")[0], padding_mask([N // 2], N, "left")[0]])
+    rows = []
+    for _ in range(2):
+        cuts = torch.randperm(N - 1, generator=g)[:6].add(1).sort().values.tolist()
+        bounds = [0, *cuts, N]
+        rows.append(packed_ids([b - a for a, b in zip(bounds, bounds[1:])]))
+    return mask, torch.stack(rows)
+
+
+@requires_cuda
+@pytest.mark.parametrize("masks", ["none", "padding+segments"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("N", [1024, 2047])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_matches_reference(dtype, N, D, causal, masks):
+    B, H, H_kv = 2, 8, 2
+    q, k, v, dout = make_inputs(B, H, H_kv, N, D, dtype, seed=N + D)
+    kwargs = dict(causal=causal)
+    if masks != "none":
+        kwargs["key_padding_mask"], kwargs["segment_ids"] = _gpu_masks(N, seed=D)
+    check_against_reference(q, k, v, dout, dtype, **kwargs)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_fully_masked_rows_and_determinism(dtype):
+    B, H, H_kv, N, D = 2, 8, 2, 1024, 64
+    mask = padding_mask([700, 0], N, "left")
+    q, k, v, dout = make_inputs(B, H, H_kv, N, D, dtype, seed=2)
+    first = check_against_reference(q, k, v, dout, dtype, causal=True, key_padding_mask=mask)
+    out, dq, dk, dv = first
+    for name, t in zip(NAMES, first):
+        assert not torch.isnan(t).any(), f"{name} has NaN"
+        assert (t[1] == 0).all(), f"{name}: non-zero in the fully masked batch row"
+    assert (out[0, :, : N - 700] == 0).all() and (dk[0, :, : N - 700] == 0).all() and (dv[0, :, : N - 700] == 0).all()
+    second = run_kernel(q, k, v, dout, causal=True, key_padding_mask=mask)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_non_contiguous_and_ops_dispatch(dtype):
+    B, H, H_kv, N, D = 2, 8, 2, 1024, 128
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (
+        torch.randn(B, N, h, D, generator=g).to(dtype).to(DEVICE).transpose(1, 2) for h in (H, H_kv, H_kv, H)
+    )
+    mask, seg = _gpu_masks(N, seed=3)
+    check_against_reference(q, k, v, dout, dtype, causal=True, key_padding_mask=mask, segment_ids=seg)
+    want = run_reference(q, k, v, dout, causal=True, key_padding_mask=mask, segment_ids=seg)
+    for backend in ("auto", "triton", "torch"):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = ops.attention(*leaves, causal=True, key_padding_mask=mask, segment_ids=seg, backend=backend)
+        got = (out.detach(), *torch.autograd.grad(out, leaves, dout))
+        for name, a, b in zip(NAMES, got, want):
+            assert_close(a, b, dtype, f"ops.attention(backend={backend!r}) {name}")
