@@ -128,7 +128,12 @@ def _reset_grads(tensors: Iterable[torch.Tensor] | None) -> None:
 
 
 def _timeit_loop(
-    fn: Callable[[], Any], warmup: float, rep: float, grad_to_none: Sequence[torch.Tensor] | None, device: torch.device
+    fn: Callable[[], Any],
+    warmup: float,
+    rep: float,
+    grad_to_none: Sequence[torch.Tensor] | None,
+    device: torch.device,
+    min_rep: int,
 ) -> float:
     """do_bench's scheme with time.perf_counter: estimate one call, then fill the warm-up and rep budgets."""
     fn()
@@ -140,7 +145,7 @@ def _timeit_loop(
     for _ in range(max(1, int(warmup / estimate_ms))):
         fn()
     times = []
-    for _ in range(max(1, int(rep / estimate_ms))):
+    for _ in range(max(min_rep, int(rep / estimate_ms))):
         _reset_grads(grad_to_none)
         sync(device)
         start = time.perf_counter()
@@ -157,6 +162,7 @@ def timeit(
     *,
     grad_to_none: Sequence[torch.Tensor] | None = None,
     device: torch.device | str | None = None,
+    min_rep: int = 5,
 ) -> float:
     """Mean milliseconds per call of ``fn``, after warm-up.
 
@@ -164,7 +170,8 @@ def timeit(
     first, then ``warmup / estimate`` untimed calls and ``rep / estimate`` timed ones (at least one of each).
     ``grad_to_none``: tensors whose ``.grad`` is reset before each timed call (for a backward, so that
     gradient accumulation is not timed). On CUDA this is ``do_bench`` (CUDA events, L2 cache flushed
-    before each call); on CPU (or without triton) a ``time.perf_counter`` loop.
+    before each call); on CPU (or without triton) a ``time.perf_counter`` loop of at least ``min_rep`` timed
+    calls, since a budget of one or two calls gives the scatter of a shared CPU.
     """
     device = as_device(device)
     if device.type == "cuda":
@@ -176,7 +183,7 @@ def timeit(
             with torch.cuda.device(device):
                 ms = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="mean")
             return float(ms)
-    return _timeit_loop(fn, warmup, rep, grad_to_none, device)
+    return _timeit_loop(fn, warmup, rep, grad_to_none, device, min_rep)
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int | None:
@@ -344,13 +351,18 @@ def plot_lines(
         return False
     ncols = max(1, min(ncols, len(panels)))
     nrows = max(1, math.ceil(len(panels) / ncols))
+    labels = list(dict.fromkeys(label for series in panels.values() for label in series))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # a series keeps its colour in every panel
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
     for ax, (panel, series) in zip(axes.flat, panels.items()):
+        xs = sorted({x for points in series.values() for x, _ in points})
         for label, points in series.items():
             points = sorted(points)
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label, color=colors[label])
         if logx:
             ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

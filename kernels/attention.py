@@ -119,8 +119,8 @@ def _block_is_empty(
         empty = empty | (tl.max(keep.to(tl.int32), axis=0) == 0)
     if HAS_SEG:
         seg_k = tl.load(seg_ptr + mask_base + offs_n, mask=offs_n < N, other=-1)
-        lo = tl.min(tl.where(offs_n < N, seg_k, 2147483647), axis=0)
-        hi = tl.max(tl.where(offs_n < N, seg_k, -2147483647), axis=0)
+        lo = tl.min(tl.where(offs_n < N, seg_k, 4611686018427387904), axis=0)
+        hi = tl.max(tl.where(offs_n < N, seg_k, -4611686018427387904), axis=0)
         empty = empty | (hi < seg_lo) | (lo > seg_hi)
     return empty
 
@@ -130,8 +130,8 @@ def _segment_range(offs, N, seg_ptr, mask_base, HAS_SEG: tl.constexpr):
     """The segment ids of positions offs, and their min and max (0s without segments)."""
     if HAS_SEG:
         seg = tl.load(seg_ptr + mask_base + offs, mask=offs < N, other=-1)
-        lo = tl.min(tl.where(offs < N, seg, 2147483647), axis=0)
-        hi = tl.max(tl.where(offs < N, seg, -2147483647), axis=0)
+        lo = tl.min(tl.where(offs < N, seg, 4611686018427387904), axis=0)
+        hi = tl.max(tl.where(offs < N, seg, -4611686018427387904), axis=0)
     else:
         seg = tl.zeros_like(offs)
         lo = 0
@@ -344,8 +344,8 @@ def _attn_bwd_dkdv(
             if HAS_SEG:  # skip query blocks of other documents (the causal range is already cut by lo_m)
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 seg_q_blk = tl.load(SEG + mask_base + offs_m, mask=offs_m < N, other=-1)
-                q_lo = tl.min(tl.where(offs_m < N, seg_q_blk, 2147483647), axis=0)
-                q_hi = tl.max(tl.where(offs_m < N, seg_q_blk, -2147483647), axis=0)
+                q_lo = tl.min(tl.where(offs_m < N, seg_q_blk, 4611686018427387904), axis=0)
+                q_hi = tl.max(tl.where(offs_m < N, seg_q_blk, -4611686018427387904), axis=0)
                 if (q_hi >= seg_lo) & (q_lo <= seg_hi):
                     dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
                                         offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
@@ -425,7 +425,7 @@ def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
     if segment_ids is not None:
         if segment_ids.shape != (B, N):
             raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected (B, N) = {(B, N)}")
-        seg = segment_ids.to(device=q.device, dtype=torch.int32).contiguous()
+        seg = segment_ids.to(device=q.device, dtype=torch.int64).contiguous()  # any integer ids, compared exactly
     return kpm, seg
 
 
