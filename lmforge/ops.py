@@ -5,7 +5,7 @@ Every model calls :func:`attention` and :func:`linear_cross_entropy`; the ``back
 (``scaled_dot_product_attention`` and ``cross_entropy``) run everywhere. ``auto`` uses a Triton
 kernel from ``lmforge.kernels`` where it can run (CUDA, fp16/bf16) and logs once why it does not
 elsewhere; ``triton`` forces the kernel and fails clearly where it cannot run (on CPU it runs only
-under ``TRITON_INTERPRET=1``, for tests). The loss has no Triton kernel yet.
+under ``TRITON_INTERPRET=1``, for tests).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-# Ops for which lmforge.kernels provides a Triton implementation.
-TRITON_OPS: frozenset[str] = frozenset({"attention"})
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _told: set[str] = set()
 
@@ -42,14 +40,7 @@ def triton_available() -> bool:
 
 def check_backend(op: str, backend: str) -> None:
     """Raise a one-line error when ``backend`` cannot serve ``op`` in this installation."""
-    if backend != "triton":
-        return
-    if op not in TRITON_OPS:
-        raise ValueError(
-            f"model config: {op}='triton' is not available: this lmforge has no Triton kernel for {op} yet; "
-            f"use {op}: auto or {op}: torch"
-        )
-    if not triton_available():
+    if backend == "triton" and not triton_available():
         raise ValueError(f"model config: {op}='triton' needs the triton package (Linux); use {op}: auto or torch")
 
 
@@ -134,13 +125,23 @@ def linear_cross_entropy(
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` over non-ignored tokens.
 
     hidden: (N, C); weight: (V, C); targets: (N,). Returns 0 (with zero gradients) when every target
-    is ignored, where plain ``cross_entropy`` would return NaN.
+    is ignored. ``auto`` walks the tokens in chunks and never holds the (N, V) logits: with the
+    Triton row kernel on CUDA, with torch ops elsewhere; ``torch`` is plain ``cross_entropy`` on the
+    full logits, for comparison; ``triton`` forces the kernel.
     """
     check_backend("loss", backend)
-    logits = hidden @ weight.t()  # (N, V)
-    loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
-    count = (targets != ignore_index).sum()
-    return loss_sum / count.clamp(min=1).to(loss_sum.dtype)
+    if backend == "torch":
+        logits = hidden @ weight.t()  # (N, V)
+        loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+        return loss_sum / (targets != ignore_index).sum().clamp(min=1).to(loss_sum.dtype)
+    from lmforge.kernels.linear_cross_entropy import linear_cross_entropy as chunked
+
+    use_triton = backend == "triton" or (hidden.is_cuda and triton_available())
+    if use_triton and not (hidden.is_cuda or _interpreting()):
+        raise ValueError(f"loss='triton' cannot run here: inputs are on {hidden.device.type}, not CUDA; use loss: auto")
+    if backend == "auto" and not use_triton:
+        _tell_once(f"loss: chunked torch cross-entropy because inputs are on {hidden.device.type}, not CUDA")
+    return chunked(hidden, weight, targets, ignore_index=ignore_index, use_triton=use_triton)
 
 
 def cuda_supports_bf16() -> bool:

@@ -141,7 +141,6 @@ def test_rope_is_relative():
         (dict(dropout=1.0), "dropout"),
         (dict(norm="batchnorm"), "norm"),
         (dict(pos_encoding="rope", n_embd=36, n_head=4), "n_embd"),
-        (dict(loss="triton"), "loss"),
     ],
 )
 def test_config_validation_names_the_key(overrides, key):

@@ -1,0 +1,141 @@
+"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T`` without ever holding the logits.
+
+At vocabularies of 50k-256k the logits of a batch are the largest tensor in training (8192 tokens x
+128256 in fp32 is 4 GB, and as much again for their gradient). This walks the tokens in chunks:
+for each chunk it computes the chunk's logits with one matrix product, turns them in place into
+the chunk's loss and logit gradient (the Triton row kernel of :mod:`lmforge.kernels.cross_entropy`
+on GPU, or torch ops), and folds that gradient straight into the gradients of the hidden states
+(one product) and of the weight (one product, accumulated across chunks in fp32 even for bf16
+weights). Only one chunk of logits exists at a time; the backward just scales the stored gradients.
+A tied embedding weight works like any other weight.
+
+This module needs only torch; it imports triton when ``use_triton=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of one chunk of logits: 64M (128 MiB in bf16) on GPU, 4M (16 MiB in fp32) on CPU.
+GPU_CHUNK_ELEMENTS = 1 << 26
+CPU_CHUNK_ELEMENTS = 1 << 22
+
+
+def torch_rows_(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The torch twin of ``ce_rows_``: per-row fp32 losses; ``logits`` overwritten by scale * gradient."""
+    V = logits.shape[1]
+    x = logits.float()
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    lse = torch.logsumexp(z, dim=-1)
+    counted = targets != ignore_index
+    safe = torch.where(counted, targets, 0)
+    z_t = z.gather(1, safe[:, None]).squeeze(1)
+    loss = (1.0 - label_smoothing) * (lse - z_t) + z_loss * lse.square()
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - z.mean(dim=-1))
+    grad = torch.exp(z - lse[:, None]).mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+    if label_smoothing:
+        grad.sub_(label_smoothing / V)
+    grad.scatter_add_(1, safe[:, None], torch.full_like(z_t, -(1.0 - label_smoothing))[:, None])
+    if softcap is not None:
+        grad.mul_(1.0 - (z / softcap).square())
+    grad.mul_((counted.to(grad.dtype) * scale)[:, None])
+    logits.copy_(grad)
+    return torch.where(counted, loss, torch.zeros_like(loss))
+
+
+def _mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return torch.ones((), device=targets.device, dtype=torch.float32)
+    if reduction != "mean":
+        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
+    return 1.0 / (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, on_cuda: bool) -> int:
+    budget = GPU_CHUNK_ELEMENTS if on_cuda else CPU_CHUNK_ELEMENTS
+    return max(1, min(num_tokens, budget // vocab_size))
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk, rows):
+        N = hidden.shape[0]
+        scale = _mean_scale(targets, ignore_index, reduction)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # fp32 accumulation across chunks, also for bf16/fp16 weights
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        for start in range(0, N, chunk):
+            h = hidden[start : start + chunk]
+            logits = h @ weight.t()  # (n, V): the only logits alive
+            total += rows(logits, targets[start : start + chunk], scale, **options).sum()
+            # logits now hold scale * d(loss)/d(logits)
+            if grad_hidden is not None:
+                torch.matmul(logits, weight, out=grad_hidden[start : start + chunk])
+            if grad_weight is not None and weight.dtype == torch.float32:
+                grad_weight.addmm_(logits.t(), h)
+            elif grad_weight is not None:
+                grad_weight += (logits.t() @ h).float()
+            del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    use_triton: bool = False,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` (N, V) against ``targets`` (N,), logits never materialised.
+
+    hidden: (N, C); weight: (V, C). Mean over non-ignored tokens (0, with zero gradients, when every
+    target is ignored) or sum; torch's label smoothing; optional z-loss (``z_loss * logsumexp**2``)
+    and logit soft-capping (``softcap * tanh(logits / softcap)``). ``use_triton`` computes each
+    chunk's softmax, loss and gradient with the Triton row kernel (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``); otherwise with torch ops, which never hold more than one chunk either.
+    """
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)} must be (N, C) and weight {tuple(weight.shape)} (V, C)"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: targets {tuple(targets.shape)} must be (N,) = ({hidden.shape[0]},)")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"linear_cross_entropy: softcap={softcap} must be positive")
+    if use_triton:
+        from .cross_entropy import ce_rows_ as rows
+    else:
+        rows = torch_rows_
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.is_cuda)
+    return _LinearCrossEntropyFunction.apply(
+        hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk, rows
+    )
