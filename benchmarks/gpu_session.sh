@@ -12,10 +12,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. kernel correctness on the GPU (bf16 and fp16 at real sizes, masks, determinism, dispatch)
-timeout 150 python3 -m pytest -q -x tests/kernels tests/test_model.py 2>&1 | tail -30 | tee "$OUT/tests.log"
+timeout 120 python3 -m pytest -q -x tests/kernels tests/test_model.py 2>&1 | tail -30 | tee "$OUT/tests.log"
 
 # 2. attention speed: the anchor sweep (bf16), lmforge against every SDPA backend
-timeout 300 python3 benchmarks/attn.py --out "$OUT" 2>&1 | tee "$OUT/attn.log"
+timeout 240 python3 benchmarks/attn.py --out "$OUT" 2>&1 | tee "$OUT/attn.log"
 
-# 3. training step throughput, plain loop against lmforge's Lightning loop, bf16
+# 3. fused linear + cross-entropy against torch eager, torch.compile and Liger: the two anchor shapes
+timeout 150 python3 benchmarks/ce.py --quick --out "$OUT" 2>&1 | tee "$OUT/ce.log"
+
+# 4. training step throughput, plain loop against lmforge's Lightning loop, bf16
 timeout 90 python3 benchmarks/train.py --preset gpt-small --steps 30 --out "$OUT" 2>&1 | tail -12 | tee "$OUT/train.log"

@@ -77,21 +77,23 @@ def ce_rows_(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-) -> torch.Tensor:
-    """Per-row losses (fp32) of ``logits`` (n, V); overwrites ``logits`` with ``scale`` * d(loss)/d(logits)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row fp32 losses, gradient) of ``logits`` (n, V): the gradient, ``scale`` * d(loss)/d(logits),
+    overwrites ``logits`` and is returned as that same tensor."""
     n, V = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("ce_rows_: logits must be contiguous along the vocabulary")
+    targets = targets.contiguous()
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     if n == 0:
-        return loss
+        return loss, logits
     block_v = min(triton.next_power_of_2(V), 4096 if logits.is_cuda else 1024)
     _ce_rows_kernel[(n,)](
         logits, logits.stride(0), targets, loss, scale.to(torch.float32).reshape(1), V, ignore_index,
         float(label_smoothing), float(z_loss), float(softcap or 0.0),
         HAS_SOFTCAP=softcap is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
     )  # fmt: skip
-    return loss
+    return loss, logits
 
 
 def _mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -106,18 +108,19 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap):
         scale = _mean_scale(targets, ignore_index, reduction)
+        unit = torch.ones((), device=logits.device, dtype=torch.float32)
         grad = logits.detach().clone().contiguous()
-        loss_rows = ce_rows_(
-            grad, targets, scale, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        loss_rows, grad = ce_rows_(
+            grad, targets, unit, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap,
         )  # fmt: skip
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, scale)  # unscaled: the mean's 1/count is applied in fp32 in backward
         return (loss_rows.sum() * scale).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
+        grad, scale = ctx.saved_tensors
+        return (grad.float() * (scale * grad_output.float())).to(grad.dtype), None, None, None, None, None, None
 
 
 def cross_entropy(

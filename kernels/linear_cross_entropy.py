@@ -21,7 +21,7 @@ GPU_CHUNK_ELEMENTS = 1 << 26
 CPU_CHUNK_ELEMENTS = 1 << 22
 
 
-def torch_rows_(
+def torch_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
     scale: torch.Tensor,
@@ -30,27 +30,37 @@ def torch_rows_(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-) -> torch.Tensor:
-    """The torch twin of ``ce_rows_``: per-row fp32 losses; ``logits`` overwritten by scale * gradient."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of ``ce_rows_``: (per-row fp32 losses, scale * d(loss)/d(logits) in fp32).
+
+    Built on the fused ``log_softmax``, with the gradient formed in place in its output, so it
+    touches each logit about as often as ``cross_entropy``'s forward and backward do.
+    """
     V = logits.shape[1]
     x = logits.float()
-    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
-    lse = torch.logsumexp(z, dim=-1)
+    if softcap is not None:
+        cap_tanh = torch.tanh(x / softcap)
+        x = softcap * cap_tanh
     counted = targets != ignore_index
     safe = torch.where(counted, targets, 0)
-    z_t = z.gather(1, safe[:, None]).squeeze(1)
-    loss = (1.0 - label_smoothing) * (lse - z_t) + z_loss * lse.square()
+    grad = torch.log_softmax(x, dim=-1)  # log p, soon the gradient
+    logp_t = grad.gather(1, safe[:, None]).squeeze(1)
+    loss = -(1.0 - label_smoothing) * logp_t
     if label_smoothing:
-        loss = loss + label_smoothing * (lse - z.mean(dim=-1))
-    grad = torch.exp(z - lse[:, None]).mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+        loss = loss - label_smoothing * grad.mean(dim=-1)
+    factor = counted.to(grad.dtype) * scale  # (n,)
+    if z_loss:
+        lse = x.gather(1, safe[:, None]).squeeze(1) - logp_t
+        loss = loss + z_loss * lse.square()
+        grad.exp_().mul_((factor * (1.0 + 2.0 * z_loss * lse))[:, None])
+    else:
+        grad.exp_().mul_(factor[:, None])
     if label_smoothing:
-        grad.sub_(label_smoothing / V)
-    grad.scatter_add_(1, safe[:, None], torch.full_like(z_t, -(1.0 - label_smoothing))[:, None])
+        grad.sub_((factor * (label_smoothing / V))[:, None])
+    grad.scatter_add_(1, safe[:, None], (-(1.0 - label_smoothing) * factor)[:, None])
     if softcap is not None:
-        grad.mul_(1.0 - (z / softcap).square())
-    grad.mul_((counted.to(grad.dtype) * scale)[:, None])
-    logits.copy_(grad)
-    return torch.where(counted, loss, torch.zeros_like(loss))
+        grad.mul_(1.0 - cap_tanh.square())
+    return torch.where(counted, loss, torch.zeros_like(loss)), grad
 
 
 def _mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -70,35 +80,48 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk, rows):
         N = hidden.shape[0]
+        device = hidden.device.type
+        # under autocast (bf16-mixed training) the products run in the autocast dtype, as F.linear would
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         scale = _mean_scale(targets, ignore_index, reduction)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        unit = torch.ones((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if ctx.needs_input_grad[0] else None
         # fp32 accumulation across chunks, also for bf16/fp16 weights
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = (
+            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        )
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        for start in range(0, N, chunk):
-            h = hidden[start : start + chunk]
-            logits = h @ weight.t()  # (n, V): the only logits alive
-            total += rows(logits, targets[start : start + chunk], scale, **options).sum()
-            # logits now hold scale * d(loss)/d(logits)
-            if grad_hidden is not None:
-                torch.matmul(logits, weight, out=grad_hidden[start : start + chunk])
-            if grad_weight is not None and weight.dtype == torch.float32:
-                grad_weight.addmm_(logits.t(), h)
-            elif grad_weight is not None:
-                grad_weight += (logits.t() @ h).float()
-            del logits
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        with torch.autocast(device, enabled=False):  # dtypes are chosen here, explicitly
+            hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+            for start in range(0, N, chunk):
+                h = hidden_c[start : start + chunk]
+                logits = h @ weight_c.t()  # (n, V): the only logits alive
+                loss_rows, grad = rows(logits, targets[start : start + chunk], unit, **options)
+                total += loss_rows.sum()
+                del logits  # grad is d(loss)/d(logits), unscaled: the same storage for the Triton rows
+                grad = grad.to(dtype)
+                if grad_hidden is not None:
+                    torch.matmul(grad, weight_c, out=grad_hidden[start : start + chunk])
+                if grad_weight is not None and grad.dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), h)
+                elif grad_weight is not None:
+                    grad_weight += (grad.t() @ h).float()
+                del grad
+        # the 1/count of a mean is applied in the backward, in fp32 with grad_output, so fp16 gradients
+        # keep their precision under loss scaling
+        ctx.save_for_backward(grad_hidden, grad_weight, scale)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        factor = scale * grad_output.float()
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+            grad_hidden = (grad_hidden.float() * factor).to(ctx.hidden_dtype)
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+            grad_weight = (grad_weight * factor).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
@@ -134,7 +157,7 @@ def linear_cross_entropy(
     if use_triton:
         from .cross_entropy import ce_rows_ as rows
     else:
-        rows = torch_rows_
+        rows = torch_rows
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.is_cuda)
     return _LinearCrossEntropyFunction.apply(
         hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk, rows

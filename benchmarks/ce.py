@@ -1,0 +1,752 @@
+"""Output loss speed and memory: lmforge's fused linear + cross-entropy against what users have today.
+
+The computation measured, for every provider: the forward and backward of
+``loss = cross_entropy(hidden @ W.T, targets)`` (mean over the tokens), with the gradients of ``hidden``
+(N, C) and of ``W`` (V, C), in bf16 on CUDA (``--dtype`` for fp16 or fp32). N is the number of tokens,
+C the hidden size, V the vocabulary.
+
+Providers, each skipped with a note when it cannot be imported or fails:
+
+* ``lmforge``: ``lmforge.kernels.linear_cross_entropy.linear_cross_entropy`` (``use_triton=True`` on CUDA:
+  the Triton row kernel; on CPU the chunked torch path); the (N, V) logits never exist whole;
+* ``torch-eager``: ``F.cross_entropy(F.linear(hidden, W).float(), targets)``: the logits upcast to fp32,
+  as a typical training script does;
+* ``torch-compile``: the same function through ``torch.compile`` (compiled once per shape, untimed);
+* ``liger``: ``liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss`` (CUDA only).
+
+Shapes (tokens, hidden, vocab): the anchors (8192, 768, 50257) and (8192, 4096, 128256), a sweep over
+tokens {2048, 4096, 8192, 16384} at (768, 50257) and one over vocab {32000, 50257, 128256, 256000} at
+(8192, 2048). ``--quick``: the anchors only. ``--tokens/--hidden/--vocab``: one shape.
+
+Measured side by side in one run, one provider at a time (everything freed in between):
+
+* time: mean ms of one forward + backward, by ``triton.testing.do_bench`` on CUDA (CUDA events, L2
+  flushed before each call, ``--warmup`` and ``--rep`` ms budgets, gradients reset to None before each
+  call so accumulation is not timed), through ``benchmarks/harness.py``;
+* peak extra memory: ``torch.cuda.max_memory_allocated`` during one step, after
+  ``reset_peak_memory_stats``, minus what was allocated before it (the inputs). It includes the two
+  gradients, (N*C + V*C) elements, which any provider must allocate; that floor is printed per shape.
+  A provider that runs out of memory is recorded as "OOM".
+* the floor set by the three matrix products (logits = h @ W.T, dh = dlogits @ W, dW = dlogits.T @ h),
+  2*N*C*V FLOPs each: floor ms = 6*N*C*V / (dense bf16 peak FLOP/s), with the card's peak (989 TFLOP/s
+  for H100 SXM and H200; ``--peak-tflops`` for another card). "floor %" = floor ms / measured ms: the
+  fraction of the card's peak that the step achieves, counting only those three products.
+* "vs X" = ms / X's ms at the same shape (below 1: faster than X).
+
+Results: a table on stdout, one CSV row per measurement appended to ``<out>/ce.csv`` (device, versions
+and date on every row), and ``<out>/ce_<dtype>_<device>.png``: time and memory per provider for each
+shape (two panels), plus ``ce_sweep_...png`` (against tokens and vocab) on the full sweep.
+
+Without CUDA no speed is claimed: speed claims come only from GPU runs. The script says so, then
+(a) checks lmforge's loss and gradients in fp32 against torch eager in float64 at tiny shapes (the chunked
+torch path, and the Triton row kernel under ``TRITON_INTERPRET=1`` when triton is installed), and
+(b) times lmforge's chunked torch path against torch eager on CPU in fp32 at small shapes. The CPU peak
+memory is the peak, during one step, of the bytes held through PyTorch's CPU allocator that were allocated
+during that step: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free, summed
+here in time order (memory a library allocates outside PyTorch's allocator, such as oneDNN scratch space,
+is not seen). This takes well under a minute.
+
+    python benchmarks/ce.py                    # the full sweep (GPU), or the CPU checks
+    python benchmarks/ce.py --quick            # the two anchor shapes
+    python benchmarks/ce.py --tokens 8192 --hidden 4096 --vocab 128256 --providers lmforge,liger
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import harness
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Loss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (hidden (N, C), weight (V, C), targets (N,)) -> scalar
+
+PROVIDERS = ("lmforge", "torch-eager", "torch-compile", "liger")
+CPU_PROVIDERS = ("lmforge", "torch-eager")  # the default on CPU; the others only when asked for
+REFERENCES = ("torch-eager", "torch-compile", "liger")  # the "vs X" columns
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ANCHORS = ((8192, 768, 50257), (8192, 4096, 128256))
+SWEEP_TOKENS = (2048, 4096, 8192, 16384)  # at hidden 768, vocab 50257
+TOKENS_AT = (768, 50257)
+SWEEP_VOCAB = (32000, 50257, 128256, 256000)  # at tokens 8192, hidden 2048
+VOCAB_AT = (8192, 2048)
+CPU_SHAPES = ((1024, 256, 8192), (2048, 256, 32000))
+# Dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of the device name; first match wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+# Smoke cases: (tokens, hidden, vocab, chunk_size, fraction of targets ignored).
+SMOKE_CASES = ((37, 24, 101, None, 0.0), (64, 32, 1000, 16, 0.25))
+SMOKE_TOLERANCE = 1e-5  # max abs error <= tolerance x max |float64 reference|, for loss and both gradients
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One problem: hidden (tokens, hidden), weight (vocab, hidden), targets (tokens,)."""
+
+    tokens: int
+    hidden: int
+    vocab: int
+
+    @property
+    def flops(self) -> float:
+        """The three matrix products, 2*N*C*V FLOPs each."""
+        return 6.0 * self.tokens * self.hidden * self.vocab
+
+    def grad_mib(self, dtype: torch.dtype) -> float:
+        """The gradients of hidden and W: the extra memory no provider can avoid."""
+        return (self.tokens + self.vocab) * self.hidden * dtype.itemsize / 2**20
+
+    @property
+    def label(self) -> str:
+        return f"N{self.tokens} C{self.hidden} V{self.vocab}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.tokens}x{self.hidden}x{self.vocab}"
+
+
+@dataclass
+class Result:
+    """One provider at one shape: mean ms and peak extra MiB, or why there are none ("OOM", "failed")."""
+
+    shape: Shape
+    provider: str
+    ms: float | None
+    peak_mib: float | None
+    status: str = "ok"
+
+    @property
+    def tflops(self) -> float | None:
+        return None if self.ms is None else self.shape.flops / (self.ms * 1e-3) / 1e12
+
+
+# -- providers --------------------------------------------------------------------------------------
+def eager_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """What users write: bf16 logits, upcast to fp32 for the loss."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)
+
+
+def load_lmforge(device: torch.device) -> tuple[Loss | None, str]:
+    """lmforge's fused loss (the Triton row kernel on CUDA, the chunked torch path on CPU), or why not."""
+    try:
+        from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
+    except Exception as err:  # a missing or half-written module must not stop the other measurements
+        return None, f"cannot import lmforge.kernels.linear_cross_entropy ({short_error(err)})"
+    return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX, use_triton=device.type == "cuda"), ""
+
+
+def load_compile(device: torch.device) -> tuple[Loss | None, str]:
+    """torch.compile of :func:`eager_loss`; the compile happens at the first call (and fails there, if it does)."""
+    if not hasattr(torch, "compile"):
+        return None, "this torch has no torch.compile"
+    return torch.compile(eager_loss, dynamic=False), ""
+
+
+def load_liger(device: torch.device) -> tuple[Loss | None, str]:
+    """Liger-Kernel's fused linear cross-entropy (Triton, CUDA only), or why not."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception as err:
+        return None, f"cannot import liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss ({short_error(err)})"
+    if device.type != "cuda":
+        return None, "Liger-Kernel's Triton kernels need CUDA"
+    module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    return lambda hidden, weight, targets: module(weight, hidden, targets), ""
+
+
+LOADERS: dict[str, Callable[[torch.device], tuple[Loss | None, str]]] = {
+    "lmforge": load_lmforge,
+    "torch-eager": lambda device: (eager_loss, ""),
+    "torch-compile": load_compile,
+    "liger": load_liger,
+}
+
+
+def load_providers(names: Sequence[str], device: torch.device) -> dict[str, Loss]:
+    """The providers among ``names`` that can be loaded here; a note for each that cannot."""
+    found = {}
+    for name in names:
+        loss, why = LOADERS[name](device)
+        if loss is None:
+            print(f"note: {name} is unavailable, skipped: {why}")
+        else:
+            found[name] = loss
+    return found
+
+
+def short_error(err: BaseException, limit: int = 160) -> str:
+    """``Type: first line`` of an error, shortened."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_oom(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and re.search(r"out of memory|can't allocate memory", str(err)) is not None
+    )
+
+
+# -- measurement ------------------------------------------------------------------------------------
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[Tensor, ...]:
+    """hidden ~ N(0, 1), W ~ N(0, 1/C) (logits ~ N(0, 1), as at initialisation), uniform targets."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    size = shape.hidden
+    hidden = torch.randn((shape.tokens, size), generator=generator, device=device, dtype=dtype)
+    weight = torch.randn((shape.vocab, size), generator=generator, device=device, dtype=dtype).mul_(size**-0.5)
+    targets = torch.randint(0, shape.vocab, (shape.tokens,), generator=generator, device=device)
+    return hidden.requires_grad_(), weight.requires_grad_(), targets
+
+
+def release(device: torch.device, *tensors: Tensor) -> None:
+    """Drop the gradients of ``tensors`` and free what the last measurement left behind."""
+    for t in tensors:
+        t.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start and stop lines) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peak_memory(fn: Callable[[], object]) -> int | None:
+    """Peak bytes held through PyTorch's CPU allocator during ``fn()``, counting only what ``fn`` allocates.
+
+    torch.profiler (profile_memory=True) records a "[memory]" event per allocation (+bytes) and free
+    (-bytes); their running sum in time order peaks at the answer. Frees of memory allocated before the
+    call are not reported by the profiler, so they do not count. None when the profiler gives no events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:  # a torch whose profiler keeps its results elsewhere
+        return None
+    records = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"), key=lambda r: r[0])
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak if records else None
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Extra bytes one call allocates at its peak: harness.peak_memory on CUDA, the profiler on CPU."""
+    return harness.peak_memory(fn, device) if device.type == "cuda" else cpu_peak_memory(fn)
+
+
+def measure(
+    loss_fn: Loss, name: str, shape: Shape, inputs: tuple[Tensor, ...], args: argparse.Namespace, device: torch.device
+) -> Result:
+    """Time one forward + backward (the first, untimed call compiles where there is compiling), then its memory."""
+    hidden, weight, targets = inputs
+
+    def step() -> None:
+        loss_fn(hidden, weight, targets).backward()
+
+    ms = harness.timeit(step, args.warmup, args.rep, grad_to_none=[hidden, weight], device=device, min_rep=3)
+    release(device, hidden, weight)
+    peak = peak_memory(step, device)
+    return Result(shape, name, ms, None if peak is None else peak / 2**20)
+
+
+def measure_shape(
+    shape: Shape,
+    providers: dict[str, Loss],
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    dropped: dict[str, str],
+) -> list[Result]:
+    """Every provider at one shape. Out of memory: an "OOM" row. Any other failure: a "failed" row, and the
+    provider is dropped for the remaining shapes (its reason in ``dropped``)."""
+    results = []
+    try:
+        inputs = make_inputs(shape, dtype, device)
+    except Exception as err:
+        if not is_oom(err):
+            raise
+        release(device)
+        return [Result(shape, name, None, None, "OOM") for name in providers if name not in dropped]
+    for name, loss_fn in providers.items():
+        if name in dropped:
+            continue
+        if name == "torch-compile":
+            torch._dynamo.reset()  # a fresh compile per shape, so the recompile limit never falls back to eager
+        try:
+            results.append(measure(loss_fn, name, shape, inputs, args, device))
+        except Exception as err:  # torch.OutOfMemoryError, a compiler that fails, a kernel's own error
+            status = "OOM" if is_oom(err) else "failed"
+            results.append(Result(shape, name, None, None, status))
+            if status == "failed":
+                dropped[name] = f"{shape.label}: {short_error(err)}"
+        release(device, *inputs[:2])
+    del inputs
+    release(device)
+    return results
+
+
+def run(
+    shapes: Sequence[Shape],
+    providers: dict[str, Loss],
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[Result]:
+    results: list[Result] = []
+    dropped: dict[str, str] = {}
+    for i, shape in enumerate(shapes, 1):
+        print(f"  [{i}/{len(shapes)}] {shape.label}", flush=True)
+        results += measure_shape(shape, providers, args, device, dtype, dropped)
+    for name, why in dropped.items():
+        print(f"note: {name} failed and was skipped for the remaining shapes: {why}")
+    return results
+
+
+# -- report -----------------------------------------------------------------------------------------
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
+    """The card's dense bf16/fp16 peak in TFLOP/s: ``--peak-tflops``, else from its name; None if unknown."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda" or args.dtype_name == "fp32":
+        return None
+    name = harness.device_name(device)
+    return next((value for key, value in PEAK_TFLOPS if key in name), None)
+
+
+def floor_ms(shape: Shape, peak: float | None) -> float | None:
+    """6*N*C*V FLOPs at the peak, in ms."""
+    return None if not peak else shape.flops / (peak * 1e12) * 1e3
+
+
+def find(results: Sequence[Result], shape: Shape, provider: str) -> Result | None:
+    return next((r for r in results if r.shape == shape and r.provider == provider), None)
+
+
+def ratio(result: Result, results: Sequence[Result], reference: str) -> float | None:
+    """``result``'s ms over ``reference``'s at the same shape (None when either has no time)."""
+    other = find(results, result.shape, reference)
+    if result.ms is None or other is None or other.ms is None:
+        return None
+    return result.ms / other.ms
+
+
+def ordered(results: Sequence[Result], shapes: Sequence[Shape]) -> list[Result]:
+    """By shape (as swept), then provider (lmforge first)."""
+    return sorted(results, key=lambda r: (shapes.index(r.shape), PROVIDERS.index(r.provider)))
+
+
+def references_in(results: Sequence[Result]) -> list[str]:
+    """The reference providers with at least one time, in REFERENCES order."""
+    return [ref for ref in REFERENCES if any(r.provider == ref and r.ms is not None for r in results)]
+
+
+def print_floors(shapes: Sequence[Shape], peak: float | None, dtype: torch.dtype, device: torch.device) -> None:
+    """Per shape: the FLOPs, the matmul floor (CUDA with a known peak) and the gradient memory floor."""
+    if device.type == "cuda" and peak:
+        print(
+            f"floor: 3 matmuls (h @ W.T, dlogits @ W, dlogits.T @ h) of 2*N*C*V FLOPs each = 6*N*C*V FLOPs; "
+            f"floor ms = 6*N*C*V / ({peak:g} TFLOP/s, the dense bf16 peak of {harness.device_name(device)})"
+        )
+    elif device.type == "cuda":
+        print("floor: no dense peak is known for this card and dtype; pass --peak-tflops to see the floor")
+    for s in shapes:
+        floor = floor_ms(s, peak)
+        text = f"  {s.label}: 6NCV = {s.flops / 1e12:.3g} TFLOP"
+        text += f", floor {floor:.3f} ms" if floor is not None else ""
+        text += f"; gradients of h and W alone: {s.grad_mib(dtype):,.1f} MiB"
+        text += f"; fp32 logits would be {s.tokens * s.vocab * 4 / 2**20:,.0f} MiB"
+        print(text)
+
+
+def table_row(
+    r: Result, results: Sequence[Result], refs: Sequence[str], peak: float | None, cuda: bool
+) -> list[object]:
+    s = r.shape
+    row: list[object] = [s.tokens, s.hidden, s.vocab, r.provider]
+    if r.ms is None:
+        return row + [r.status, r.status] + ["-"] * (1 + len(refs))
+    row += [f"{r.ms:.3f}", "n/a" if r.peak_mib is None else f"{r.peak_mib:,.1f}"]
+    floor = floor_ms(s, peak)
+    if cuda:
+        row.append("-" if floor is None else f"{100 * floor / r.ms:.1f}%")
+    else:
+        row.append(f"{r.tflops * 1e3:.1f}")
+    for ref in refs:
+        value = ratio(r, results, ref)
+        row.append("-" if value is None else f"{value:.2f}x")
+    return row
+
+
+def print_results(
+    results: Sequence[Result], shapes: Sequence[Shape], peak: float | None, dtype: torch.dtype, device: torch.device
+) -> None:
+    cuda = device.type == "cuda"
+    refs = references_in(results)
+    headers = ["tokens", "hidden", "vocab", "provider", "ms", "peak MiB", "floor %" if cuda else "GFLOP/s"]
+    headers += [f"vs {ref.removeprefix('torch-')}" for ref in refs]
+    harness.print_table(headers, [table_row(r, results, refs, peak, cuda) for r in ordered(results, shapes)])
+    print_floors(shapes, peak, dtype, device)
+    memory = "torch.cuda.max_memory_allocated" if cuda else "torch.profiler allocator events"
+    print(f"ms: mean of one forward + backward; peak MiB: extra memory at the peak of one step ({memory})")
+    if cuda:
+        print("floor % = floor ms / ms x 100 (= achieved 6*N*C*V FLOP/s over the card's peak)")
+    else:
+        print("GFLOP/s = 6*N*C*V / time (no floor on CPU)")
+    if refs:
+        print("vs X = ms / X's ms at the same shape (below 1: faster than X)")
+
+
+def csv_rows(
+    results: Sequence[Result], preset: str, peak: float | None, args: argparse.Namespace, device: torch.device
+) -> list[dict]:
+    rows = []
+    dtype = DTYPES[args.dtype_name]
+    for r in results:
+        floor = floor_ms(r.shape, peak)
+        refs = {f"vs_{ref.removeprefix('torch-')}": ratio(r, results, ref) for ref in REFERENCES}
+        rows.append(
+            {
+                "preset": preset,
+                "device": device.type,
+                "dtype": args.dtype_name,
+                "tokens": r.shape.tokens,
+                "hidden": r.shape.hidden,
+                "vocab": r.shape.vocab,
+                "provider": r.provider,
+                "status": r.status,
+                "ms": "" if r.ms is None else f"{r.ms:.6g}",
+                "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
+                "grad_mib": f"{r.shape.grad_mib(dtype):.1f}",
+                "gflop": f"{r.shape.flops / 1e9:.6g}",
+                "peak_tflops": "" if peak is None else f"{peak:g}",
+                "floor_ms": "" if floor is None else f"{floor:.6g}",
+                "floor_fraction": "" if floor is None or r.ms is None else f"{floor / r.ms:.4g}",
+                **{key: "" if value is None else f"{value:.4g}" for key, value in refs.items()},
+                "threads": torch.get_num_threads() if device.type == "cpu" else "",
+                "warmup_ms": f"{args.warmup:g}",
+                "rep_ms": f"{args.rep:g}",
+            }
+        )
+    return rows
+
+
+def short_number(value: float) -> str:
+    """1,234 or 56.7 or 0.891: thousands separators, three significant digits below 100."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def plot_bars(path: Path, results: Sequence[Result], shapes: Sequence[Shape], title: str) -> bool:
+    """Two panels, time and peak memory: a group of bars per shape, one bar per provider; False without
+    matplotlib. A provider without a number gets its status ("OOM", "failed") written in its place."""
+    plt = harness.pyplot()
+    if plt is None:
+        return False
+    providers = [p for p in PROVIDERS if any(r.provider == p for r in results)]
+    width = 0.8 / len(providers)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 2.0 + 1.3 * len(shapes)), 8.0))
+    panels = (("ms", "forward + backward, ms"), ("peak_mib", "peak extra memory, MiB"))
+    for ax, (metric, ylabel) in zip(axes, panels):
+        for i, provider in enumerate(providers):
+            offset = (i - (len(providers) - 1) / 2) * width
+            xs, ys = [], []
+            for j, shape in enumerate(shapes):
+                r = find(results, shape, provider)
+                value = None if r is None else getattr(r, metric)
+                if value is not None:
+                    xs.append(j + offset)
+                    ys.append(value)
+                elif r is not None:
+                    ax.text(j + offset, 0.02, r.status, rotation=90, ha="center", va="bottom", fontsize=7,
+                            transform=ax.get_xaxis_transform())  # fmt: skip
+            bars = ax.bar(xs, ys, width, label=provider, color=f"C{PROVIDERS.index(provider)}")
+            ax.bar_label(bars, [short_number(y) for y in ys], fontsize=6, rotation=90, padding=2)
+        ax.set_xticks(range(len(shapes)), [s.short for s in shapes], rotation=20, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(lambda y, _: short_number(y))
+        ax.yaxis.set_minor_formatter(lambda y, _: "")
+        ax.margins(y=0.25)
+        ax.set_xlabel("tokens x hidden x vocab")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def sweep_panels(results: Sequence[Result]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Time and memory against tokens (at hidden 768, vocab 50257) and against vocab (at 8192 x 2048)."""
+    sweeps = {
+        "tokens": (lambda s: (s.hidden, s.vocab) == TOKENS_AT and s.tokens in SWEEP_TOKENS, "tokens", TOKENS_AT),
+        "vocab": (lambda s: (s.tokens, s.hidden) == VOCAB_AT and s.vocab in SWEEP_VOCAB, "vocab", VOCAB_AT),
+    }
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for axis, (member, attr, at) in sweeps.items():
+        chosen = [r for r in results if member(r.shape)]
+        if len({getattr(r.shape, attr) for r in chosen}) < 2:
+            continue
+        fixed = f"hidden {at[0]}, vocab {at[1]}" if axis == "tokens" else f"tokens {at[0]}, hidden {at[1]}"
+        for metric, what in (("ms", "ms"), ("peak_mib", "peak MiB")):
+            panel = f"{what} against {axis} ({fixed})"
+            for r in sorted(chosen, key=lambda r: PROVIDERS.index(r.provider)):
+                value = getattr(r, metric)
+                if value is not None:
+                    panels.setdefault(panel, {}).setdefault(r.provider, []).append((getattr(r.shape, attr), value))
+    return panels
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def write_outputs(
+    results: Sequence[Result],
+    shapes: Sequence[Shape],
+    args: argparse.Namespace,
+    device: torch.device,
+    preset: str,
+    peak: float | None,
+) -> None:
+    """The CSV rows, the bar plot and, on a sweep, the line plot."""
+    if not results:
+        print("nothing was measured; no CSV or plot written")
+        return
+    name = harness.device_name(device)
+    csv_path = harness.write_csv(args.out / "ce.csv", csv_rows(results, preset, peak, args, device))
+    print(f"wrote {csv_path}")
+    stem = f"ce_{args.dtype_name}_{slug(name)}{'' if preset in ('full', 'cpu') else '_' + preset}"
+    title = f"linear + cross-entropy, forward + backward, {args.dtype_name}; {name}"
+    if not plot_bars(args.out / f"{stem}.png", results, shapes, title):
+        print("matplotlib is not installed, so no plot")
+        return
+    print(f"wrote {args.out / f'{stem}.png'}")
+    panels = sweep_panels(results)
+    sweep_png = args.out / f"ce_sweep_{args.dtype_name}_{slug(name)}.png"
+    if panels and harness.plot_lines(
+        sweep_png, panels, xlabel="tokens (top row), vocab (bottom row)", ylabel="ms or MiB", title=title
+    ):
+        print(f"wrote {sweep_png}")
+
+
+# -- GPU --------------------------------------------------------------------------------------------
+def picked_shape(args: argparse.Namespace, default: tuple[int, int, int]) -> list[Shape] | None:
+    """The one shape of --tokens/--hidden/--vocab (missing ones from ``default``), or None when none is given."""
+    given = (args.tokens, args.hidden, args.vocab)
+    if all(v is None for v in given):
+        return None
+    return [Shape(*(v if v is not None else d for v, d in zip(given, default)))]
+
+
+def gpu_shapes(args: argparse.Namespace) -> tuple[list[Shape], str]:
+    """The shapes to measure and the preset's name."""
+    picked = picked_shape(args, ANCHORS[0])
+    if picked:
+        return picked, "custom"
+    anchors = [Shape(*s) for s in ANCHORS]
+    if args.quick:
+        return anchors, "quick"
+    tokens = [Shape(n, *TOKENS_AT) for n in SWEEP_TOKENS]
+    vocab = [Shape(*VOCAB_AT, v) for v in SWEEP_VOCAB]
+    return list(dict.fromkeys(anchors + tokens + vocab)), "full"
+
+
+def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
+    dtype = DTYPES[args.dtype_name]
+    shapes, preset = gpu_shapes(args)
+    peak = peak_tflops(args, device)
+    print(
+        f"{len(shapes)} shape(s), {args.dtype_name}, forward + backward, do_bench {args.warmup:g} ms warm-up + "
+        f"{args.rep:g} ms timed per measurement (mean)"
+    )
+    providers = load_providers(args.providers or PROVIDERS, device)
+    if not providers:
+        print("no provider is available; nothing to measure")
+        return 1
+    results = run(shapes, providers, args, device, dtype)
+    print()
+    print_results(results, shapes, peak, dtype, device)
+    write_outputs(results, shapes, args, device, preset, peak)
+    return 0
+
+
+# -- CPU checks -------------------------------------------------------------------------------------
+def reference(hidden: Tensor, weight: Tensor, targets: Tensor) -> list[Tensor]:
+    """Loss and gradients of torch eager in float64."""
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    loss = F.cross_entropy(F.linear(h64, w64), targets, ignore_index=IGNORE_INDEX)
+    loss.backward()
+    return [loss.detach(), h64.grad, w64.grad]
+
+
+def smoke_inputs(tokens: int, hidden: int, vocab: int, ignored: float) -> tuple[Tensor, ...]:
+    """fp32 inputs of a smoke case, with ``ignored`` of the targets set to the ignore index."""
+    h, w, t = make_inputs(Shape(tokens, hidden, vocab), torch.float32, torch.device("cpu"), seed=1)
+    t[torch.rand(tokens, generator=torch.Generator().manual_seed(2)) < ignored] = IGNORE_INDEX
+    return h, w, t
+
+
+def smoke_case(loss_fn: Callable[..., Tensor], path: str, case: tuple, **options: object) -> list[object]:
+    """One table row: the case, max abs errors of loss, dh and dW against float64, and pass or FAIL."""
+    tokens, hidden, vocab, chunk, ignored = case
+    cells: list[object] = [path, tokens, hidden, vocab, chunk or "auto", f"{ignored:.0%}"]
+    h, w, t = smoke_inputs(tokens, hidden, vocab, ignored)
+    try:
+        loss = loss_fn(h, w, t, chunk_size=chunk, ignore_index=IGNORE_INDEX, **options)
+        loss.backward()
+        got = [loss.detach(), h.grad, w.grad]
+    except Exception as err:
+        return [*cells, "-", "-", "-", f"FAIL ({short_error(err)})"]
+    expected = reference(h, w, t)
+    errors = [(a.double() - b).abs().max().item() for a, b in zip(got, expected)]
+    ok = all(e <= SMOKE_TOLERANCE * b.abs().max().item() for e, b in zip(errors, expected))
+    return [*cells, *(f"{e:.1e}" for e in errors), "pass" if ok else "FAIL"]
+
+
+def smoke() -> bool | None:
+    """(a) lmforge against torch eager in float64; None when lmforge cannot be imported."""
+    try:
+        from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
+    except Exception as err:
+        print(f"(a) lmforge is unavailable, no correctness smoke: cannot import it ({short_error(err)})")
+        return None
+    print(
+        f"(a) lmforge linear_cross_entropy, fp32, loss and gradients against torch eager in float64 "
+        f"(pass: max abs error <= {SMOKE_TOLERANCE:g} x max |reference|):"
+    )
+    rows = [smoke_case(linear_cross_entropy, "torch", case) for case in SMOKE_CASES]
+    if can_interpret():
+        os.environ["TRITON_INTERPRET"] = "1"  # before lmforge.kernels.cross_entropy (and its @triton.jit) is imported
+        rows += [smoke_case(linear_cross_entropy, "triton-interp", case, use_triton=True) for case in SMOKE_CASES]
+    headers = ["path", "tokens", "hidden", "vocab", "chunk", "ignored", "loss err", "dh err", "dW err", "result"]
+    harness.print_table(headers, rows)
+    passed = all(row[-1] == "pass" for row in rows)
+    print(f"smoke: {'all passed' if passed else 'FAILED'} ({len(rows)} cases)")
+    return passed
+
+
+def can_interpret() -> bool:
+    """triton is installed and lmforge's row kernel not yet built (TRITON_INTERPRET must be set before)."""
+    return importlib.util.find_spec("triton") is not None and "lmforge.kernels.cross_entropy" not in sys.modules
+
+
+def load_average() -> str:
+    """The 1-minute load average: how busy the machine was."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def cpu_main(args: argparse.Namespace) -> int:
+    print("no CUDA device: no speed is claimed (speed claims come only from GPU runs); CPU checks instead")
+    device = torch.device("cpu")
+    names = args.providers or CPU_PROVIDERS
+    passed = smoke() if "lmforge" in names else None
+    print()
+    args.dtype_name = "fp32"
+    shapes = picked_shape(args, CPU_SHAPES[-1]) or [Shape(*s) for s in CPU_SHAPES]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"(b) forward + backward on CPU, fp32, {torch.get_num_threads()} threads, {args.warmup:g} ms warm-up + "
+        f"{args.rep:g} ms timed (at least 3 calls); peak memory from torch.profiler's allocator events; "
+        f"load average {load_average()} (other work on the CPU slows and scatters the times; see --threads):"
+    )
+    providers = load_providers(names, device)
+    results = run(shapes, providers, args, device, torch.float32) if providers else []
+    if results:
+        print_results(results, shapes, None, torch.float32, device)
+    write_outputs(results, shapes, args, device, "cpu", None)
+    return 1 if passed is False else 0
+
+
+# -- command line -----------------------------------------------------------------------------------
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = [x for x in items if x not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(choices)}"
+            )
+        return items
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the two anchor shapes only; shorter budgets on CPU")
+    p.add_argument("--tokens", type=int, help="one shape: tokens N (the others default to the first anchor)")
+    p.add_argument("--hidden", type=int, help="one shape: hidden size C")
+    p.add_argument("--vocab", type=int, help="one shape: vocabulary V")
+    p.add_argument(
+        "--providers",
+        type=choice_list(PROVIDERS),
+        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on GPU, {','.join(CPU_PROVIDERS)} on CPU)",
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="GPU dtype (the CPU checks use fp32)")
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot directory (default benchmarks/out)"
+    )
+    p.add_argument("--warmup", type=float, default=25, help="warm-up budget per measurement, ms (default 25)")
+    p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (default 100)")
+    p.add_argument("--peak-tflops", type=float, help="the card's dense peak, TFLOP/s (default: from its name)")
+    p.add_argument("--threads", type=int, help="CPU checks: torch.set_num_threads (default: torch's choice)")
+    p.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu: the CPU checks even on a GPU machine"
+    )
+    args = p.parse_args(argv)
+    args.dtype_name = args.dtype
+    if args.warmup <= 0 or args.rep <= 0:
+        p.error("--warmup and --rep must be positive")
+    if any(v is not None and v <= 0 for v in (args.tokens, args.hidden, args.vocab)):
+        p.error("--tokens, --hidden and --vocab must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"device: {harness.device_name(device)}; {harness.format_versions()}; {harness.iso_date()}")
+    if not cuda:
+        if args.quick:
+            args.warmup, args.rep = min(args.warmup, 10), min(args.rep, 50)
+        return cpu_main(args)
+    return gpu_main(args, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
