@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import re
 import sys
@@ -175,9 +176,21 @@ def export_command(argv: list[str]) -> None:
 COMMANDS = {"plugins": plugins_command, "export": export_command}
 
 
+def _show_lmforge_logs() -> None:
+    """lmforge's INFO messages (cache reuse, kernel fallbacks) on stderr, as Lightning shows its own."""
+    logger = logging.getLogger("lmforge")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("lmforge: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     global _ARGS
     callbacks.PROCESS_START = _START
+    _show_lmforge_logs()
     _ARGS = argv
     args = sys.argv[1:] if argv is None else argv
     try:

@@ -1,8 +1,7 @@
-"""The pretraining LightningModule: next-token loss, perplexity, AdamW with warmup + cosine."""
+"""The pretraining LightningModule: next-token loss, perplexity, optimizer and LR-schedule plugins."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,6 @@ from torchmetrics import MeanMetric
 import lmforge
 from lmforge import plugins
 from lmforge.model import GPT, GPTConfig
-
-log = logging.getLogger(__name__)
 
 
 class PretrainModule(L.LightningModule):

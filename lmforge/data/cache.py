@@ -121,8 +121,7 @@ def build_token_file(
             for batch in _batches(corpus.documents(), 256):
                 encoded = tokenizer.encode_batch(batch)
                 for ids in encoded:
-                    ids.append(tokenizer.eos_id)
-                    arr = np.asarray(ids, dtype=np.int64)
+                    arr = np.append(np.asarray(ids, dtype=np.int64), tokenizer.eos_id)
                     if arr.max() > limit:
                         raise CorpusError(f"data: token id {arr.max()} does not fit in {dtype.name}")
                     out.write(arr.astype(dtype).tobytes())
