@@ -42,7 +42,7 @@ def column(rows: list[dict], key: str) -> list[tuple[int, float]]:
 def one_line_error(proc) -> str:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
+    errors = [line for line in lines if line.startswith("lmforge: error") or "Error" in line]
     assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("lmforge: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return errors[0]
