@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear_cross_entropy import mean_scale
+
 
 @triton.jit
 def _soft_capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
@@ -96,18 +98,10 @@ def ce_rows_(
     return loss, logits
 
 
-def _mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    if reduction == "sum":
-        return torch.ones((), device=targets.device, dtype=torch.float32)
-    if reduction != "mean":
-        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
-    return 1.0 / (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
-
-
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap):
-        scale = _mean_scale(targets, ignore_index, reduction)
+        scale = mean_scale(targets, ignore_index, reduction)
         unit = torch.ones((), device=logits.device, dtype=torch.float32)
         grad = logits.detach().clone().contiguous()
         loss_rows, grad = ce_rows_(

@@ -63,7 +63,8 @@ def torch_rows(
     return torch.where(counted, loss, torch.zeros_like(loss)), grad
 
 
-def _mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+def mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """1 / (number of counted targets) for a mean (1 when there are none), 1 for a sum."""
     if reduction == "sum":
         return torch.ones((), device=targets.device, dtype=torch.float32)
     if reduction != "mean":
@@ -83,7 +84,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         device = hidden.device.type
         # under autocast (bf16-mixed training) the products run in the autocast dtype, as F.linear would
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        scale = _mean_scale(targets, ignore_index, reduction)
+        scale = mean_scale(targets, ignore_index, reduction)
         unit = torch.ones((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if ctx.needs_input_grad[0] else None
         # fp32 accumulation across chunks, also for bf16/fp16 weights
