@@ -15,14 +15,31 @@ _EXPORTS = {
     "GPTConfig": "lmforge.model",
     "PretrainModule": "lmforge.pretrain",
     "PretrainDataModule": "lmforge.data.pretrain",
+    "SFTModule": "lmforge.finetune",
+    "ClassifierModule": "lmforge.finetune",
+    "SFTDataModule": "lmforge.data.sft",
+    "ClassificationDataModule": "lmforge.data.classify",
 }
 
 if TYPE_CHECKING:
+    from lmforge.data.classify import ClassificationDataModule
     from lmforge.data.pretrain import PretrainDataModule
+    from lmforge.data.sft import SFTDataModule
+    from lmforge.finetune import ClassifierModule, SFTModule
     from lmforge.model import GPT, GPTConfig
     from lmforge.pretrain import PretrainModule
 
-__all__ = ["GPT", "GPTConfig", "PretrainDataModule", "PretrainModule", "__version__"]
+__all__ = [
+    "GPT",
+    "ClassificationDataModule",
+    "ClassifierModule",
+    "GPTConfig",
+    "PretrainDataModule",
+    "PretrainModule",
+    "SFTDataModule",
+    "SFTModule",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -33,7 +33,8 @@ class TokenThroughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        self._tokens += int(batch[0].numel()) * trainer.world_size
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        self._tokens += int(ids.numel()) * trainer.world_size
         if self._first_step is None:
             self._first_step = now
             since = now - PROCESS_START if PROCESS_START is not None else now - self._fit_start

@@ -23,15 +23,24 @@ import time
 _START = time.perf_counter()
 _ARGS: list[str] | None = None  # the argv given to main(), for error messages
 
+import lightning as L  # noqa: E402
 import yaml  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from lmforge import callbacks, ops, plugins  # noqa: E402
-from lmforge.data.pretrain import PretrainDataModule  # noqa: E402
 from lmforge.data.sources import CorpusError  # noqa: E402
-from lmforge.pretrain import PretrainModule  # noqa: E402
+from lmforge.pretrain import LMForgeModule  # noqa: E402
+
+# jsonargparse parses a subclass's init_args in "omegaconf" mode before registering that loader's
+# exceptions (a KeyError 'omegaconf'); registering the loader first avoids it.
+try:  # noqa: E402
+    from jsonargparse._loaders_dumpers import set_omegaconf_loader
+
+    set_omegaconf_loader("omegaconf")
+except ImportError:  # a jsonargparse without the private helper: nothing to work around
+    pass
 
 
 class UserError(Exception):
@@ -69,6 +78,19 @@ def _config_path(args: list[str]) -> str:
 
 def _explain_parse_error(message: str, parser) -> str:
     text = " ".join(message.split())
+    # An error inside model/data (subclass mode) arrives wrapped: keep the inner line, keys prefixed.
+    nested = re.search(
+        r'Parser key "([\w.\-]+)": Does not validate against any of the Union subtypes.*?Errors: - (.*?) - Expected a',
+        text,
+    )
+    if nested:
+        prefix, inner = nested.group(1), nested.group(2).strip()
+        inner = re.sub(r"^config: ", "", inner)
+        inner = re.sub(
+            r"(unknown key |did you mean )'([\w.\-]+)'", lambda m: f"{m.group(1)}'{prefix}.{m.group(2)}'", inner
+        )
+        inner = re.sub(r"^([\w.\-]+)=", lambda m: f"{prefix}.{m.group(1)}=", inner)
+        return f"config: {inner[:500]}"
     config = _config_path(sys.argv[1:] if _ARGS is None else _ARGS)
     missing = re.search(r"File does not exist: '([^']+)'", text)
     if missing:
@@ -80,22 +102,64 @@ def _explain_parse_error(message: str, parser) -> str:
         at = f" at line {where.group(1)}, column {where.group(2)}" if where else ""
         detail = text.split("Problems parsing config:", 1)[1].split(' in "<unicode string>"')[0].strip()
         return f"config file {config} is not valid YAML{at}: {detail}"
-    unknown = re.search(r"does not accept option '([\w.\-]+)'|unrecognized arguments: --([\w.\-]+)", text, re.I)
+    unknown = re.search(
+        r"does not accept option '([\w.\-]+)'|unrecognized arguments: --([\w.\-]+)|Option '([\w.\-]+)' is not accepted",
+        text,
+        re.I,
+    )
     if unknown:
-        key = unknown.group(1) or unknown.group(2)
-        close = difflib.get_close_matches(key, _all_keys(parser), n=1, cutoff=0.6)
+        key = unknown.group(1) or unknown.group(2) or unknown.group(3)
+        keys = _all_keys(parser)
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        if "." not in key:  # a key nested in a YAML mapping is reported without its parents
+            leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+            leaf = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6)
+            if leaf and "." in leaves[leaf[0]]:
+                close = [leaves[leaf[0]]]
+                key = f"{close[0].rsplit('.', 1)[0]}.{key}"
         hint = f"; did you mean {close[0]!r}?" if close else "; see the valid keys with --help"
         return f"config: unknown key {key!r}{hint}"
     literal = re.search(r'Parser key "([\w.\-]+)": Expected a typing\.Literal\[(.*?)\]\. Got value: (\S+)', text)
     if literal:
         return f"config: {literal.group(1)}={literal.group(3)!r} is not one of {literal.group(2)}"
+    bad_class = re.search(r"Problem with given class_path '([^']+)': (.*?) - Expected a", text)
+    if bad_class:
+        return f"config: class_path {bad_class.group(1)!r} cannot be used ({bad_class.group(2).strip()[:200]})"
     return f"config: {text[:500]}"
+
+
+def _names_class(args: list[str], key: str) -> bool:
+    """Whether the command line or one of its config files chooses a class for ``key`` (model or data)."""
+    for i, arg in enumerate(args):
+        if arg in (f"--{key}", f"--{key}.class_path") or arg.startswith((f"--{key}=", f"--{key}.class_path=")):
+            return True
+        if arg in ("-c", "--config") and i + 1 < len(args) or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if arg.startswith("--config=") else args[i + 1]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    values = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                continue  # the parser reports unreadable configs itself
+            section = values.get(key) if isinstance(values, dict) else None
+            if isinstance(section, dict) and "class_path" in section:
+                return True
+    return False
 
 
 class LmforgeCLI(LightningCLI):
     """LightningCLI for lmforge: the pretraining module and data module, omegaconf interpolation."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Pretraining is the default task; fine-tuning configs name their classes with class_path.
+        # The default is only set when nothing names a class: jsonargparse would otherwise carry the
+        # default class's init_args (e.g. PretrainDataModule's tokenizer) over to the named one.
+        args = sys.argv[1:] if _ARGS is None else _ARGS
+        for key, default in (
+            ("model", "lmforge.pretrain.PretrainModule"),
+            ("data", "lmforge.data.pretrain.PretrainDataModule"),
+        ):
+            if not _names_class(args, key):
+                parser.set_defaults({key: {"class_path": default}})
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(callbacks.TokenThroughput, "throughput")
@@ -187,6 +251,14 @@ def _show_lmforge_logs() -> None:
         logger.propagate = False
 
 
+def _one_line(message: str) -> str:
+    """An error as one line: jsonargparse wraps a class's own error in a multi-line union report."""
+    inner = re.search(r"Errors:\s*\n\s*- (.+)", message)
+    if inner and "Does not validate against any of the Union subtypes" in message:
+        return inner.group(1).strip()
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> None:
     global _ARGS
     callbacks.PROCESS_START = _START
@@ -198,8 +270,10 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS[args[0]](args[1:])
             return
         LmforgeCLI(
-            PretrainModule,
-            PretrainDataModule,
+            LMForgeModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
             parser_class=LmforgeArgumentParser,
             parser_kwargs={
                 "parser_mode": "omegaconf",
@@ -213,5 +287,5 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, CorpusError, ValueError, FileNotFoundError, FileExistsError, yaml.YAMLError) as err:
         if os.environ.get("LMFORGE_DEBUG"):
             raise
-        print(f"lmforge: error: {err}", file=sys.stderr)
+        print(f"lmforge: error: {_one_line(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None

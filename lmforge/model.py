@@ -148,10 +148,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Rotate x of shape (B, nh, T, hs)."""
-        T = x.size(-2)
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+    def forward(self, x: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Rotate x of shape (B, nh, T, hs); positions 0..T-1, or position_ids (B, T)."""
+        if position_ids is None:
+            T = x.size(-2)
+            cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        else:
+            cos, sin = self.cos[position_ids].unsqueeze(1).to(x.dtype), self.sin[position_ids].unsqueeze(1).to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -167,14 +170,20 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
         self.rope = RotaryEmbedding(hs, config.block_size, config.rope_theta) if config.pos_encoding == "rope" else None
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
         B, T, C = x.shape
         hs, nh, nkv = self.config.head_dim, self.config.n_head, self.config.kv_heads
         q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, position_ids), self.rope(k, position_ids)
         dropout = self.config.dropout if self.training else 0.0
         y = ops.attention(
             q, k, v, causal=True, dropout_p=dropout, backend=self.config.attention,
@@ -209,8 +218,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, segment_ids))
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, segment_ids, position_ids))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -249,27 +264,38 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def hidden_states(
-        self, idx: Tensor, key_padding_mask: Tensor | None = None, segment_ids: Tensor | None = None
+        self,
+        idx: Tensor,
+        key_padding_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor:
         """Final normalised hidden states (B, T, C) for token ids idx (B, T).
 
         key_padding_mask (B, T; True = real token) hides padding from attention; segment_ids (B, T)
-        keeps packed documents from attending to each other.
+        keeps packed documents from attending to each other; position_ids (B, T) restart the
+        positions of each packed document (default 0..T-1).
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(T, device=idx.device) if position_ids is None else position_ids)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, key_padding_mask, segment_ids)
+            x = block(x, key_padding_mask, segment_ids, position_ids)
         return self.ln_f(x)
 
-    def forward(self, idx: Tensor, key_padding_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        key_padding_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
         """Logits (B, T, vocab_size) for token ids idx (B, T)."""
-        return self.lm_head(self.hidden_states(idx, key_padding_mask, segment_ids))
+        return self.lm_head(self.hidden_states(idx, key_padding_mask, segment_ids, position_ids))
 
     def loss(
         self,
@@ -278,9 +304,19 @@ class GPT(nn.Module):
         ignore_index: int = -100,
         key_padding_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
-        """Mean next-token cross-entropy; goes through the loss dispatch and may never build the logits."""
-        h = self.hidden_states(idx, key_padding_mask, segment_ids)
+        """Next-token cross-entropy over the targets that are not ignore_index (mean or sum);
+        goes through the loss dispatch and may never build the logits."""
+        h = self.hidden_states(idx, key_padding_mask, segment_ids, position_ids)
+        merged = getattr(self.lm_head, "merged_weight", None)  # a LoRA head: W + scaling * B @ A
+        weight = merged() if merged is not None else self.lm_head.weight
         return ops.linear_cross_entropy(
-            h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=ignore_index, backend=self.config.loss
+            h.flatten(0, 1),
+            weight,
+            targets.flatten(),
+            ignore_index=ignore_index,
+            backend=self.config.loss,
+            reduction=reduction,
         )

@@ -121,8 +121,10 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     backend: str = "auto",
+    reduction: str = "mean",
 ) -> Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` over non-ignored tokens.
+    """Mean (or, with reduction="sum", summed) cross-entropy of ``hidden @ weight.T`` against
+    ``targets`` over non-ignored tokens.
 
     hidden: (N, C); weight: (V, C); targets: (N,). Returns 0 (with zero gradients) when every target
     is ignored. ``auto`` walks the tokens in chunks and never holds the (N, V) logits: with the
@@ -133,6 +135,8 @@ def linear_cross_entropy(
     if backend == "torch":
         logits = hidden @ weight.t()  # (N, V)
         loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+        if reduction == "sum":
+            return loss_sum
         return loss_sum / (targets != ignore_index).sum().clamp(min=1).to(loss_sum.dtype)
     from lmforge.kernels.linear_cross_entropy import linear_cross_entropy as chunked
 
@@ -141,7 +145,7 @@ def linear_cross_entropy(
         raise ValueError(f"loss='triton' cannot run here: inputs are on {hidden.device.type}, not CUDA; use loss: auto")
     if backend == "auto" and not use_triton:
         _tell_once(f"loss: chunked torch cross-entropy because inputs are on {hidden.device.type}, not CUDA")
-    return chunked(hidden, weight, targets, ignore_index=ignore_index, use_triton=use_triton)
+    return chunked(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, use_triton=use_triton)
 
 
 def cuda_supports_bf16() -> bool:

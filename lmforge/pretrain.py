@@ -15,7 +15,46 @@ from lmforge import plugins
 from lmforge.model import GPT, GPTConfig
 
 
-class PretrainModule(L.LightningModule):
+class LMForgeModule(L.LightningModule):
+    """What every lmforge task shares: optimizer and LR-schedule plugins (from ``hparams.optimizer``
+    and ``hparams.scheduler``), train/eval modes of schedule-free optimizers, and the data module."""
+
+    def _optimized_module(self) -> torch.nn.Module:
+        """The module whose trainable parameters the optimizer plugin groups."""
+        return self.model
+
+    def configure_optimizers(self):
+        optimizer = plugins.build("optimizer", self.hparams.optimizer, self._optimized_module())
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        scheduler = plugins.build("scheduler", self.hparams.scheduler, optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Optimizers with train()/eval() modes (schedule-free ones) follow the module's mode.
+    def _optimizer_mode(self, mode: str) -> None:
+        for optimizer in self.trainer.optimizers:
+            switch = getattr(optimizer, mode, None)
+            if callable(switch):
+                switch()
+
+    def on_train_start(self) -> None:
+        self._optimizer_mode("train")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._optimizer_mode("eval")
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._optimizer_mode("train")
+
+    def _datamodule(self):
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+
+class PretrainModule(LMForgeModule):
     """Trains a :class:`~lmforge.model.GPT` on next-token prediction."""
 
     def __init__(
@@ -108,38 +147,7 @@ class PretrainModule(L.LightningModule):
         self.print(text)
         return text
 
-    # -- optimizer ---------------------------------------------------------------------------
-    def configure_optimizers(self):
-        optimizer = plugins.build("optimizer", self.hparams.optimizer, self.model)
-        total = self.trainer.max_steps
-        if total is None or total < 0:
-            total = int(self.trainer.estimated_stepping_batches)
-        scheduler = plugins.build("scheduler", self.hparams.scheduler, optimizer, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # Optimizers with train()/eval() modes (schedule-free ones) follow the module's mode.
-    def _optimizer_mode(self, mode: str) -> None:
-        for optimizer in self.trainer.optimizers:
-            switch = getattr(optimizer, mode, None)
-            if callable(switch):
-                switch()
-
-    def on_train_start(self) -> None:
-        self._optimizer_mode("train")
-
-    def on_validation_start(self) -> None:
-        if self.trainer.state.fn == "fit":
-            self._optimizer_mode("eval")
-
-    def on_validation_end(self) -> None:
-        if self.trainer.state.fn == "fit":
-            self._optimizer_mode("train")
-
     # -- data-aware helpers ------------------------------------------------------------------
-    def _datamodule(self):
-        trainer = self._trainer
-        return getattr(trainer, "datamodule", None) if trainer is not None else None
-
     def _tokenizer(self):
         return getattr(self._datamodule(), "tokenizer", None)
 

@@ -64,13 +64,18 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizers.Tokenizer`` (tokenizer.json) with an end-of-text token."""
 
-    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN) -> None:
+    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN, bos_token: str | None = None) -> None:
         self._tok = tokenizer
         eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
             raise ValueError(f"tokenizer has no end-of-text token {eos_token!r}; set tokenizer.eos_token to one it has")
         self.eos_token = eos_token
         self.eos_id = eos_id
+        self.bos_token = bos_token
+        """When set, fine-tuning data starts every sequence with this token (as Llama tokenizers do)."""
+        self.bos_id = None if bos_token is None else tokenizer.token_to_id(bos_token)
+        if bos_token is not None and self.bos_id is None:
+            raise ValueError(f"tokenizer has no beginning-of-text token {bos_token!r}")
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
@@ -85,6 +90,50 @@ class HFTokenizer:
             return cls(_Tok.from_file(str(file)), eos_token)
         except Exception as err:  # the Rust error type is not importable
             raise ValueError(f"tokenizer: {file} is not a valid tokenizer.json: {err}") from None
+
+    @classmethod
+    def from_pretrained_folder(cls, folder: str | Path) -> HFTokenizer | None:
+        """The tokenizer of a Hugging Face model folder (tokenizer.json, or GPT-2's vocab.json + merges.txt).
+
+        The end-of-text token comes from tokenizer_config.json / special_tokens_map.json (else
+        config.json's eos_token_id); a beginning-of-text token is kept when the tokenizer's own
+        post-processor adds one. None when the folder has no tokenizer files.
+        """
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers
+
+        folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            tok = _Tok.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tok = _Tok(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+        else:
+            return None
+        special: dict = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                special.update({k: v for k, v in json.loads((folder / name).read_text()).items() if v is not None})
+
+        def token(key: str, id_key: str) -> str | None:
+            value = special.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is None and (folder / "config.json").is_file():
+                ids = json.loads((folder / "config.json").read_text()).get(id_key)
+                ids = ids[0] if isinstance(ids, list) and ids else ids
+                value = tok.id_to_token(ids) if isinstance(ids, int) else None
+            return value
+
+        eos = token("eos_token", "eos_token_id")
+        if eos is None:
+            raise ValueError(f"tokenizer in {folder}: no end-of-text token (eos_token) in its files")
+        bos = token("bos_token", "bos_token_id")
+        bos_id = tok.token_to_id(bos) if bos is not None else None
+        probe = tok.encode("a", add_special_tokens=True).ids
+        adds_bos = bos_id is not None and len(probe) > 1 and probe[0] == bos_id
+        return cls(tok, eos, bos if adds_bos else None)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
@@ -120,12 +169,18 @@ class HFTokenizer:
         return "hf-" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:32]
 
     def to_dict(self) -> dict:
-        return {"type": "hf", "eos_token": self.eos_token, "tokenizer_json": self._tok.to_str()}
+        return {
+            "type": "hf",
+            "eos_token": self.eos_token,
+            "bos_token": self.bos_token,
+            "tokenizer_json": self._tok.to_str(),
+        }
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         _write_text_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
-        _write_json_atomic(directory / META_FILE, {"type": "hf", "eos_token": self.eos_token})
+        meta = {"type": "hf", "eos_token": self.eos_token, "bos_token": self.bos_token}
+        _write_json_atomic(directory / META_FILE, meta)
 
 
 # -- the built-in ``lmforge.tokenizers`` plugins: (corpus, cache_dir, **kwargs) -> Tokenizer ---------------
@@ -158,7 +213,9 @@ def tokenizer_from_dict(values: dict) -> Tokenizer:
     if values.get("type") == "hf":
         from tokenizers import Tokenizer as _Tok
 
-        return HFTokenizer(_Tok.from_str(values["tokenizer_json"]), values.get("eos_token", EOS_TOKEN))
+        return HFTokenizer(
+            _Tok.from_str(values["tokenizer_json"]), values.get("eos_token", EOS_TOKEN), values.get("bos_token")
+        )
     raise ValueError(f"unknown tokenizer type {values.get('type')!r} in checkpoint")
 
 
@@ -173,7 +230,10 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     meta = json.loads(meta_path.read_text())
     if meta.get("type") == "bytes":
         return ByteTokenizer()
-    return HFTokenizer.from_file(directory, meta.get("eos_token", EOS_TOKEN))
+    tokenizer = HFTokenizer.from_file(directory, meta.get("eos_token", EOS_TOKEN))
+    if meta.get("bos_token"):
+        tokenizer = HFTokenizer(tokenizer._tok, tokenizer.eos_token, meta["bos_token"])
+    return tokenizer
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,470 @@
+"""Fine-tuning: start from an lmforge checkpoint or a Hugging Face model, train all weights or LoRA adapters.
+
+Two tasks, each a LightningModule that ``lmforge fit`` runs with its data module:
+
+- :class:`SFTModule` (with :class:`lmforge.data.sft.SFTDataModule`): supervised fine-tuning on
+  prompt/completion or chat data; the loss covers the completion tokens only.
+- :class:`ClassifierModule` (with :class:`lmforge.data.classify.ClassificationDataModule`): a
+  sequence-classification head on the decoder, pooling the last real token, as transformers'
+  ``*ForSequenceClassification`` does; accuracy, macro F1, the confusion matrix and a per-class report.
+
+``base`` names where the weights come from: a ``.ckpt`` written by ``lmforge fit``, a folder written
+by ``lmforge export`` (lmforge's safetensors format), or a Hugging Face model (a local folder, or a
+Hub id fetched with huggingface_hub, from the local cache when offline). The tokenizer comes with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+import lmforge
+from lmforge import plugins
+from lmforge.model import GPT, GPTConfig
+from lmforge.pretrain import LMForgeModule
+
+log = logging.getLogger("lmforge")
+
+# Options of a base model that may change when fine-tuning; everything else fixes the weights' shapes.
+RUNTIME_OPTIONS = ("dropout", "attention", "loss", "block_size")
+
+
+def load_base(source: str, revision: str | None = None) -> tuple[GPT, Any, dict]:
+    """(GPT, tokenizer, info) from an lmforge checkpoint or export, or a Hugging Face folder or Hub id.
+
+    info: ``source``, ``kind`` (lmforge or hf), ``family`` (gpt2, llama or None) and, for Hugging
+    Face models, ``revision``.
+    """
+    from lmforge import export, hf
+
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        ckpt = export.load_checkpoint(path)
+        model = GPT(ckpt.config)
+        missing, unexpected = model.load_state_dict(ckpt.state, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise ValueError(f"model.base={source!r}: checkpoint weights do not fit its model config")
+        if missing:
+            log.warning("base %s is a classifier without an LM head; lm_head starts from random values", source)
+        tokenizer = ckpt.tokenizer
+        info = {"source": str(source), "kind": "lmforge"}
+    elif path.is_dir() and (path / "config.json").is_file() and not hf.is_hf_folder(path):
+        model, tokenizer = export.load_exported(path)
+        info = {"source": str(source), "kind": "lmforge"}
+    else:
+        model, tokenizer, hf_info = hf.load_model(str(source), revision)
+        info = {"source": str(source), "kind": "hf", "revision": revision}
+        info["architectures"] = hf_info["architectures"]
+    try:
+        info["family"] = hf.family_of(model.config)
+    except hf.HFError:
+        info["family"] = None
+    if tokenizer is None:
+        raise ValueError(
+            f"model.base={source!r} has no tokenizer files; fine-tuning needs the tokenizer it was trained with"
+        )
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"model.base={source!r}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size} embeddings; the checkpoint and tokenizer do not belong together"
+        )
+    return model, tokenizer, info
+
+
+class FinetuneModule(LMForgeModule):
+    """Shared by the fine-tuning tasks: the base model, LoRA, checkpoints that describe themselves."""
+
+    task = "finetune"
+
+    def __init__(
+        self,
+        base: str,
+        revision: str | None = None,
+        lora: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999]},
+        scheduler: dict[str, Any] = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
+        model_options: dict[str, Any] = {},
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        plugins.validate("optimizer", optimizer)
+        plugins.validate("scheduler", scheduler)
+        self.model, self.tokenizer, self.base_info = load_base(base, revision)
+        if model_options:
+            self._apply_model_options(model_options)
+        self.config: GPTConfig = self.model.config
+        self.lora_names: list[str] = []
+        if lora is not None:
+            from lmforge import lora as lora_lib
+
+            settings = {"r": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], **lora}
+            unknown = set(settings) - {"r", "alpha", "dropout", "targets"}
+            if unknown:
+                raise ValueError(
+                    f"model.lora: unknown key {sorted(unknown)[0]!r}; the keys are r, alpha, dropout, targets"
+                )
+            self.lora_settings = settings
+            self.lora_names = lora_lib.apply_lora(
+                self.model, settings["r"], settings["alpha"], settings["dropout"], list(settings["targets"])
+            )
+            self.strict_loading = False  # LoRA checkpoints hold the adapters (and head) only
+        else:
+            self.lora_settings = None
+
+    def _apply_model_options(self, options: dict[str, Any]) -> None:
+        unknown = set(options) - set(RUNTIME_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"model.model_options: {sorted(unknown)[0]!r} cannot change when fine-tuning (it fixes the weights); "
+                f"allowed: {', '.join(RUNTIME_OPTIONS)}"
+            )
+        values = {**self.model.config.to_dict(), **options}
+        if "block_size" in options and self.model.config.pos_encoding == "learned":
+            if options["block_size"] > self.model.config.block_size:
+                raise ValueError(
+                    f"model.model_options.block_size={options['block_size']} exceeds the "
+                    f"{self.model.config.block_size} learned positions of the base model"
+                )
+        new = GPT(GPTConfig.from_dict(values))
+        state = self.model.state_dict()
+        if new.wpe is not None:
+            state["wpe.weight"] = state["wpe.weight"][: new.config.block_size]
+        new.load_state_dict(state, strict=True)
+        self.model = new
+
+    # -- summary ---------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        from lmforge import lora as lora_lib
+
+        source = self.base_info["source"]
+        print(f"lmforge: fine-tuning {source} ({self.base_info['kind']}, {self.base_info.get('family') or 'custom'})")
+        trainable, total = lora_lib.count_parameters(self)
+        print(
+            f"lmforge: trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+            + (f" in {len(self.lora_names)} LoRA modules" if self.lora_names else ""),
+            flush=True,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _metadata(self) -> dict:
+        metrics = {}
+        if self._trainer is not None:
+            for key, value in self.trainer.callback_metrics.items():
+                if isinstance(value, Tensor) and value.numel() == 1:
+                    metrics[key] = float(value)
+        return {
+            "version": lmforge.__version__,
+            "task": self.task,
+            "model_config": self.config.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+            "base": {k: v for k, v in self.base_info.items() if k != "architectures"},
+            "lora": self.lora_settings,
+            "lora_base_saved": self.lora_settings is None,
+            "metrics": metrics,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lmforge"] = self._metadata()
+        if self.lora_settings is not None:  # only what was trained: adapters (and a head); the base is reloaded
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("lmforge") or {}
+        if meta.get("task") not in (None, self.task):
+            raise ValueError(
+                f"checkpoint is a {meta['task']!r} run, not {self.task!r}; use the config it was trained with"
+            )
+        if (meta.get("lora") is None) != (self.lora_settings is None) or (
+            meta.get("lora") and meta["lora"] != self.lora_settings
+        ):
+            raise ValueError(
+                f"checkpoint was trained with lora={meta.get('lora')!r}, the config says lora={self.lora_settings!r}; "
+                "use the same model.lora settings"
+            )
+        saved = meta.get("model_config")
+        if saved is not None:
+            before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
+            diffs = [f"{k}={before[k]!r} (base: {now[k]!r})" for k in now if k != "block_size" and before[k] != now[k]]
+            if diffs:
+                raise ValueError(
+                    "checkpoint was fine-tuned from a model of another architecture: "
+                    + ", ".join(diffs)
+                    + "; set model.base to the model it started from"
+                )
+
+    # -- results -----------------------------------------------------------------------------
+    def _results_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def _write_results(self, stage: str, values: dict) -> None:
+        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        path = self._results_dir() / f"{stage}_results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(values, indent=2) + "\n")
+        tmp.replace(path)
+
+
+class SFTModule(FinetuneModule):
+    """Supervised fine-tuning of a causal LM: next-token loss on completion tokens only."""
+
+    task = "sft"
+
+    def __init__(
+        self,
+        base: str,
+        revision: str | None = None,
+        lora: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999]},
+        scheduler: dict[str, Any] = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
+        model_options: dict[str, Any] = {},
+    ) -> None:
+        """
+        Args:
+            base: Where to start: an lmforge .ckpt, a folder written by ``lmforge export``, or a Hugging Face
+                model (local folder or Hub id, e.g. gpt2).
+            revision: For Hub ids: a branch, tag or commit.
+            lora: Train LoRA adapters instead of all weights: {r, alpha, dropout, targets}, targets by
+                lmforge or Hugging Face module name (q_proj, v_proj, c_attn, o_proj, up_proj, ...).
+            optimizer: An optimizer plugin and its arguments.
+            scheduler: A learning-rate schedule plugin and its arguments.
+            model_options: Settings of the base model that may change: dropout, attention, loss, block_size.
+        """
+        super().__init__(base, revision, lora, optimizer, scheduler, model_options)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def _loss(self, batch: dict[str, Tensor], reduction: str = "mean") -> Tensor:
+        # Right padding needs no attention mask: with causal attention no real token sees a pad.
+        return self.model.loss(
+            batch["input_ids"],
+            batch["labels"],
+            segment_ids=batch.get("segment_ids"),
+            position_ids=batch.get("position_ids"),
+            reduction=reduction,
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], metric: MeanMetric) -> None:
+        n = (batch["labels"] != -100).sum()
+        if n > 0:  # a token-weighted mean over the whole split
+            metric.update(self._loss(batch, reduction="sum") / n, weight=n)
+
+    def _eval_end(self, stage: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/ppl", loss.exp())
+        if self.trainer.state.fn != "fit":
+            self._write_results(stage, {f"{stage}/loss": float(loss), f"{stage}/ppl": float(loss.exp())})
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val", self.val_loss)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test", self.test_loss)
+
+
+class ClassifierModule(FinetuneModule):
+    """Sequence classification: the decoder's last real token through a linear ``score`` head."""
+
+    task = "classify"
+
+    def __init__(
+        self,
+        base: str,
+        revision: str | None = None,
+        labels: list[str] | None = None,
+        lora: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999]},
+        scheduler: dict[str, Any] = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
+        model_options: dict[str, Any] = {},
+    ) -> None:
+        """
+        Args:
+            base: Where to start: an lmforge .ckpt, a folder written by ``lmforge export``, or a Hugging Face
+                model (local folder or Hub id).
+            revision: For Hub ids: a branch, tag or commit.
+            labels: Class names in id order; default: taken from the data module (its training labels).
+            lora: Train LoRA adapters (and the head) instead of all weights: {r, alpha, dropout, targets}.
+            optimizer: An optimizer plugin and its arguments.
+            scheduler: A learning-rate schedule plugin and its arguments.
+            model_options: Settings of the base model that may change: dropout, attention, loss, block_size.
+        """
+        super().__init__(base, revision, lora, optimizer, scheduler, model_options)
+        if not self.config.tie_embeddings:
+            self.model.lm_head = None  # a classifier has no LM head (as transformers' *ForSequenceClassification)
+        self.labels: list[str] | None = None
+        self.score: nn.Linear | None = None
+        if labels is not None:
+            self._build_head(list(labels))
+
+    def _build_head(self, labels: list[str]) -> None:
+        if len(labels) < 2:
+            raise ValueError(f"classification needs at least 2 labels, got {labels!r}")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model.labels has duplicates: {labels!r}")
+        self.labels = [str(x) for x in labels]
+        self.score = nn.Linear(self.config.n_embd, len(labels), bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
+        n = len(labels)
+        self.metrics = nn.ModuleDict(
+            {
+                stage: nn.ModuleDict(
+                    {
+                        "acc": MulticlassAccuracy(n, average="micro"),
+                        "f1": MulticlassF1Score(n, average="macro"),
+                        "confusion": MulticlassConfusionMatrix(n),
+                        "precision": MulticlassPrecision(n, average=None),
+                        "recall": MulticlassRecall(n, average=None),
+                        "per_class_f1": MulticlassF1Score(n, average=None),
+                    }
+                )
+                for stage in ("val", "test")
+            }
+        )
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        names = getattr(self._datamodule(), "label_names", None)
+        if self.labels is None:
+            if names is None:
+                raise ValueError("model.labels is not set and the data module does not provide label names")
+            self._build_head(list(names))
+        elif names is not None and list(names) != self.labels:
+            raise ValueError(
+                f"data labels {list(names)!r} differ from the model's {self.labels!r}; "
+                "set data.labels to the model's labels (same order)"
+            )
+
+    def _optimized_module(self) -> nn.Module:
+        return self  # the backbone (or its adapters) and the head
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Class logits (B, num_labels), pooled at each row's last real (non-padding) token."""
+        h = self.model.hidden_states(input_ids)  # right padding: no real token attends to a pad
+        if attention_mask is None:
+            last = torch.full((input_ids.size(0),), input_ids.size(1) - 1, device=input_ids.device)
+        else:
+            last = attention_mask.long().sum(dim=1) - 1
+        pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
+        return self.score(pooled)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(-1) == batch["labels"]).float().mean(), prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        y = batch["labels"]
+        getattr(self, f"{stage}_loss").update(F.cross_entropy(logits.float(), y), weight=y.numel())
+        for metric in self.metrics[stage].values():
+            metric.update(logits, y)
+
+    def _eval_end(self, stage: str) -> None:
+        loss_metric = getattr(self, f"{stage}_loss")
+        metrics = self.metrics[stage]
+        values = {f"{stage}/loss": loss_metric.compute(), f"{stage}/acc": metrics["acc"].compute()}
+        values[f"{stage}/f1_macro"] = metrics["f1"].compute()
+        self.log_dict(values, prog_bar=True)
+        report = self._report(stage)
+        for metric in (*metrics.values(), loss_metric):
+            metric.reset()
+        if self.trainer.state.fn != "fit" and not self.trainer.sanity_checking:
+            self.print(format_report(report))
+            self._write_results(stage, {**{k: float(v) for k, v in values.items()}, "report": report})
+
+    def _report(self, stage: str) -> dict:
+        m = self.metrics[stage]
+        confusion = m["confusion"].compute().long()
+        precision, recall, f1 = m["precision"].compute(), m["recall"].compute(), m["per_class_f1"].compute()
+        support = confusion.sum(dim=1)
+        return {
+            "labels": self.labels,
+            "per_class": {
+                label: {
+                    "precision": float(precision[i]),
+                    "recall": float(recall[i]),
+                    "f1": float(f1[i]),
+                    "support": int(support[i]),
+                }
+                for i, label in enumerate(self.labels)
+            },
+            "confusion_matrix": confusion.tolist(),
+        }
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
+        probs = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+        return [{"label": self.labels[int(p.argmax())], "probs": p.tolist()} for p in probs]
+
+    def _metadata(self) -> dict:
+        return {**super()._metadata(), "labels": self.labels}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = (checkpoint.get("lmforge") or {}).get("labels")
+        if saved is not None and self.labels is not None and list(saved) != self.labels:
+            raise ValueError(f"checkpoint was trained with labels {saved!r}, this run has {self.labels!r}")
+
+
+def format_report(report: dict) -> str:
+    """A per-class table (precision, recall, F1, support) and the confusion matrix, as text."""
+    labels = report["labels"]
+    width = max(8, *(len(x) for x in labels))
+    lines = [f"{'class':<{width}}  precision  recall      f1  support"]
+    for label in labels:
+        r = report["per_class"][label]
+        lines.append(f"{label:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:6.3f}  {r['support']:7d}")
+    lines.append("")
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    lines.append(" " * width + "  " + "  ".join(f"{x[:8]:>8}" for x in labels))
+    for label, row in zip(labels, report["confusion_matrix"]):
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{v:>8d}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""The ``gguf`` exporter: an lmforge checkpoint as one GGUF file for llama.cpp.
+
+It writes what llama.cpp's convert_hf_to_gguf.py writes for the same model in Hugging Face form:
+
+- GPT-2 family models (learned positions, LayerNorm, GELU) as the ``gpt2`` architecture: q, k and v
+  fused into ``attn_qkv`` (in that order, weights and biases), every bias present (zeros for a model
+  trained without biases: llama.cpp's gpt2 requires them, and a zero bias is the same function);
+- Llama family models (RoPE, RMSNorm, SwiGLU) as the ``llama`` architecture: separate ``attn_q``,
+  ``attn_k`` and ``attn_v``, the q and k rows permuted from the rotate-half RoPE layout lmforge (and
+  Hugging Face) use to GGML's interleaved pairs, as ``LlamaModel.permute`` does.
+
+Tensor types follow convert_hf_to_gguf.py: norms, biases, other 1-D tensors and the position
+embedding stay F32; 2-D weights take the requested type, and for q8_0 a matrix whose rows do not
+split into 32-value blocks falls back to F16. A tied output head is not stored (llama.cpp reuses
+``token_embd``). The file is written into a temporary folder beside ``out_dir`` that is renamed to
+``out_dir`` at the end, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import MODEL_TENSOR as T
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFValueType
+
+from lmforge.export import read_checkpoint
+from lmforge.model import GPTConfig
+from lmforge_gguf.vocab import Vocab, vocab_for
+
+DTYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
+    "f32": (gguf.LlamaFileType.ALL_F32, QType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, QType.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, QType.BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, QType.Q8_0),
+}
+"""dtype argument -> (general.file_type, the type of 2-D weight matrices)."""
+
+ARCHS: dict[gguf.MODEL_ARCH, dict[str, str]] = {
+    gguf.MODEL_ARCH.GPT2: {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu"},
+    gguf.MODEL_ARCH.LLAMA: {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+}
+"""The llama.cpp architectures written, and the lmforge model options each one computes."""
+
+
+def export_gguf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f16", filename: str | None = None) -> Path:
+    """Write the model of ``checkpoint`` as ``out_dir/<name>.gguf`` (``out_dir`` must not exist yet).
+
+    Args:
+        checkpoint: A .ckpt written by ``lmforge fit``.
+        out_dir: The folder to create.
+        dtype: Type of the 2-D weight matrices: f32, f16, bf16 or q8_0 (norms and biases stay f32).
+        filename: Name of the file in ``out_dir``; default ``<run>-<dtype>.gguf``, where <run> is the run
+            folder of ``runs/<run>/checkpoints/*.ckpt`` (else the checkpoint's file name).
+    """
+    key = dtype.lower() if isinstance(dtype, str) else dtype
+    if key not in DTYPES:
+        raise ValueError(f"exporter gguf: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"export folder {out_dir} already exists; remove it or choose another --to")
+    name = model_name(checkpoint)
+    file = _file_name(filename if filename is not None else f"{name}-{key}")
+    file_type, matrix_type = DTYPES[key]
+
+    # everything that can fail on the model is checked before anything is created
+    config, state, tokenizer = read_checkpoint(checkpoint)
+    arch = choose_arch(config)
+    vocab = vocab_for(tokenizer, config.vocab_size)
+    tensors = [(n, *encode(n, data, matrix_type)) for n, data in gguf_tensors(config, state, arch)]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        writer = _Writer(tmp / file, gguf.MODEL_ARCH_NAMES[arch])
+        try:
+            _add_metadata(writer, arch, config, name, file_type, vocab)
+            for tensor_name, data, qtype in tensors:
+                writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        if out_dir.exists():
+            raise FileExistsError(f"export folder {out_dir} appeared while exporting; nothing was written there")
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def model_name(checkpoint: str | Path) -> str:
+    """``gpt-small`` for ``runs/gpt-small/checkpoints/last.ckpt``; the file's stem for other paths."""
+    path = Path(checkpoint).absolute()
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        return path.parent.parent.name
+    return path.stem
+
+
+def _file_name(filename: Any) -> str:
+    if not isinstance(filename, str) or filename in ("", ".", "..") or "/" in filename or os.sep in filename:
+        raise ValueError(f"exporter gguf: filename={filename!r} must be a plain file name (it goes inside out_dir)")
+    return filename if filename.endswith(".gguf") else filename + ".gguf"
+
+
+def choose_arch(config: GPTConfig) -> gguf.MODEL_ARCH:
+    """gpt2 or llama, whichever computes exactly this model; a ValueError naming what neither can express."""
+    refusals = []
+    for arch, needs in ARCHS.items():
+        off = [f"{key}={getattr(config, key)}" for key, value in needs.items() if getattr(config, key) != value]
+        if not off:
+            return arch
+        wants = ", ".join(f"{key}={value}" for key, value in needs.items())
+        refusals.append(f"{gguf.MODEL_ARCH_NAMES[arch]} ({wants}) cannot express {', '.join(off)}")
+    raise ValueError(f"exporter gguf: no llama.cpp architecture computes this model: {'; '.join(refusals)}")
+
+
+def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Rows of q or k (weight or bias) from the rotate-half RoPE layout to GGML's interleaved pairs.
+
+    convert_hf_to_gguf.py's ``LlamaModel.permute``: within each head, row ``j * head_dim / 2 + i``
+    (half j of rotation pair i) moves to row ``2 * i + j``.
+    """
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def gguf_tensors(
+    config: GPTConfig, state: dict[str, torch.Tensor], arch: gguf.MODEL_ARCH
+) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in PyTorch (out, in) orientation) for every tensor of the file."""
+    gpt2 = arch == gguf.MODEL_ARCH.GPT2
+    allowed = gguf.MODEL_TENSORS[arch]
+    out: list[tuple[str, np.ndarray]] = []
+
+    def get(key: str) -> np.ndarray:
+        if key not in state:
+            raise ValueError(f"exporter gguf: the checkpoint has no tensor {key!r} although its model config needs it")
+        return state[key].detach().to(torch.float32).cpu().numpy()
+
+    def bias(key: str, size: int) -> np.ndarray | None:
+        if config.bias:
+            return get(key)
+        # llama.cpp's gpt2 requires every bias; a zero bias computes the same function as none
+        return np.zeros(size, dtype=np.float32) if gpt2 else None
+
+    def add(kind: T, value: np.ndarray | None, bid: int | None = None, suffix: str = "weight") -> None:
+        assert kind in allowed, f"{kind.name} is not a {gguf.MODEL_ARCH_NAMES[arch]} tensor"
+        if value is not None:
+            out.append((f"{gguf.TENSOR_NAMES[kind].format(bid=bid)}.{suffix}", value))
+
+    C, nh, nkv, hs, ff = config.n_embd, config.n_head, config.kv_heads, config.head_dim, config.mlp_width
+    add(T.TOKEN_EMBD, get("wte.weight"))
+    if gpt2:
+        add(T.POS_EMBD, get("wpe.weight"))
+    for i in range(config.n_layer):
+        p = f"blocks.{i}."
+        add(T.ATTN_NORM, get(p + "ln_1.weight"), i)
+        if gpt2:
+            add(T.ATTN_NORM, bias(p + "ln_1.bias", C), i, "bias")
+        q, k, v = (get(f"{p}attn.{x}_proj.weight") for x in "qkv")
+        bq, bk, bv = (bias(f"{p}attn.{x}_proj.bias", n) for x, n in zip("qkv", (nh * hs, nkv * hs, nkv * hs)))
+        if gpt2:
+            add(T.ATTN_QKV, np.concatenate([q, k, v]), i)
+            add(T.ATTN_QKV, np.concatenate([bq, bk, bv]), i, "bias")
+        else:
+            add(T.ATTN_Q, permute_rope(q, nh), i)
+            add(T.ATTN_K, permute_rope(k, nkv), i)
+            add(T.ATTN_V, v, i)
+            add(T.ATTN_Q, None if bq is None else permute_rope(bq, nh), i, "bias")
+            add(T.ATTN_K, None if bk is None else permute_rope(bk, nkv), i, "bias")
+            add(T.ATTN_V, bv, i, "bias")
+        add(T.ATTN_OUT, get(p + "attn.c_proj.weight"), i)
+        add(T.ATTN_OUT, bias(p + "attn.c_proj.bias", C), i, "bias")
+        add(T.FFN_NORM, get(p + "ln_2.weight"), i)
+        if gpt2:
+            add(T.FFN_NORM, bias(p + "ln_2.bias", C), i, "bias")
+        if config.mlp == "swiglu":  # h = silu(gate(x)) * c_fc(x): llama.cpp's silu(ffn_gate) * ffn_up
+            add(T.FFN_GATE, get(p + "mlp.gate.weight"), i)
+            add(T.FFN_GATE, bias(p + "mlp.gate.bias", ff), i, "bias")
+        add(T.FFN_UP, get(p + "mlp.c_fc.weight"), i)
+        add(T.FFN_UP, bias(p + "mlp.c_fc.bias", ff), i, "bias")
+        add(T.FFN_DOWN, get(p + "mlp.c_proj.weight"), i)
+        add(T.FFN_DOWN, bias(p + "mlp.c_proj.bias", C), i, "bias")
+    add(T.OUTPUT_NORM, get("ln_f.weight"))
+    if gpt2:
+        add(T.OUTPUT_NORM, bias("ln_f.bias", C), None, "bias")
+    if not config.tie_embeddings:
+        add(T.OUTPUT, get("lm_head.weight"))
+    return out
+
+
+def encode(name: str, data: np.ndarray, matrix_type: QType) -> tuple[np.ndarray, QType]:
+    """(the bytes or values to store, their GGML type) for one tensor, by convert_hf_to_gguf.py's rules."""
+    keep_f32 = (
+        data.ndim <= 1
+        or name.endswith("_norm.weight")
+        or not name.endswith(".weight")
+        or name.startswith(gguf.TENSOR_NAMES[T.POS_EMBD] + ".")
+    )
+    qtype = QType.F32 if keep_f32 else matrix_type
+    try:
+        return gguf.quants.quantize(data, qtype), qtype
+    except gguf.QuantError:  # rows that do not split into q8_0's 32-value blocks
+        return gguf.quants.quantize(data, QType.F16), QType.F16
+
+
+def _add_metadata(
+    writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, config: GPTConfig, name: str, file_type: int, vocab: Vocab
+) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(config.mlp_width)
+    writer.add_block_count(config.n_layer)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.kv_heads)
+    writer.add_vocab_size(config.vocab_size)
+    if arch == gguf.MODEL_ARCH.GPT2:
+        writer.add_layer_norm_eps(config.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    # llama.cpp refuses a gpt2 vocabulary without the merges key, even when there are none (the byte
+    # tokenizer): write the array, empty if need be (GGUFWriter.add_token_merges drops empty arrays)
+    writer.add_key_value(gguf.Keys.Tokenizer.MERGES, vocab.merges, GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+class _Writer(gguf.GGUFWriter):
+    """GGUFWriter that can also write an empty typed array (the GGUF format allows it; the writer refuses)."""
+
+    def _pack_val(
+        self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None
+    ) -> bytes:
+        if vtype == GGUFValueType.ARRAY and sub_type is not None and isinstance(val, Sequence) and len(val) == 0:
+            head = self._pack("I", vtype) if add_vtype else b""
+            return head + self._pack("I", sub_type) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)

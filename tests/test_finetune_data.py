@@ -1,0 +1,441 @@
+"""The fine-tuning data modules: SFT (prompt/completion, chat, masking, truncation, packing) and classification."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmforge.data.classify import ClassificationDataModule
+from lmforge.data.sft import IGNORE_INDEX, SFTDataModule, pack
+from lmforge.data.sources import CorpusError
+from lmforge.model import GPTConfig
+from lmforge.tokenizers import ByteTokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
+EOS = ByteTokenizer.eos_id
+
+
+class BosTokenizer(ByteTokenizer):
+    """Bytes plus a beginning-of-sequence token 257."""
+
+    vocab_size = 258
+    bos_id = 257
+
+
+def write_jsonl(path: Path, records: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def write_text(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def sft(train: str, max_length: int = 64, tokenizer=None, **kwargs) -> SFTDataModule:
+    dm = SFTDataModule(train, **kwargs)
+    dm.set_tokenizer(tokenizer or ByteTokenizer(), max_length)
+    dm.setup("fit")
+    return dm
+
+
+def all_batches(loader) -> list[dict[str, torch.Tensor]]:
+    return list(loader)
+
+
+def unmasked(input_ids: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    return labels[labels != IGNORE_INDEX].tolist()
+
+
+PC = [
+    {"prompt": "Q: one\nA:", "completion": " 1"},
+    {"prompt": "Question: three plus four\nA:", "completion": " seven"},
+    {"prompt": "", "completion": "no prompt"},
+]
+
+
+# -- SFT: masking --------------------------------------------------------------------------------------------
+
+
+def test_prompt_masking_and_padding(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", PC)
+    dm = sft(train, val=train, batch_size=3)
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.bool
+    B, T = batch["input_ids"].shape
+    tok = ByteTokenizer()
+    lengths = [len(tok.encode(r["prompt"] + r["completion"] + "!")) - 1 for r in PC]  # len(ids) - 1 (! is the EOS)
+    assert (B, T) == (3, max(lengths))
+    for b, record in enumerate(PC):
+        n_prompt = len(tok.encode(record["prompt"]))
+        ids = tok.encode(record["prompt"]) + tok.encode(record["completion"]) + [EOS]
+        n = lengths[b]
+        assert batch["input_ids"][b, :n].tolist() == ids[:-1]
+        assert (batch["input_ids"][b, n:] == EOS).all()  # right padding with the EOS id
+        assert batch["attention_mask"][b].tolist() == [True] * n + [False] * (T - n)
+        labels = batch["labels"][b].tolist()
+        # target t is ids[t + 1]: masked exactly while it is a prompt token, and on padding
+        expected = [IGNORE_INDEX if t + 1 < n_prompt else ids[t + 1] for t in range(n)] + [IGNORE_INDEX] * (T - n)
+        assert labels == expected
+        kept = [x for x in labels if x != IGNORE_INDEX]
+        # the loss covers the completion and the EOS (without a prompt or bos, the first token has no context)
+        completion = record["completion"] if record["prompt"] else record["completion"][1:]
+        assert kept[-1] == EOS and tok.decode(kept[:-1]) == completion
+
+
+def test_prompt_and_completion_tokenized_separately(tmp_path):
+    seen = []
+
+    class Recording(ByteTokenizer):
+        def encode(self, text):
+            seen.append(text)
+            return super().encode(text)
+
+    train = write_jsonl(tmp_path / "t.jsonl", PC[:2])
+    sft(train, val=train, tokenizer=Recording())
+    assert seen == ["Q: one\nA:", " 1", "Question: three plus four\nA:", " seven"] * 2  # once each, train and val
+
+
+def test_chat_masking(tmp_path):
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Name?"},
+            {"role": "assistant", "content": "Forge"},
+            {"role": "user", "content": "ignored: after the last answer"},
+        ]
+    }
+    train = write_jsonl(tmp_path / "chat.jsonl", [record])
+    dm = sft(train, val=train, max_length=128)
+    batch = next(iter(dm.train_dataloader()))
+    tok = ByteTokenizer()
+    e = tok.encode
+    expected = (
+        e("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n")
+        + e("Hello")
+        + [EOS]
+        + e("\n<|user|>\nName?\n<|assistant|>\n")
+        + e("Forge")
+        + [EOS]
+    )
+    assert batch["input_ids"][0].tolist() == expected[:-1]
+    trained = set(range(len(e("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n")), len(expected)))
+    first_tail = len(e("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello")) + 1
+    trained -= set(range(first_tail, first_tail + len(e("\n<|user|>\nName?\n<|assistant|>\n"))))
+    labels = batch["labels"][0].tolist()
+    assert [i + 1 for i, x in enumerate(labels) if x != IGNORE_INDEX] == sorted(trained)
+    assert unmasked(batch["input_ids"][0], batch["labels"][0]) == e("Hello") + [EOS] + e("Forge") + [EOS]
+
+
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([{"role": "user", "content": "hi"}], "no assistant message"),
+        ([{"role": "bot", "content": "hi"}], r"role 'bot'; use one of system, user, assistant"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
+            r"messages\[1\] \(assistant\) is empty",
+        ),
+        ([{"role": "user"}], r"messages\[0\] needs 'role' and 'content'"),
+    ],
+)
+def test_chat_errors(tmp_path, messages, match):
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    with pytest.raises(CorpusError, match=f"chat.jsonl line 1: .*{match}"):
+        sft(train, val=train)
+
+
+def test_bos(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "ab", "completion": "cd"}, {"prompt": "", "completion": "x"}])
+    dm = sft(train, val=train, tokenizer=BosTokenizer(), batch_size=2)
+    batch = next(iter(dm.val_dataloader()))
+    a, b, c, d, x = (ord(ch) for ch in "abcdx")
+    assert batch["input_ids"][0].tolist() == [257, a, b, c, d]
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, c, d, EOS]
+    assert batch["input_ids"][1].tolist() == [257, x, EOS, EOS, EOS]  # padded
+    assert batch["labels"][1].tolist() == [x, EOS, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]  # bos predicts x
+
+
+# -- SFT: truncation -----------------------------------------------------------------------------------------
+
+LONG = [{"prompt": "p" * 20, "completion": "c" * 5}, {"prompt": "q", "completion": "short"}]
+
+
+def test_truncation_error(tmp_path):
+    train = write_jsonl(tmp_path / "long.jsonl", LONG)
+    with pytest.raises(CorpusError) as err:
+        sft(train, val=train, max_length=10)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "long.jsonl line 1" in message and "26 tokens" in message and "max_length=10" in message
+    assert "truncate_prompt" in message and "drop" in message
+
+
+def test_truncate_prompt_keeps_bos_and_completion(tmp_path, caplog):
+    train = write_jsonl(tmp_path / "long.jsonl", LONG)
+    with caplog.at_level(logging.INFO, logger="lmforge"):
+        dm = sft(train, val=train, max_length=10, truncation="truncate_prompt", tokenizer=BosTokenizer())
+    ex = dm.examples["val"][0]
+    assert len(ex) == 10
+    assert ex.input_ids.tolist() == [257] + [ord("p")] * 4 + [ord("c")] * 5  # 16 prompt tokens gone from the left
+    assert unmasked(ex.input_ids, ex.labels) == [ord("c")] * 5 + [EOS]
+    assert dm.stats["truncated"] == 2 and dm.stats["completion_cut"] == 0  # once in train, once in val
+    assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_truncate_prompt_cuts_completion_when_it_alone_is_too_long(tmp_path):
+    train = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "pp", "completion": "c" * 30}])
+    dm = sft(train, val=train, max_length=8, truncation="truncate_prompt")
+    ex = dm.examples["val"][0]
+    assert len(ex) == 8
+    assert ex.input_ids.tolist() == [ord("c")] * 8
+    assert EOS not in ex.labels.tolist()  # cut on the right: no end-of-text
+    assert dm.stats["completion_cut"] == 2
+
+
+def test_truncation_drop(tmp_path):
+    train = write_jsonl(tmp_path / "long.jsonl", LONG)
+    dm = sft(train, val=train, max_length=10, truncation="drop")
+    assert dm.num_examples == 1 and dm.stats["dropped"] == 2
+    assert ByteTokenizer().decode(dm.examples["train"][0].input_ids.tolist()) == "qshort"
+    only_long = write_jsonl(tmp_path / "only.jsonl", LONG[:1])
+    with pytest.raises(CorpusError, match="no train examples left"):
+        sft(only_long, val=only_long, max_length=10, truncation="drop")
+
+
+# -- SFT: packing --------------------------------------------------------------------------------------------
+
+
+def test_packing(tmp_path):
+    records = [{"prompt": f"P{i}:" + "x" * (i % 7), "completion": "y" * (1 + i % 5)} for i in range(40)]
+    train = write_jsonl(tmp_path / "t.jsonl", records)
+    plain = sft(train, val=train, max_length=24)
+    packed = sft(train, val=train, max_length=24, packing=True, batch_size=4)
+    expected = Counter((tuple(ex.input_ids.tolist()), tuple(ex.labels.tolist())) for ex in plain.examples["train"])
+    for epoch in range(2):
+        found = Counter()
+        for batch in packed.train_dataloader():
+            assert set(batch) == {"input_ids", "labels", "attention_mask", "segment_ids", "position_ids"}
+            assert batch["input_ids"].shape[1] == 24
+            for row in range(batch["input_ids"].shape[0]):
+                seg, pos = batch["segment_ids"][row], batch["position_ids"][row]
+                mask = batch["attention_mask"][row]
+                assert mask.tolist() == (seg > 0).tolist()
+                assert (batch["labels"][row][~mask] == IGNORE_INDEX).all()
+                assert (batch["input_ids"][row][~mask] == EOS).all()
+                n_docs = int(seg.max())
+                assert seg[mask].tolist() == sorted(seg[mask].tolist())  # documents contiguous, 1, 2, 3...
+                for doc in range(1, n_docs + 1):
+                    where = (seg == doc).nonzero().flatten()
+                    assert pos[where].tolist() == list(range(len(where)))  # positions restart per document
+                    ids = tuple(batch["input_ids"][row][where].tolist())
+                    labels = tuple(batch["labels"][row][where].tolist())
+                    found[(ids, labels)] += 1  # a whole example: it must equal an unpacked one
+        assert found == expected, f"epoch {epoch}: every example exactly once, none split"
+    assert packed.stats["packed_rows"] < len(records)
+
+
+def test_pack_best_fit():
+    rows = pack([5, 3, 4, 2, 6], capacity=8)
+    assert sorted(i for row in rows for i in row) == [0, 1, 2, 3, 4]
+    assert all(sum([5, 3, 4, 2, 6][i] for i in row) <= 8 for row in rows)
+    assert len(rows) == 3
+
+
+# -- SFT: reading and errors ---------------------------------------------------------------------------------
+
+
+def test_jsonl_bad_line_error_and_skip(tmp_path, caplog):
+    lines = [json.dumps(PC[0]), "", '{"prompt": "a" "completion": "b"}', json.dumps(PC[1]), "[1, 2]", json.dumps(PC[2])]
+    train = write_jsonl(tmp_path / "train.jsonl", lines)
+    with pytest.raises(
+        CorpusError, match=r"train.jsonl line 3: not valid JSON \(Expecting ',' delimiter\).*bad_lines: skip"
+    ):
+        sft(train, val=train)
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        dm = sft(train, val=train, bad_lines="skip")
+    assert dm.num_examples == 3 and dm.stats["skipped_lines"] == 4  # 2 bad lines, in train and in val
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "skipped 2 bad line(s) (line 3, 5)" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ({"prompt": "a", "completion": ""}, r"line 2: the completion \('completion'\) is empty"),
+        (
+            {"prompt": "a", "answer": "b"},
+            r"line 2: no field 'completion' \(the record has 'prompt', 'answer'\); set data.completion_field",
+        ),
+        ({"prompt": 3, "completion": "b"}, r"line 2: field 'prompt' is int, not text"),
+    ],
+)
+def test_record_errors(tmp_path, record, match):
+    train = write_jsonl(tmp_path / "train.jsonl", [PC[0], record])
+    with pytest.raises(CorpusError, match=match):
+        sft(train, val=train)
+
+
+def test_file_errors(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", PC)
+    with pytest.raises(CorpusError, match=r"missing.jsonl not found; check data.val"):
+        sft(good, val=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(CorpusError, match=r"unknown format '.txt'"):
+        sft(write_text(tmp_path / "a.txt", "hi"), val=good)
+    with pytest.raises(CorpusError, match=r"empty.jsonl has no records"):
+        sft(write_text(tmp_path / "empty.jsonl", "\n\n"), val=good)
+    with pytest.raises(CorpusError, match=r"no tokenizer"):
+        SFTDataModule(good).setup("fit")
+
+
+def test_json_list_format_and_line_numbers(tmp_path):
+    text = '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c",\n   "completion": ""}\n]\n'
+    path = write_text(tmp_path / "data.json", text)
+    with pytest.raises(CorpusError, match=r"data.json line 3: the completion"):
+        sft(path, val=path)
+    path = write_text(tmp_path / "ok.json", json.dumps(PC, indent=1))
+    assert sft(path, val=path).num_examples == 3
+    path = write_text(tmp_path / "bad.json", '[{"prompt": "a",\n "completion": }]')
+    with pytest.raises(CorpusError, match=r"bad.json line 2 column 16: not valid JSON"):
+        sft(path, val=path)
+
+
+def test_val_split_is_deterministic(tmp_path):
+    records = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(50)]
+    train = write_jsonl(tmp_path / "t.jsonl", records)
+
+    def val_texts(seed):
+        dm = sft(train, val_fraction=0.2, seed=seed)
+        assert dm.stats["examples"] == 40 and dm.stats["val_examples"] == 10
+        assert dm.examples["test"] is dm.examples["val"]
+        return [ByteTokenizer().decode(ex.input_ids.tolist()) for ex in dm.examples["val"]]
+
+    assert val_texts(0) == val_texts(0)
+    assert val_texts(0) != val_texts(1)
+    train_texts = {
+        ByteTokenizer().decode(ex.input_ids.tolist()) for ex in sft(train, val_fraction=0.2).examples["train"]
+    }
+    assert not train_texts & set(val_texts(0))
+
+
+def test_shuffling_is_seeded(tmp_path):
+    records = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(30)]
+    train = write_jsonl(tmp_path / "t.jsonl", records)
+    first = [b["input_ids"].tolist() for b in sft(train, batch_size=4, seed=3).train_dataloader()]
+    again = [b["input_ids"].tolist() for b in sft(train, batch_size=4, seed=3).train_dataloader()]
+    assert first == again
+
+
+def test_tokenizer_and_max_length_from_the_model(tmp_path):
+    train = write_jsonl(tmp_path / "long.jsonl", LONG)
+    dm = SFTDataModule(train, val=train, truncation="drop")
+    module = SimpleNamespace(tokenizer=ByteTokenizer(), config=GPTConfig(vocab_size=320, block_size=10))
+    dm.trainer = SimpleNamespace(lightning_module=module)
+    dm.setup("fit")
+    assert dm.tokenizer is module.tokenizer and dm.stats["dropped"] == 2
+
+
+# -- classification -----------------------------------------------------------------------------------------
+
+CSV = 'text,label\nthe fox runs,animal\nthe king rules,person\n"a river, wide\nand long",place\nthe owl sees,animal\n'
+
+
+def classify(train: str, max_length: int = 32, tokenizer=None, **kwargs) -> ClassificationDataModule:
+    dm = ClassificationDataModule(train, **kwargs)
+    dm.set_tokenizer(tokenizer or ByteTokenizer(), max_length)
+    dm.setup("fit")
+    return dm
+
+
+def test_classification_batches_and_labels(tmp_path):
+    train = write_text(tmp_path / "train.csv", CSV)
+    dm = ClassificationDataModule(train, val=train, batch_size=4)
+    assert dm.label_names == ["animal", "person", "place"]  # before setup, without a tokenizer
+    dm.set_tokenizer(BosTokenizer(), max_length=8)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["labels"].tolist() == [0, 1, 2, 0] and batch["labels"].dtype == torch.long
+    assert batch["input_ids"].shape == (4, 8) and batch["attention_mask"].dtype == torch.bool
+    assert batch["input_ids"][0, :8].tolist() == [257, *b"the fox"]  # bos, then the beginning of the text
+    assert batch["input_ids"][3].tolist() == [257, *b"the owl sees"][:8]
+    assert dm.stats["truncated"] == 2 * 4  # all 4 texts are longer than 8 tokens, in train and in val
+
+
+def test_classification_int_labels_and_given_labels(tmp_path):
+    records = [{"text": f"t{i}", "label": i % 11} for i in range(22)]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    dm = classify(train, val=train)
+    assert dm.label_names == [str(i) for i in range(11)]  # numeric order
+    assert dm.datasets["val"].labels[:11] == list(range(11))
+    dm = ClassificationDataModule(train, val=train, labels=[str(i) for i in reversed(range(11))])
+    assert dm.label_names[0] == "10"
+    with pytest.raises(CorpusError, match=r"train.jsonl line 1: label '0' is not in data.labels \(1, 2\)"):
+        _ = ClassificationDataModule(train, labels=["1", "2"]).label_names
+
+
+def test_classification_unseen_label(tmp_path):
+    train = write_text(tmp_path / "train.csv", CSV)
+    val = write_text(tmp_path / "val.csv", "text,label\nthe fox,animal\n\nthe ship sails,vehicle\n")
+    with pytest.raises(CorpusError) as err:
+        classify(train, val=val)
+    message = str(err.value)
+    assert "val.csv line 4: label 'vehicle'" in message and "animal, person, place" in message
+
+
+def test_classification_missing_column(tmp_path):
+    train = write_text(tmp_path / "train.csv", "sentence,label\nthe fox,animal\n")
+    with pytest.raises(
+        CorpusError, match=r"train.csv: no column 'text' \(the columns are 'sentence', 'label'\); set data.text_field"
+    ):
+        _ = ClassificationDataModule(train).label_names
+    dm = classify(train, val=train, text_field="sentence")
+    assert dm.num_examples == 1
+
+
+def test_classification_csv_line_numbers(tmp_path):
+    # the quoted record spans lines 4-5, the owl is on line 6, the bad record on line 7
+    train = write_text(tmp_path / "train.csv", CSV + "the end,,extra\nthe last,place\n")
+    with pytest.raises(CorpusError, match=r"train.csv line 7: 3 field\(s\), the header has 2"):
+        _ = ClassificationDataModule(train).label_names
+    empty = write_text(tmp_path / "empty.csv", CSV.replace("the owl sees", "  "))
+    with pytest.raises(CorpusError, match=r"empty.csv line 6: the text \('text'\) is empty"):
+        _ = ClassificationDataModule(empty).label_names
+    dm = ClassificationDataModule(train, bad_lines="skip")
+    assert dm.num_examples == 5 and dm._skipped == 1
+
+
+def test_classification_val_split(tmp_path):
+    rows = "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(40))
+    train = write_text(tmp_path / "train.csv", "text,label\n" + rows)
+    a, b = classify(train, val_fraction=0.25), classify(train, val_fraction=0.25)
+    assert len(a.datasets["val"]) == 10 and len(a.datasets["train"]) == 30
+    assert [t.tolist() for t in a.datasets["val"].ids] == [t.tolist() for t in b.datasets["val"].ids]
+    assert a.datasets["test"] is a.datasets["val"]
+
+
+# -- the shipped examples ------------------------------------------------------------------------------------
+
+
+def test_shipped_examples_load(tmp_path):
+    before = sorted(p.name for p in DATA.iterdir())
+    dm = sft(str(DATA / "sft-train.jsonl"), val=str(DATA / "sft-val.jsonl"), max_length=128)
+    assert dm.stats["examples"] >= 700 and dm.stats["val_examples"] >= 90
+    assert dm.stats["truncated"] == dm.stats["dropped"] == 0 and dm.stats["longest"] < 120
+    chat = sft(str(DATA / "chat-train.jsonl"), max_length=128, packing=True)
+    assert chat.stats["examples"] + chat.stats["val_examples"] >= 180
+    cls = classify(str(DATA / "classify-train.csv"), val=str(DATA / "classify-val.csv"), max_length=128)
+    assert len(cls.label_names) == 3
+    assert len(set(cls.stats["label_counts"].values())) == 1  # balanced
+    assert sorted(p.name for p in DATA.iterdir()) == before  # reading writes nothing
+    for path in DATA.iterdir():
+        assert path.stat().st_size < 100_000
