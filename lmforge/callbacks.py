@@ -22,8 +22,16 @@ class TokenThroughput(L.Callback):
         self.window = window
         self._times: list[tuple[float, int]] = []
         self._tokens = 0
+        self.total_tokens = 0
+        """Training tokens over the whole run, resumes included (saved in checkpoints)."""
         self._fit_start = 0.0
         self._first_step: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"total_tokens": self.total_tokens}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.total_tokens = int(state_dict.get("total_tokens", 0))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
@@ -35,6 +43,7 @@ class TokenThroughput(L.Callback):
         now = time.perf_counter()
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         self._tokens += int(ids.numel()) * trainer.world_size
+        self.total_tokens += int(ids.numel()) * trainer.world_size
         if self._first_step is None:
             self._first_step = now
             since = now - PROCESS_START if PROCESS_START is not None else now - self._fit_start
@@ -66,3 +75,32 @@ class TokenThroughput(L.Callback):
                 parts.append(f"corpus entropy {float(val) - float(gap):.4f} nats/token")
         if trainer.is_global_zero:  # plain print: the progress bar is closed by now and would swallow it
             print("lmforge: " + ", ".join(parts), flush=True)
+
+
+def hardware_name() -> str:
+    """The accelerator (or CPU) this process trains on, in words."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def run_facts(trainer: L.Trainer | None) -> dict:
+    """What a checkpoint records about the run that wrote it (for model cards): hardware, tokens, precision."""
+    if trainer is None:
+        return {}
+    tokens = next((cb.total_tokens for cb in trainer.callbacks if isinstance(cb, TokenThroughput)), None)
+    return {
+        "hardware": hardware_name(),
+        "devices": trainer.num_devices * trainer.num_nodes,
+        "precision": str(trainer.precision),
+        "tokens_seen": tokens,
+    }

@@ -220,12 +220,19 @@ def plugins_command(argv: list[str]) -> None:
 
 
 def export_command(argv: list[str]) -> None:
-    """``lmforge export CKPT --to DIR [--format NAME] [--arg KEY=VALUE ...]``: run an exporter plugin."""
+    """``lmforge export CKPT --to DIR [--format NAME] [--arg KEY=VALUE ...] [--push-to-hub REPO_ID]
+    [--private] [--revision BRANCH] [--space DIR] [--push-space SPACE_ID]``: run an exporter plugin,
+    then optionally share the folder on the Hugging Face Hub and write a Gradio demo for it."""
     parser = argparse.ArgumentParser(prog="lmforge export", description=export_command.__doc__)
     parser.add_argument("checkpoint", help="a .ckpt written by lmforge fit")
     parser.add_argument("--to", required=True, help="the folder to create")
-    parser.add_argument("--format", default="safetensors", help="an exporter plugin (see lmforge plugins)")
+    parser.add_argument("--format", default="safetensors", help="an exporter plugin: hf, safetensors, gguf, ...")
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="exporter argument")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--revision", help="upload to this branch (created when missing)")
+    parser.add_argument("--space", metavar="DIR", help="also write a Gradio demo (a Space folder) for the model")
+    parser.add_argument("--push-space", metavar="SPACE_ID", help="upload the demo folder as this Hub Space")
     args = parser.parse_args(argv)
     kwargs = {}
     for item in args.arg:
@@ -233,22 +240,75 @@ def export_command(argv: list[str]) -> None:
         if not sep:
             raise UserError(f"export: --arg {item!r} is not KEY=VALUE")
         kwargs[key] = yaml.safe_load(value)
+    if (args.space or args.push_space) and args.format != "hf":
+        raise UserError("export: --space serves a transformers model; use it with --format hf")
+    if args.push_space and not args.space:
+        raise UserError("export: --push-space needs --space DIR (the demo folder to write and upload)")
+    if args.space and os.path.exists(args.space):
+        raise FileExistsError(f"space folder {args.space} already exists; remove it or choose another")
+    from lmforge import hub
+
+    for repo in (args.push_to_hub, args.push_space):
+        if repo:
+            hub.validate_repo_id(repo)  # before the export, so a typo costs nothing
     out = plugins.build("exporter", {"name": args.format, **kwargs}, args.checkpoint, args.to)
     print(f"lmforge: exported {args.checkpoint} as {args.format} to {out}")
+    if args.push_to_hub:
+        url = hub.push_folder(out, args.push_to_hub, private=args.private, revision=args.revision)
+        print(f"lmforge: pushed {out} to {url}")
+    if args.space:
+        space = hub.write_space(out, args.space, model_repo_id=args.push_to_hub)
+        print(f"lmforge: wrote a Gradio demo to {space}")
+        if args.push_space:
+            url = hub.push_folder(space, args.push_space, private=args.private, repo_type="space")
+            print(f"lmforge: pushed the demo to {url}")
 
 
-COMMANDS = {"plugins": plugins_command, "export": export_command}
+def generate_command(argv: list[str]) -> None:
+    """``lmforge generate MODEL --prompt TEXT``: see lmforge.generate."""
+    from lmforge import generate
+
+    generate.main(argv)
+
+
+def evaluate_command(argv: list[str]) -> None:
+    """``lmforge evaluate MODEL --task ... --data FILE``: see lmforge.evaluate."""
+    from lmforge import evaluate
+
+    evaluate.main(argv)
+
+
+COMMANDS = {
+    "plugins": plugins_command,
+    "export": export_command,
+    "generate": generate_command,
+    "evaluate": evaluate_command,
+}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced, e.g. by pytest's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _show_lmforge_logs() -> None:
-    """lmforge's INFO messages (cache reuse, kernel fallbacks) on stderr, as Lightning shows its own."""
+    """lmforge's INFO messages (cache reuse, kernel fallbacks) on stderr, as Lightning shows its own.
+
+    Records still propagate, so an application's own logging (or pytest's caplog) sees them too; a
+    process without root handlers prints each once."""
     logger = logging.getLogger("lmforge")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("lmforge: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def _one_line(message: str) -> str:
@@ -279,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
                 "parser_mode": "omegaconf",
                 "default_env": False,
                 "description": "Pretrain and fine-tune language models. Also: lmforge plugins [--json], "
-                "lmforge export CKPT --to DIR.",
+                "lmforge export CKPT --to DIR [--format hf] [--push-to-hub REPO_ID], "
+                "lmforge generate MODEL --prompt TEXT, lmforge evaluate MODEL --task TASK --data FILE.",
             },
             save_config_kwargs={"overwrite": True},
             args=argv,

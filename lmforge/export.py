@@ -48,6 +48,8 @@ class Checkpoint:
     """The last logged metrics (val/test loss, ppl, accuracy, ...)."""
     global_step: int = 0
     hparams: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)
+    """What the run recorded about itself: hardware, devices, precision, tokens_seen."""
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -96,6 +98,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         metrics=meta.get("metrics") or {},
         global_step=int(ckpt.get("global_step", 0)),
         hparams=dict(ckpt.get("hyper_parameters") or {}),
+        run=dict(meta.get("run") or {}),
     )
 
 

@@ -33,7 +33,7 @@ from torchmetrics.classification import (
 )
 
 import lmforge
-from lmforge import plugins
+from lmforge import callbacks, plugins
 from lmforge.model import GPT, GPTConfig
 from lmforge.pretrain import LMForgeModule
 
@@ -177,6 +177,7 @@ class FinetuneModule(LMForgeModule):
             "lora": self.lora_settings,
             "lora_base_saved": self.lora_settings is None,
             "metrics": metrics,
+            "run": callbacks.run_facts(self._trainer),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

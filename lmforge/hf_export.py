@@ -445,6 +445,13 @@ def training_facts(ckpt: Checkpoint) -> dict[str, Any]:
         facts[key] = _find(flat, *names)
     facts["optimizer"] = ckpt.hparams.get("optimizer")
     facts["scheduler"] = ckpt.hparams.get("scheduler")
+    for key in ("hardware", "precision", "tokens_seen"):  # recorded by the run itself: preferred
+        if ckpt.run.get(key) is not None:
+            facts[key] = ckpt.run[key]
+    if ckpt.run.get("devices"):
+        facts["hardware"] = (
+            f"{facts.get('hardware')} x {ckpt.run['devices']}" if ckpt.run["devices"] > 1 else facts.get("hardware")
+        )
     return facts
 
 
@@ -456,7 +463,10 @@ def _describe_plugin(spec: Any) -> str:
 
 
 def _tokens_seen(facts: dict) -> tuple[int, str] | None:
-    """(training tokens, how they were counted) when the batch size and sequence length are known."""
+    """(training tokens, how they were counted) when the run counted them, or the batch size and
+    sequence length are known."""
+    if isinstance(facts.get("tokens_seen"), int) and facts["tokens_seen"] > 0:
+        return facts["tokens_seen"], "tokens counted during training (padding included)"
     batch, seq = facts.get("batch_size"), facts.get("seq_len")
     if not (isinstance(batch, int) and isinstance(seq, int) and facts["steps"]):
         return None

@@ -16,6 +16,7 @@ with the Spaces header. Push it with ``push_folder(space_dir, "owner/name", repo
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -184,7 +185,8 @@ def push_folder(
 
     from huggingface_hub import HfApi, constants
 
-    api = HfApi(endpoint=endpoint, token=token)
+    # HF_ENDPOINT is read when called, not only when huggingface_hub was imported (mirrors, tests).
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
     endpoint = api.endpoint or constants.ENDPOINT
     branch = revision if revision and revision != "main" else None
     where = f"{repo_id}" + (f" (branch {branch})" if branch else "")

@@ -159,6 +159,87 @@ class RotaryEmbedding(nn.Module):
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated.
+
+    ``k`` and ``v`` are (n_layer, B, n_kv_head, max_len, head_dim) in the model's dtype; ``mask``
+    (B, max_len) marks the slots that hold real tokens (False for left padding); ``length`` is how
+    many slots are filled. Build one with :meth:`GPT.new_kv_cache` and pass it to
+    ``GPT.forward(idx, kv_cache=cache)``, which writes the new keys/values and advances ``length``.
+    ``max_len`` may exceed ``block_size`` (left padding takes slots), but no token's position may.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        max_len = config.block_size if max_len is None else max_len
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"KVCache: batch_size={batch_size} and max_len={max_len} must be positive")
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self._start = 0  # slots [_start, _end) are being written by the current forward
+        self._end = 0
+        self._attn_mask: Tensor | None = None
+
+    def reset(self) -> None:
+        """Empty the cache (the buffers are reused)."""
+        self.mask.zero_()
+        self.length = 0
+
+    def _begin(self, key_padding_mask: Tensor | None, T: int) -> Tensor:
+        """Reserve T slots for a forward; return the positions' real-token mask (B, end)."""
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache is full: {self.length} cached + {T} new tokens exceed its max_len={self.max_len}"
+            )
+        self.mask[:, start:end] = True if key_padding_mask is None else key_padding_mask.bool()
+        real = self.mask[:, :end]
+        slots = torch.arange(end, device=self.mask.device)
+        causal = slots[None, :] <= slots[start:end, None]  # (T, end): query at slot start+i sees slots <= it
+        attn_mask = real[:, None, None, :] & causal  # (B, 1, T, end)
+        self._start, self._end, self._attn_mask = start, end, attn_mask
+        return real
+
+    def _update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a layer's new keys/values (B, nkv, T, hs); return all of its keys/values so far."""
+        self.k[layer, :, :, self._start : self._end] = k
+        self.v[layer, :, :, self._start : self._end] = v
+        return self.k[layer, :, :, : self._end], self.v[layer, :, :, : self._end]
+
+    def _finish(self) -> None:
+        self.length = self._end
+        self._attn_mask = None
+
+
+class _LayerCache:
+    """One layer's view of a :class:`KVCache`, handed to its attention."""
+
+    def __init__(self, cache: KVCache, layer: int) -> None:
+        self.cache, self.layer = cache, layer
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention of q (B, nh, T, hs) over the cached prefix and the new k, v (B, nkv, T, hs)."""
+        k_all, v_all = self.cache._update(self.layer, k, v)
+        mask = self.cache._attn_mask
+        has_key = mask.any(dim=-1, keepdim=True)  # a padding query may see nothing: let it see all, then zero it
+        y = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=mask | ~has_key, enable_gqa=k_all.size(1) != q.size(1)
+        )
+        return y * has_key.to(y.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -176,6 +257,7 @@ class CausalSelfAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
+        kv_cache: _LayerCache | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         hs, nh, nkv = self.config.head_dim, self.config.n_head, self.config.kv_heads
@@ -184,6 +266,9 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rope is not None:
             q, k = self.rope(q, position_ids), self.rope(k, position_ids)
+        if kv_cache is not None:  # decoding: SDPA with an explicit mask over the cached keys, any device
+            y = kv_cache.attend(q, k, v)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, nh * hs))
         dropout = self.config.dropout if self.training else 0.0
         y = ops.attention(
             q, k, v, causal=True, dropout_p=dropout, backend=self.config.attention,
@@ -224,8 +309,9 @@ class Block(nn.Module):
         key_padding_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
+        kv_cache: _LayerCache | None = None,
     ) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, segment_ids, position_ids))
+        x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, segment_ids, position_ids, kv_cache))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -263,19 +349,32 @@ class GPT(nn.Module):
         """Parameter count, shared (tied) tensors counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for this model (its device and dtype); max_len defaults to block_size."""
+        return KVCache(self.config, batch_size, max_len, device=self.wte.weight.device, dtype=self.wte.weight.dtype)
+
     def hidden_states(
         self,
         idx: Tensor,
         key_padding_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Tensor:
         """Final normalised hidden states (B, T, C) for token ids idx (B, T).
 
         key_padding_mask (B, T; True = real token) hides padding from attention; segment_ids (B, T)
         keeps packed documents from attending to each other; position_ids (B, T) restart the
         positions of each packed document (default 0..T-1).
+
+        With a kv_cache (decoding), idx holds the tokens after the cached ones: their keys/values are
+        stored and they attend to the cached prefix and, causally, to each other. key_padding_mask
+        then marks the new tokens that are real (False for left padding); position_ids default to
+        each token's index among its row's real tokens, so left-padded rows get the positions they
+        would have alone.
         """
+        if kv_cache is not None:
+            return self._cached_hidden_states(idx, kv_cache, key_padding_mask, segment_ids, position_ids)
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
@@ -287,15 +386,47 @@ class GPT(nn.Module):
             x = block(x, key_padding_mask, segment_ids, position_ids)
         return self.ln_f(x)
 
+    def _cached_hidden_states(
+        self,
+        idx: Tensor,
+        kv_cache: KVCache,
+        key_padding_mask: Tensor | None,
+        segment_ids: Tensor | None,
+        position_ids: Tensor | None,
+    ) -> Tensor:
+        B, T = idx.shape
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) cannot be used with a kv_cache")
+        if B != kv_cache.batch_size:
+            raise ValueError(f"batch of {B} rows given to a KV cache built for {kv_cache.batch_size}")
+        start = kv_cache.length
+        real = kv_cache._begin(key_padding_mask, T)  # (B, start + T)
+        if position_ids is None:
+            position_ids = (real.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
+        if T and int(position_ids.max()) >= self.config.block_size:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond block_size={self.config.block_size}: "
+                f"the model has no position for more than {self.config.block_size} tokens"
+            )
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None, None, position_ids, _LayerCache(kv_cache, i))
+        kv_cache._finish()
+        return self.ln_f(x)
+
     def forward(
         self,
         idx: Tensor,
         key_padding_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Tensor:
-        """Logits (B, T, vocab_size) for token ids idx (B, T)."""
-        return self.lm_head(self.hidden_states(idx, key_padding_mask, segment_ids, position_ids))
+        """Logits (B, T, vocab_size) for token ids idx (B, T); with a kv_cache, see :meth:`hidden_states`."""
+        return self.lm_head(self.hidden_states(idx, key_padding_mask, segment_ids, position_ids, kv_cache))
 
     def loss(
         self,

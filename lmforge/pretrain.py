@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 import lmforge
-from lmforge import plugins
+from lmforge import callbacks, plugins
 from lmforge.model import GPT, GPTConfig
 
 
@@ -129,21 +129,22 @@ class PretrainModule(LMForgeModule):
 
     @torch.no_grad()
     def predict_step(self, batch: Tensor, batch_idx: int) -> str:
-        """Continue a prompt (1, T) by sampling; prints and returns the text."""
-        idx = batch
-        for _ in range(self.hparams.max_new_tokens):
-            logits = self.model(idx[:, -self.config.block_size :])[:, -1, :].float()  # (1, V)
-            if self.hparams.temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / self.hparams.temperature
-                if self.hparams.top_k:
-                    kth = torch.topk(logits, min(self.hparams.top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
-            idx = torch.cat((idx, nxt), dim=1)
+        """Continue a prompt (1, T) with key/value-cache sampling (lmforge.generate); prints and returns the text."""
+        from lmforge.generate import generate_ids
+
         tokenizer = self._tokenizer()
-        text = tokenizer.decode(idx[0].tolist()) if tokenizer is not None else str(idx[0].tolist())
+        prompt = batch[0].tolist()[-(self.config.block_size - 1) :]
+        new = generate_ids(
+            self.model,
+            [prompt],
+            max_new_tokens=min(self.hparams.max_new_tokens, self.config.block_size - len(prompt)),
+            temperature=self.hparams.temperature,
+            top_k=self.hparams.top_k,
+            eos_id=tokenizer.eos_id if tokenizer is not None else None,
+            vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
+        )[0]
+        ids = prompt + new
+        text = tokenizer.decode(ids) if tokenizer is not None else str(ids)
         self.print(text)
         return text
 
@@ -176,6 +177,7 @@ class PretrainModule(LMForgeModule):
             "version": lmforge.__version__,
             "model_config": self.config.to_dict(),
             "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+            "run": callbacks.run_facts(self._trainer),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

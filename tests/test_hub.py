@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import torch
 import yaml
 
 from lmforge import hub
@@ -516,3 +517,30 @@ def test_write_space_refusals_leave_nothing_behind(lm_dir, tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         write_space(lm_dir, tmp_path / "space")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lmforge-export", "taken"]
+
+
+def test_export_command_pushes_and_writes_a_space(fake_hub, tmp_path, monkeypatch, capsys):
+    """``lmforge export --format hf --push-to-hub ... --private --space DIR``, end to end on the fake Hub."""
+    import lmforge
+    from lmforge import cli
+    from lmforge.model import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in GPT(config).state_dict().items()},
+        "lmforge": {"version": lmforge.__version__, "model_config": config.to_dict(), "tokenizer": {"type": "bytes"}},
+    }
+    torch.save(ckpt, tmp_path / "tiny.ckpt")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out, space = tmp_path / "hf-out", tmp_path / "space"
+    cli.main(
+        ["export", str(tmp_path / "tiny.ckpt"), "--to", str(out), "--format", "hf"]
+        + ["--push-to-hub", "alice/tiny", "--private", "--space", str(space)]
+    )
+    pushed = {path for (repo, _, path) in fake_hub.files if repo == "alice/tiny"}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= pushed
+    created = fake_hub.repos["alice/tiny"]
+    assert created.get("private") is True or created.get("visibility") == "private"
+    assert (space / "app.py").is_file() and "alice/tiny" in (space / "app.py").read_text()
+    printed = capsys.readouterr()
+    assert TOKEN not in printed.out + printed.err and "pushed" in printed.out
