@@ -169,17 +169,17 @@ class HFTokenizer:
         return "hf-" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:32]
 
     def to_dict(self) -> dict:
-        return {
-            "type": "hf",
-            "eos_token": self.eos_token,
-            "bos_token": self.bos_token,
-            "tokenizer_json": self._tok.to_str(),
-        }
+        values = {"type": "hf", "eos_token": self.eos_token, "tokenizer_json": self._tok.to_str()}
+        if self.bos_token is not None:
+            values["bos_token"] = self.bos_token
+        return values
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         _write_text_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
-        meta = {"type": "hf", "eos_token": self.eos_token, "bos_token": self.bos_token}
+        meta = {"type": "hf", "eos_token": self.eos_token}
+        if self.bos_token is not None:
+            meta["bos_token"] = self.bos_token
         _write_json_atomic(directory / META_FILE, meta)
 
 
