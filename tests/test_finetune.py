@@ -325,3 +325,44 @@ def test_cli_bad_fine_tuning_input_is_one_line(run_cli, tmp_path):
     assert "bad.jsonl line 2" in msg
     msg = one_line_error(run_cli("fit", "-c", lora, *FAST, "--model.base", "nowhere/model.ckpt"))
     assert "nowhere/model.ckpt" in msg
+
+
+def test_classifier_lora_exports_merged_and_as_a_peft_adapter(tmp_path):
+    """A LoRA classifier run end to end: adapters + head checkpointed, then exported both ways and
+    loaded by transformers (merged) and by peft (adapter on the exported base) with equal logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lmforge.hf_export import export_hf
+
+    base = save_base(tmp_path / "base.ckpt", **LLAMA_LIKE)
+    (tmp_path / "c.csv").write_text(
+        "text,label\n" + "".join(f"item {i} is {'hot' if i % 2 else 'cold'},{i % 2}\n" for i in range(40))
+    )
+    module = ClassifierModule(
+        base=str(base),
+        lora={"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]},
+        optimizer={"name": "adamw", "lr": 1e-2},
+        scheduler={"name": "constant"},
+    )
+    trainer = quiet_trainer(tmp_path, max_steps=4)
+    trainer.fit(module, ClassificationDataModule(train=str(tmp_path / "c.csv"), val_fraction=0.25, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "cls.ckpt")
+    raw = torch.load(tmp_path / "cls.ckpt", weights_only=False)
+    assert set(raw["state_dict"]) == {k for k, p in module.named_parameters() if p.requires_grad}
+    assert "score.weight" in raw["state_dict"]
+
+    ids = torch.tensor([list(b"item 7 is hot")])
+    module.eval()
+    with torch.no_grad():
+        want = module(ids)
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(
+        export_hf(tmp_path / "cls.ckpt", tmp_path / "merged")
+    )
+    assert merged.config.id2label == {0: "0", 1: "1"}
+    torch.testing.assert_close(merged.eval()(ids).logits, want, rtol=1e-4, atol=1e-4)
+    base_dir = export_hf(base, tmp_path / "base-hf")
+    adapter = export_hf(tmp_path / "cls.ckpt", tmp_path / "adapter", adapter_only=True, base_model=str(base_dir))
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    ref = peft.PeftModel.from_pretrained(ref, adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, want, rtol=1e-4, atol=1e-4)
