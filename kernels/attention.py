@@ -144,8 +144,12 @@ def _fwd_tile(
     q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d, N, D, qk_scale,
     seg_q, KPM, SEG, mask_base,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr = True,
 ):  # fmt: skip
-    """One step of the online softmax: fold keys [start_n, start_n + BLOCK_N) into (m_i, l_i, acc)."""
+    """One step of the online softmax: fold keys [start_n, start_n + BLOCK_N) into (m_i, l_i, acc).
+
+    MASKED=False is for tiles the caller knows every mask keeps whole (below the causal diagonal,
+    inside the sequence, no padding or segments): no mask is built or applied there."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
@@ -155,8 +159,9 @@ def _fwd_tile(
     else:
         s = tl.dot(q, tl.trans(k))
     s = s * qk_scale  # base-2 logits
-    valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
-    s = tl.where(valid, s, float("-inf"))
+    if MASKED:
+        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+        s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet stay at zero
     p = tl.math.exp2(s - m_safe[:, None])
@@ -200,18 +205,26 @@ def _attn_fwd(
     hi_n = N
     if CAUSAL:
         hi_n = tl.minimum(N, start_m + BLOCK_M)
-    for start_n in range(0, hi_n, BLOCK_N):
-        if HAS_KPM or HAS_SEG:  # only these masks can empty a whole tile: branch only then
+    if HAS_KPM or HAS_SEG:  # only these masks can empty a whole tile: branch only then
+        for start_n in range(0, hi_n, BLOCK_N):
             skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
                                    BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
             if not skip:
                 m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
                                           offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
                                           CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
-        else:
+    else:  # whole tiles first, without masks; then the diagonal (causal) or the ragged end
+        lo_mask = (N // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            lo_mask = (start_m // BLOCK_N) * BLOCK_N
+        for start_n in range(0, lo_mask, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
                                       offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
-                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
+                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, False)  # fmt: skip
+        for start_n in range(lo_mask, hi_n, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
+                                      offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, True)  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -225,8 +238,9 @@ def _dq_tile(
     q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d, N, D, qk_scale,
     seg_q, KPM, SEG, mask_base,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr = True,
 ):  # fmt: skip
-    """dQ += dS K for the keys [start_n, start_n + BLOCK_N)."""
+    """dQ += dS K for the keys [start_n, start_n + BLOCK_N) (MASKED as in _fwd_tile)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
@@ -237,8 +251,10 @@ def _dq_tile(
     else:
         s = tl.dot(q, tl.trans(k))
         dp = tl.dot(do, tl.trans(v))
-    valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
-    p = tl.where(valid, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])  # rows past the end have lse = inf: p = 0
+    if MASKED:
+        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+        p = tl.where(valid, p, 0.0)
     ds = p * (dp - delta[:, None])
     if IEEE:
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
@@ -252,8 +268,12 @@ def _dkdv_tile(
     k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m, offs_n, offs_d, N, D, qk_scale,
     KPM, SEG, mask_base,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr = True,
 ):  # fmt: skip
-    """dV += P^T dO and dK += dS^T Q for the queries [start_m, start_m + BLOCK_M) of one head."""
+    """dV += P^T dO and dK += dS^T Q for the queries [start_m, start_m + BLOCK_M) of one head.
+
+    MASKED=False: every query of the tile is inside the sequence and at or after every key of the
+    block (keys past the end may get garbage there, but their rows are never stored)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
@@ -265,8 +285,10 @@ def _dkdv_tile(
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
-    valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
-    p = tl.where(valid, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    if MASKED:
+        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+        p = tl.where(valid, p, 0.0)
     if IEEE:
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -340,20 +362,40 @@ def _attn_bwd_dkdv(
         bh = b * H + h
         q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-        for start_m in range(lo_m, hi_m, BLOCK_M):
-            if HAS_SEG:  # skip query blocks of other documents (the causal range is already cut by lo_m)
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                seg_q_blk = tl.load(SEG + mask_base + offs_m, mask=offs_m < N, other=-1)
-                q_lo = tl.min(tl.where(offs_m < N, seg_q_blk, 4611686018427387904), axis=0)
-                q_hi = tl.max(tl.where(offs_m < N, seg_q_blk, -4611686018427387904), axis=0)
-                if (q_hi >= seg_lo) & (q_lo <= seg_hi):
+        if HAS_SEG or HAS_KPM:
+            for start_m in range(lo_m, hi_m, BLOCK_M):
+                if HAS_SEG:  # skip query blocks of other documents (the causal range is already cut by lo_m)
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    seg_q_blk = tl.load(SEG + mask_base + offs_m, mask=offs_m < N, other=-1)
+                    q_lo = tl.min(tl.where(offs_m < N, seg_q_blk, 4611686018427387904), axis=0)
+                    q_hi = tl.max(tl.where(offs_m < N, seg_q_blk, -4611686018427387904), axis=0)
+                    if (q_hi >= seg_lo) & (q_lo <= seg_hi):
+                        dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd,
+                                            start_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                            CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M)  # fmt: skip
+                else:
                     dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
                                         offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
                                         CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M)  # fmt: skip
-            else:
+        else:
+            # Query tiles that straddle the diagonal are masked, then whole tiles run unmasked, then
+            # the ragged end of the sequence is masked again.
+            mid_lo = lo_m
+            if CAUSAL:
+                mid_lo = lo_m + ((start_n + BLOCK_N - 1 - lo_m + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+            mid_hi = tl.maximum(mid_lo, (N // BLOCK_M) * BLOCK_M)
+            for start_m in range(lo_m, tl.minimum(mid_lo, N), BLOCK_M):
                 dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
                                     offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                    CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M)  # fmt: skip
+                                    CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M, True)  # fmt: skip
+            for start_m in range(mid_lo, mid_hi, BLOCK_M):
+                dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
+                                    offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                    CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M, False)  # fmt: skip
+            for start_m in range(mid_hi, N, BLOCK_M):
+                dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
+                                    offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                    CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M, True)  # fmt: skip
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * skgb + kvh.to(tl.int64) * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
@@ -395,16 +437,25 @@ def _attn_bwd_dq(
     hi_n = N
     if CAUSAL:
         hi_n = tl.minimum(N, start_m + BLOCK_M)
-    for start_n in range(0, hi_n, BLOCK_N):
-        if HAS_KPM or HAS_SEG:
+    if HAS_KPM or HAS_SEG:
+        for start_n in range(0, hi_n, BLOCK_N):
             skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
                                    BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
             if not skip:
                 dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
                               N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
-        else:
+    else:  # as in the forward: whole tiles unmasked, then the diagonal or the ragged end
+        lo_mask = (N // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            lo_mask = (start_m // BLOCK_N) * BLOCK_N
+        for start_n in range(0, lo_mask, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
-                          N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
+                          N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N,
+                          False)  # fmt: skip
+        for start_n in range(lo_mask, hi_n, BLOCK_N):
+            dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
+                          N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N,
+                          True)  # fmt: skip
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * sqgb + h.to(tl.int64) * sqgh + offs_m[:, None] * sqgn + offs_d[None, :] * sqgd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
