@@ -5,8 +5,8 @@ At vocabularies of 50k-256k the logits of a batch are the largest tensor in trai
 for each chunk it computes the chunk's logits with one matrix product, turns them in place into
 the chunk's loss and logit gradient (the Triton row kernel of :mod:`lmforge.kernels.cross_entropy`
 on GPU, or torch ops), and folds that gradient straight into the gradients of the hidden states
-(one product) and of the weight (one product, accumulated across chunks in fp32 even for bf16
-weights). Only one chunk of logits exists at a time; the backward just scales the stored gradients.
+(one product) and of the weight (one product per chunk, accumulated across chunks in fp32, or for
+bf16 products in bf16 by the matmul itself, so no fp32 copy of the weight's size is ever made). Only one chunk of logits exists at a time; the backward just scales the stored gradients.
 A tied embedding weight works like any other weight.
 
 This module needs only torch; it imports triton when ``use_triton=True``.
@@ -87,9 +87,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         scale = mean_scale(targets, ignore_index, reduction)
         unit = torch.ones((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if ctx.needs_input_grad[0] else None
-        # fp32 accumulation across chunks, also for bf16/fp16 weights
+        # The weight gradient accumulates across chunks in bf16 when the products run in bf16: each
+        # chunk's addmm sums in fp32 inside the matmul and rounds once into the accumulator, and no
+        # (V, C) fp32 buffer or temporary is ever allocated (at Llama-3's head that is 2 GiB each).
+        # fp16 accumulates in fp32 (its sums over many tokens could overflow), fp32 in fp32.
+        acc_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         grad_weight = (
-            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
         )
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
@@ -104,7 +108,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 grad = grad.to(dtype)
                 if grad_hidden is not None:
                     torch.matmul(grad, weight_c, out=grad_hidden[start : start + chunk])
-                if grad_weight is not None and grad.dtype == torch.float32:
+                if grad_weight is not None and grad.dtype == grad_weight.dtype:
                     grad_weight.addmm_(grad.t(), h)
                 elif grad_weight is not None:
                     grad_weight += (grad.t() @ h).float()
@@ -121,8 +125,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         factor = scale * grad_output.float()
         if grad_hidden is not None:
             grad_hidden = (grad_hidden.float() * factor).to(ctx.hidden_dtype)
-        if grad_weight is not None:
+        if grad_weight is not None and grad_weight.dtype == torch.float32:
             grad_weight = (grad_weight * factor).to(ctx.weight_dtype)
+        elif grad_weight is not None:  # bf16, scaled in place: no second (V, C) buffer (a second backward
+            # through this graph would find the saved tensor modified and raise, never compute twice)
+            grad_weight = grad_weight.mul_(factor.to(grad_weight.dtype)).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
