@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from lmforge.data.sources import CorpusError
+from lmforge.generate import OneLineParser, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -626,23 +627,8 @@ def _exp(x: float) -> float:
 # -- the command ---------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line for the caller to print, instead of usage + exit
-        raise ValueError(f"{PREFIX}: {message}")
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return number
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="lmforge evaluate",
         description="Evaluate a model on a data file: multiple-choice accuracy, generation metrics "
         "(BLEU, ROUGE, exact match) or perplexity. Prints a table and writes the results as JSON.",
@@ -658,10 +644,10 @@ def _parser() -> argparse.ArgumentParser:
         help=".jsonl/.json records: question/choices/answer (multiple_choice), prompt/completion (generation), "
         "text (perplexity; also a .txt file)",
     )
-    parser.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate the first N records only")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="sequences per batch (16)")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N records only")
+    parser.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="sequences per batch (16)")
     parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=32, metavar="N", help="generation: tokens per prompt (32)"
+        "--max-new-tokens", type=positive_int, default=32, metavar="N", help="generation: tokens per prompt (32)"
     )
     parser.add_argument("--stop", action="append", default=[], metavar="S", help="generation: stop at this string")
     parser.add_argument(
@@ -670,8 +656,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--normalize", choices=NORMALIZE, default="both", help="multiple_choice: acc (none), acc_norm (length) or both"
     )
-    parser.add_argument("--block-size", type=_positive_int, metavar="N", help="perplexity: window length (model's)")
-    parser.add_argument("--stride", type=_positive_int, metavar="N", help="perplexity: window step (block size / 2)")
+    parser.add_argument("--block-size", type=positive_int, metavar="N", help="perplexity: window length (model's)")
+    parser.add_argument("--stride", type=positive_int, metavar="N", help="perplexity: window step (block size / 2)")
     parser.add_argument("--revision", help="a Hugging Face Hub id's branch, tag or commit")
     parser.add_argument("--output", metavar="PATH", help="the JSON results file (default: next to the model)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")

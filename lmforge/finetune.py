@@ -39,6 +39,10 @@ from lmforge.pretrain import LMForgeModule
 
 log = logging.getLogger("lmforge")
 
+# Fine-tuning defaults: a small learning rate, no weight decay, a short warmup.
+DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999]}
+DEFAULT_SCHEDULER = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1}
+
 # Options of a base model that may change when fine-tuning; everything else fixes the weights' shapes.
 RUNTIME_OPTIONS = ("dropout", "attention", "loss", "block_size")
 
@@ -95,8 +99,8 @@ class FinetuneModule(LMForgeModule):
         base: str,
         revision: str | None = None,
         lora: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999]},
-        scheduler: dict[str, Any] = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
+        optimizer: dict[str, Any] = DEFAULT_OPTIMIZER,
+        scheduler: dict[str, Any] = DEFAULT_SCHEDULER,
         model_options: dict[str, Any] = {},
     ) -> None:
         super().__init__()
@@ -234,8 +238,8 @@ class SFTModule(FinetuneModule):
         base: str,
         revision: str | None = None,
         lora: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999]},
-        scheduler: dict[str, Any] = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
+        optimizer: dict[str, Any] = DEFAULT_OPTIMIZER,
+        scheduler: dict[str, Any] = DEFAULT_SCHEDULER,
         model_options: dict[str, Any] = {},
     ) -> None:
         """
@@ -307,8 +311,8 @@ class ClassifierModule(FinetuneModule):
         revision: str | None = None,
         labels: list[str] | None = None,
         lora: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999]},
-        scheduler: dict[str, Any] = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
+        optimizer: dict[str, Any] = DEFAULT_OPTIMIZER,
+        scheduler: dict[str, Any] = DEFAULT_SCHEDULER,
         model_options: dict[str, Any] = {},
     ) -> None:
         """

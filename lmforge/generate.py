@@ -341,12 +341,15 @@ def generate(
 # -- the command ----------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line for the caller to print, instead of usage + exit
-        raise ValueError(f"generate: {message}")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for lmforge's commands: a usage error is one ValueError line, "<command>: <message>",
+    which the CLI prints (instead of usage text and exit)."""
+
+    def error(self, message: str):
+        raise ValueError(f"{self.prog.removeprefix('lmforge ')}: {message}")
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
@@ -367,7 +370,7 @@ def _number(value: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="lmforge generate",
         description="Continue prompts with a trained model: greedy or sampled, with a key/value cache. "
         "One prompt streams to the terminal; several print one block each.",
@@ -379,9 +382,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prompts-file", metavar="FILE", help='prompts, one per line (or .jsonl with a "prompt" field)'
     )
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens per prompt (64)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="tokens per prompt (64)")
     parser.add_argument("--temperature", type=_number, default=0.0, metavar="T", help="0 is greedy (the default)")
-    parser.add_argument("--top-k", type=_positive_int, metavar="K", help="sample among the K most likely tokens")
+    parser.add_argument("--top-k", type=positive_int, metavar="K", help="sample among the K most likely tokens")
     parser.add_argument("--top-p", type=_number, metavar="P", help="sample within probability mass P (nucleus)")
     parser.add_argument(
         "--stop",

@@ -23,9 +23,10 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lmforge.data.sft import (
+    ExampleLoaders,
     Record,
     RecordFile,
     bos_ids,
@@ -89,7 +90,7 @@ class ClassifyCollator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
     """Text classification data: texts with labels from .jsonl, .json or .csv files.
 
     Each text is tokenized once (truncated to max_length, keeping the beginning); labels are class indices
@@ -318,26 +319,3 @@ class ClassificationDataModule(L.LightningDataModule):
             log.warning(
                 "classify: %d text(s) longer than max_length=%d truncated (beginning kept)", truncated, max_length
             )
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if not self.datasets:
-            self.setup()
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -449,7 +449,36 @@ def _text_field(record: Record, field: str, what: str, option: str) -> str:
     return value
 
 
-class SFTDataModule(L.LightningDataModule):
+class ExampleLoaders:
+    """train/val/test DataLoaders over ``self.datasets`` (shared by the SFT and classification data
+    modules): seeded shuffling for training, ``self.collate`` for batches."""
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if not self.datasets:
+            self.setup()
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class SFTDataModule(ExampleLoaders, L.LightningDataModule):
     """Supervised fine-tuning data: prompt/completion or chat records, loss on the answers only.
 
     Reads ``.jsonl`` / ``.json`` files of ``{"prompt": ..., "completion": ...}`` or ``{"messages": [...]}``
@@ -711,27 +740,3 @@ class SFTDataModule(L.LightningDataModule):
                 counts["completion_cut"],
                 counts["dropped"],
             )
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if not self.datasets:
-            self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
