@@ -4,7 +4,7 @@
 #   pip download --no-deps -d /tmp/w setuptools==84.2.1 && ../shared/device/prepare /tmp/w/setuptools-*.whl
 # then the device tool with carry [".whl"] and the command
 #   . .whl/preamble.sh; bash benchmarks/gpu_session.sh
-# At most about 9 minutes (timeouts below), inside one device call. Everything it measures lands in $OUT (copy the numbers that matter into benchmarks/RESULTS.md).
+# At most about 10 minutes (timeouts below), inside one device call. Everything it measures lands in $OUT (copy the numbers that matter into benchmarks/RESULTS.md).
 set -u
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
@@ -22,3 +22,13 @@ timeout 150 python3 benchmarks/ce.py --quick --out "$OUT" 2>&1 | tee "$OUT/ce.lo
 
 # 4. training step throughput, plain loop against lmforge's Lightning loop, bf16
 timeout 90 python3 benchmarks/train.py --preset gpt-small --steps 30 --out "$OUT" 2>&1 | tail -12 | tee "$OUT/train.log"
+
+# 5. fine-tuning smoke in bf16 on the GPU: packed SFT rows go through the Triton kernel with segment ids
+#    and restarted positions, then generation with the KV cache (about 1 minute)
+( cd "$OUT" && ln -sfn "$OLDPWD/configs" configs && export LMFORGE_CACHE="$PWD/cache" &&
+  timeout 60 lmforge fit -c configs/gpt-tiny.yaml --trainer.max_steps 100 --trainer.enable_progress_bar false &&
+  timeout 60 lmforge fit -c configs/finetune-sft.yaml --data.packing true --trainer.max_steps 60 \
+      --trainer.val_check_interval 30 --trainer.enable_progress_bar false &&
+  timeout 30 lmforge generate runs/finetune-sft/checkpoints/last.ckpt \
+      --prompt $'Sentence: No king counts under my engine.\nSubject:' --max-new-tokens 8 --dtype bfloat16
+) 2>&1 | grep -E "lmforge|Error|error" | tee "$OUT/finetune.log"
