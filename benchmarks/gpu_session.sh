@@ -31,4 +31,4 @@ timeout 90 python3 benchmarks/train.py --preset gpt-small --steps 30 --out "$OUT
       --trainer.val_check_interval 30 --trainer.enable_progress_bar false &&
   timeout 30 lmforge generate runs/finetune-sft/checkpoints/last.ckpt \
       --prompt $'Sentence: No king counts under my engine.\nSubject:' --max-new-tokens 8 --dtype bfloat16
-) 2>&1 | grep -E "lmforge|Error|error" | tee "$OUT/finetune.log"
+) 2>&1 | grep -E "lmforge|Error|error|Subject" | tee "$OUT/finetune.log"
