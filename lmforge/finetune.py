@@ -116,18 +116,36 @@ class FinetuneModule(LMForgeModule):
             from lmforge import lora as lora_lib
 
             settings = {"r": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], **lora}
-            unknown = set(settings) - {"r", "alpha", "dropout", "targets"}
+            unknown = set(settings) - {"r", "alpha", "dropout", "targets", "train_also"}
             if unknown:
                 raise ValueError(
-                    f"model.lora: unknown key {sorted(unknown)[0]!r}; the keys are r, alpha, dropout, targets"
+                    f"model.lora: unknown key {sorted(unknown)[0]!r}; "
+                    "the keys are r, alpha, dropout, targets, train_also"
                 )
             self.lora_settings = settings
             self.lora_names = lora_lib.apply_lora(
                 self.model, settings["r"], settings["alpha"], settings["dropout"], list(settings["targets"])
             )
+            self._train_also(list(settings.get("train_also") or []))
             self.strict_loading = False  # LoRA checkpoints hold the adapters (and head) only
         else:
             self.lora_settings = None
+
+    def _train_also(self, names: list[str]) -> None:
+        """Unfreeze base parameters next to the adapters (PEFT's modules_to_save): each name is a
+        parameter or module name, or a module's last part (wte, wpe, ln_f, ln_1, ...). They train fully
+        and are saved in the checkpoint with the adapters."""
+        params = {k: p for k, p in self.model.named_parameters() if "lora_" not in k}
+        for name in names:
+            hits = [k for k in params if k == name or k.startswith(f"{name}.") or f".{name}." in f".{k}"]
+            if not hits:
+                kinds = sorted({k.rsplit(".", 2)[-2] if "." in k else k for k in params})
+                raise ValueError(
+                    f"model.lora.train_also: {name!r} matches no parameter of the base model; "
+                    f"module names are {', '.join(kinds)}"
+                )
+            for key in hits:
+                params[key].requires_grad_(True)
 
     def _apply_model_options(self, options: dict[str, Any]) -> None:
         unknown = set(options) - set(RUNTIME_OPTIONS)

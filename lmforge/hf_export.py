@@ -230,6 +230,11 @@ def _write_adapter(ckpt: Checkpoint, folder: Path, base_id: str | None, head: di
         from lmforge.lora import save_peft_adapter
     except ImportError as err:
         raise ExportError(f"exporter hf: adapter_only needs lmforge.lora.save_peft_adapter ({err})") from None
+    if (ckpt.lora or {}).get("train_also"):
+        raise ExportError(
+            f"exporter hf: {ckpt.path} also trained base weights (lora.train_also={ckpt.lora['train_also']!r}), "
+            "which this PEFT adapter would not carry; export it merged (without adapter_only)"
+        )
     base = base_id or (ckpt.base or {}).get("source")
     staging = folder / ".adapter"
     save_peft_adapter(

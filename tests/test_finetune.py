@@ -366,3 +366,28 @@ def test_classifier_lora_exports_merged_and_as_a_peft_adapter(tmp_path):
     ref = peft.PeftModel.from_pretrained(ref, adapter).eval()
     with torch.no_grad():
         torch.testing.assert_close(ref(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_train_also_unfreezes_named_base_weights(tmp_path):
+    from lmforge.hf_export import ExportError, export_hf
+
+    base = save_base(tmp_path / "base.ckpt")
+    settings = {"r": 2, "alpha": 4, "targets": ["q_proj"], "train_also": ["wte", "ln_f"]}
+    module = SFTModule(
+        base=str(base), lora=settings, optimizer={"name": "adamw", "lr": 1e-2}, scheduler={"name": "constant"}
+    )
+    trainable = {k for k, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == {"wte.weight", "ln_f.weight", "ln_f.bias"} | {k for k in trainable if "lora_" in k}
+    before = module.model.wte.weight.detach().clone()
+    path = str(write_jsonl(tmp_path / "t.jsonl", SFT_RECORDS))
+    trainer = quiet_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, SFTDataModule(train=path, val=path, batch_size=8))
+    assert not torch.equal(module.model.wte.weight, before)
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    ckpt = load_checkpoint(tmp_path / "lora.ckpt")
+    torch.testing.assert_close(ckpt.state["wte.weight"], module.model.wte.weight.detach())
+    with pytest.raises(ExportError, match="train_also"):
+        export_hf(tmp_path / "lora.ckpt", tmp_path / "adapter", adapter_only=True)
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(ValueError, match="matches no parameter"):
+        SFTModule(base=str(base), lora={"targets": ["q_proj"], "train_also": ["embeddings"]})
