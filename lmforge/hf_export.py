@@ -364,6 +364,10 @@ def _write_tokenizer(ckpt: Checkpoint, folder: Path) -> dict:
     }
     if isinstance(tokenizer, ByteTokenizer):
         config["split_special_tokens"] = True  # "<|endoftext|>" typed in text stays bytes, as in lmforge
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if chat_template:  # the base model's template travels with the fine-tune (transformers reads both places)
+        config["chat_template"] = chat_template
+        (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     _write_json(folder / "tokenizer_config.json", config)
     _write_json(folder / "special_tokens_map.json", tokens)
     return special

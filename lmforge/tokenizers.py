@@ -1,7 +1,10 @@
 """Tokenizers: exact byte-level (the default) and Hugging Face ``tokenizers`` (loaded or trained BPE).
 
 A tokenizer is saved beside every checkpoint and inside it, so a checkpoint is self-describing:
-:func:`load_tokenizer` reads a folder back, :func:`tokenizer_from_dict` a checkpoint entry.
+:func:`load_tokenizer` reads a folder back, :func:`tokenizer_from_dict` a checkpoint entry. A Hugging Face
+tokenizer also carries the model's Jinja chat template when its folder has one (``chat_template`` in
+tokenizer_config.json, or ``chat_template.jinja``), for fine-tuning on chat records with
+``data.chat_template: tokenizer``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class ByteTokenizer:
 
     vocab_size = 257
     eos_id = 256
+    eos_token = EOS_TOKEN
+    """The text that stands for the EOS id (``encode`` reads it as bytes; chat templates map it to the id)."""
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -62,9 +67,16 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers.Tokenizer`` (tokenizer.json) with an end-of-text token."""
+    """A Hugging Face ``tokenizers.Tokenizer`` (tokenizer.json) with an end-of-text token (and, optionally, a
+    beginning-of-text token and the model's Jinja chat template)."""
 
-    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN, bos_token: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        eos_token: str = EOS_TOKEN,
+        bos_token: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
         self._tok = tokenizer
         eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
@@ -76,6 +88,10 @@ class HFTokenizer:
         self.bos_id = None if bos_token is None else tokenizer.token_to_id(bos_token)
         if bos_token is not None and self.bos_id is None:
             raise ValueError(f"tokenizer has no beginning-of-text token {bos_token!r}")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(f"tokenizer: chat_template must be a Jinja template string, not {type(chat_template)}")
+        self.chat_template = chat_template
+        """The model's Jinja chat template (as in tokenizer_config.json), or None."""
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
@@ -97,7 +113,9 @@ class HFTokenizer:
 
         The end-of-text token comes from tokenizer_config.json / special_tokens_map.json (else
         config.json's eos_token_id); a beginning-of-text token is kept when the tokenizer's own
-        post-processor adds one. None when the folder has no tokenizer files.
+        post-processor adds one. The chat template is ``chat_template.jinja`` or else tokenizer_config.json's
+        ``chat_template`` (a string, or a list of ``{name, template}`` of which the one named ``default`` is
+        taken), as transformers reads them. None when the folder has no tokenizer files.
         """
         from tokenizers import Tokenizer as _Tok
         from tokenizers import decoders, models, pre_tokenizers
@@ -133,7 +151,7 @@ class HFTokenizer:
         bos_id = tok.token_to_id(bos) if bos is not None else None
         probe = tok.encode("a", add_special_tokens=True).ids
         adds_bos = bos_id is not None and len(probe) > 1 and probe[0] == bos_id
-        return cls(tok, eos, bos if adds_bos else None)
+        return cls(tok, eos, bos if adds_bos else None, read_chat_template(folder))
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
@@ -168,19 +186,46 @@ class HFTokenizer:
     def fingerprint(self) -> str:
         return "hf-" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:32]
 
+    def special_tokens(self) -> dict[str, int]:
+        """The text of each special token (added tokens marked special, the EOS and the bos) and its id."""
+        found = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        found[self.eos_token] = self.eos_id
+        if self.bos_token is not None:
+            found[self.bos_token] = self.bos_id
+        return found
+
     def to_dict(self) -> dict:
         values = {"type": "hf", "eos_token": self.eos_token, "tokenizer_json": self._tok.to_str()}
-        if self.bos_token is not None:
-            values["bos_token"] = self.bos_token
-        return values
+        return self._optional(values)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         _write_text_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
-        meta = {"type": "hf", "eos_token": self.eos_token}
+        _write_json_atomic(directory / META_FILE, self._optional({"type": "hf", "eos_token": self.eos_token}))
+
+    def _optional(self, values: dict) -> dict:
+        """``values`` plus the bos token and the chat template, each only when set (older entries lack them)."""
         if self.bos_token is not None:
-            meta["bos_token"] = self.bos_token
-        _write_json_atomic(directory / META_FILE, meta)
+            values["bos_token"] = self.bos_token
+        if self.chat_template is not None:
+            values["chat_template"] = self.chat_template
+        return values
+
+
+def read_chat_template(folder: str | Path) -> str | None:
+    """The chat template of a Hugging Face tokenizer folder: ``chat_template.jinja`` (which transformers prefers), else
+    tokenizer_config.json's ``chat_template`` (a string, or the entry named ``default`` of a list of
+    ``{name, template}``); None when there is none."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    value = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
 
 
 # -- the built-in ``lmforge.tokenizers`` plugins: (corpus, cache_dir, **kwargs) -> Tokenizer ---------------
@@ -214,7 +259,10 @@ def tokenizer_from_dict(values: dict) -> Tokenizer:
         from tokenizers import Tokenizer as _Tok
 
         return HFTokenizer(
-            _Tok.from_str(values["tokenizer_json"]), values.get("eos_token", EOS_TOKEN), values.get("bos_token")
+            _Tok.from_str(values["tokenizer_json"]),
+            values.get("eos_token", EOS_TOKEN),
+            values.get("bos_token"),
+            values.get("chat_template"),
         )
     raise ValueError(f"unknown tokenizer type {values.get('type')!r} in checkpoint")
 
@@ -231,8 +279,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if meta.get("type") == "bytes":
         return ByteTokenizer()
     tokenizer = HFTokenizer.from_file(directory, meta.get("eos_token", EOS_TOKEN))
-    if meta.get("bos_token"):
-        tokenizer = HFTokenizer(tokenizer._tok, tokenizer.eos_token, meta["bos_token"])
+    if meta.get("bos_token") or meta.get("chat_template"):
+        tokenizer = HFTokenizer(tokenizer._tok, tokenizer.eos_token, meta.get("bos_token"), meta.get("chat_template"))
     return tokenizer
 
 

@@ -15,7 +15,7 @@ from lmforge.data.classify import ClassificationDataModule
 from lmforge.data.sft import IGNORE_INDEX, SFTDataModule, pack
 from lmforge.data.sources import CorpusError
 from lmforge.model import GPTConfig
-from lmforge.tokenizers import ByteTokenizer
+from lmforge.tokenizers import ByteTokenizer, HFTokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
 EOS = ByteTokenizer.eos_id
@@ -439,3 +439,303 @@ def test_shipped_examples_load(tmp_path):
     assert sorted(p.name for p in DATA.iterdir()) == before  # reading writes nothing
     for path in DATA.iterdir():
         assert path.stat().st_size < 100_000
+
+
+# -- SFT: the model's own chat template (Jinja) ---------------------------------------------------------------
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (  # as Llama 3's: the bos before the first message, content trimmed, <|eot_id|> ends every turn
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+CHAT_TEXTS = [
+    "Be brief. You name the subject of the sentence.",
+    "The brave fox sees the river. The quick brown fox jumps over the lazy dog.",
+    "Hello there, how are you? I am fine, thank you. What is your name?",
+] * 20
+CONVERSATIONS = [
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "The brave fox sees the river."},
+        {"role": "assistant", "content": "fox"},
+    ],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there, how are you?"},
+        {"role": "user", "content": "Your name?"},
+        {"role": "assistant", "content": "I am the fox.\nThank you."},
+    ],
+    [
+        {"role": "system", "content": "You name the subject."},
+        {"role": "user", "content": "The dog sees the fox."},
+        {"role": "assistant", "content": " dog "},
+        {"role": "user", "content": "And the river?"},
+        {"role": "assistant", "content": "river"},
+        {"role": "user", "content": "after the last answer: no loss, left out"},
+    ],
+]
+
+
+def hf_chat_tokenizer(folder: Path, specials: list[str], template: str, post_bos: bool = False, **tokens):
+    """A tiny byte-level BPE with ``specials``, saved with ``template`` by transformers (its tokenizer object)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CHAT_TEXTS, trainer=trainer)
+    if post_bos:  # the tokenizer adds the bos itself, as Llama 3's does
+        bos = tokens["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **tokens)
+    hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.fixture(scope="module", params=["chatml", "llama3"])
+def chat_model(request, tmp_path_factory):
+    """(transformers tokenizer, lmforge HFTokenizer, how the template writes an answer's content and end of turn)
+    of a ChatML or a Llama-3-style tokenizer."""
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "chatml":
+        hf = hf_chat_tokenizer(folder, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, eos_token="<|im_end|>")
+        turn = "{}<|im_end|>\n".format
+    else:
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        tokens = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+        hf = hf_chat_tokenizer(folder, specials, LLAMA3, post_bos=True, **tokens)
+        turn = lambda content: content.strip() + "<|eot_id|>"  # noqa: E731
+    tokenizer = HFTokenizer.from_pretrained_folder(folder)
+    assert tokenizer.chat_template == hf.chat_template
+    return hf, tokenizer, turn
+
+
+def hf_ids(hf, messages: list[dict], prompt: bool = False) -> list[int]:
+    out = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def ids_of(example) -> list[int]:
+    """The whole token sequence of an example (the model reads all but the last token)."""
+    return example.input_ids.tolist() + example.labels[-1:].tolist()
+
+
+def runs(labels: list[int]) -> list[list[int]]:
+    """The unmasked labels, as runs of consecutive positions."""
+    found: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for x in labels:
+        if x != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                found.append([])
+            found[-1].append(x)
+        previous = x
+    return found
+
+
+def test_tokenizer_chat_template_matches_transformers(tmp_path, chat_model):
+    hf, tokenizer, turn = chat_model
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    dm = sft(train, val=train, tokenizer=tokenizer, chat_template="tokenizer", max_length=256)
+    examples = dm.examples["val"]
+    assert len(examples) == len(CONVERSATIONS)
+    for example, messages in zip(examples, CONVERSATIONS):
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        kept = messages[: answers[-1] + 1]  # text after the last answer is left out
+        ids = ids_of(example)
+        assert ids == hf_ids(hf, kept)  # same text, same ids: special tokens are single ids, one bos at most
+        if tokenizer.bos_id is not None:
+            assert ids[0] == tokenizer.bos_id and ids[1] != tokenizer.bos_id
+        # trained: exactly the tokens each answer adds to the prompt (messages[:i] + the generation prompt)
+        trained = set()
+        for i in answers:
+            trained |= set(range(len(hf_ids(hf, messages[:i], prompt=True)), len(hf_ids(hf, messages[: i + 1]))))
+        labels = example.labels.tolist()
+        assert labels == [ids[t + 1] if t + 1 in trained else IGNORE_INDEX for t in range(len(labels))]
+        # decoded, the unmasked labels are the assistant turns, each with its end-of-turn token
+        decoded = [hf.decode(run, skip_special_tokens=False) for run in runs(labels)]
+        assert decoded == [turn(messages[i]["content"]) for i in answers]
+        for m in messages:
+            if m["role"] != "assistant":
+                assert all(m["content"] not in text for text in decoded)
+
+
+def test_tokenizer_chat_template_truncate_prompt_keeps_the_bos(tmp_path, chat_model):
+    hf, tokenizer, turn = chat_model
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}])
+    full = len(hf_ids(hf, CONVERSATIONS[0]))
+    dm = sft(
+        train,
+        val=train,
+        tokenizer=tokenizer,
+        chat_template="tokenizer",
+        max_length=full - 4,
+        truncation="truncate_prompt",
+    )
+    assert dm.stats["truncated"] == 2  # the record, in train and in val
+    ids = ids_of(dm.examples["val"][0])
+    assert len(ids) == full - 3 and ids[-4:] == hf_ids(hf, CONVERSATIONS[0])[-4:]
+    if tokenizer.bos_id is not None:
+        assert ids[0] == tokenizer.bos_id
+    assert hf.decode(runs(dm.examples["val"][0].labels.tolist())[0], skip_special_tokens=False) == turn("fox")
+
+
+def test_tokenizer_chat_template_missing(tmp_path):
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}])
+    with pytest.raises(
+        CorpusError, match="data.chat_template: tokenizer, but the tokenizer has no chat template"
+    ) as err:
+        sft(train, val=train, chat_template="tokenizer")
+    assert "\n" not in str(err.value)
+    # prompt/completion records do not need one
+    pc = write_jsonl(tmp_path / "pc.jsonl", PC)
+    with_option = sft(pc, val=pc, chat_template="tokenizer").examples["val"]
+    plain = sft(pc, val=pc).examples["val"]
+    assert [ids_of(a) for a in with_option] == [ids_of(b) for b in plain]
+
+
+def test_chat_template_file_maps_special_tokens_to_ids(tmp_path):
+    """A .jinja file with the byte tokenizer: the EOS written as text becomes the EOS id, lmforge adds no EOS;
+    {% generation %} renders its body, and trim_blocks drops the newline after a block tag."""
+    template = write_text(
+        tmp_path / "t.jinja",
+        "{% for m in messages %}[{{ m.role }}] {% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}\n"
+        "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}",
+    )
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    train = write_jsonl(tmp_path / "chat.jsonl", [record])
+    example = sft(train, val=train, chat_template=template).examples["val"][0]
+    e = ByteTokenizer().encode
+    assert ids_of(example) == e("[user] Hi") + [EOS] + e("[assistant] Hello") + [EOS]
+    assert runs(example.labels.tolist()) == [e("Hello") + [EOS]]
+
+
+def test_chat_template_bos_written_by_the_template(tmp_path):
+    """No second bos when the rendered text starts with the bos token; one is added when it does not."""
+
+    class Bos(BosTokenizer):
+        bos_token = "<s>"
+
+        def special_tokens(self):
+            return {"<s>": 257}
+
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    train = write_jsonl(tmp_path / "chat.jsonl", [record])
+    body = "{% for m in messages %}{{ m.content }}|{% endfor %}"
+    e = ByteTokenizer().encode
+    with_bos = write_text(tmp_path / "bos.jinja", "{{ bos_token }}" + body)
+    assert ids_of(sft(train, val=train, tokenizer=Bos(), chat_template=with_bos).examples["val"][0]) == [
+        257,
+        *e("Hi|Yo|"),
+    ]
+    without = write_text(tmp_path / "plain.jinja", body)
+    assert ids_of(sft(train, val=train, tokenizer=Bos(), chat_template=without).examples["val"][0]) == [
+        257,
+        *e("Hi|Yo|"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        ("{% for m in messages %}{{ m.content }", r"t.jinja: not a valid Jinja template \(line 1: "),
+        (
+            "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+            "{{ m.content }}{% endfor %}",
+            r"chat.jsonl line 2: chat template .*t.jinja fails on messages\[:1\]: TemplateError: no system role",
+        ),
+        (  # rewrites earlier turns: a message count in front
+            "{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}",
+            r"chat.jsonl line 1: .*renders messages\[:2\] as text that does not start with its render of messages\[:1\]",
+        ),
+        (
+            "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}",
+            r"chat.jsonl line 1: .*renders messages\[:2\] as text that does not add to its render of messages\[:1\]",
+        ),
+    ],
+)
+def test_chat_template_errors(tmp_path, template, match):
+    path = write_text(tmp_path / "t.jinja", template)
+    records = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "Yo"}]},
+    ]
+    train = write_jsonl(tmp_path / "chat.jsonl", records)
+    with pytest.raises(CorpusError, match=match) as err:
+        sft(train, val=train, chat_template=path)
+    assert "\n" not in str(err.value)
+
+
+def test_chat_template_option_errors(tmp_path):
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}])
+    with pytest.raises(CorpusError, match=r"data.chat_template='nope.jinja' is not lmforge, tokenizer or an existing"):
+        sft(train, val=train, chat_template="nope.jinja")
+    with pytest.raises(ValueError, match="must be lmforge, tokenizer or the path"):
+        SFTDataModule(train, chat_template="")
+
+
+def test_chat_template_is_sandboxed(tmp_path):
+    path = write_text(
+        tmp_path / "t.jinja", "{{ messages.__class__.__mro__ }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}])
+    with pytest.raises(CorpusError, match="fails on messages"):
+        sft(train, val=train, chat_template=path)
+
+
+def test_tokenizer_chat_template_sentencepiece_style(tmp_path):
+    """A Metaspace (SentencePiece-style) tokenizer marks the start of a text: pieces that continue the chat are
+    encoded as in the middle of it, so the ids still equal transformers' for the whole conversation."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = RustTokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ[]/?,.▁\n")
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(CHAT_TEXTS + ["[INST] Hi [/INST] Hello"] * 20, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    template = (  # Llama 2's layout
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+        "{% else %} {{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=template
+    )
+    hf.save_pretrained(tmp_path / "tok")
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "The fox?"},
+        {"role": "assistant", "content": "river"},
+    ]
+    train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    tokenizer = HFTokenizer.from_pretrained_folder(tmp_path / "tok")
+    example = sft(train, val=train, tokenizer=tokenizer, chat_template="tokenizer").examples["val"][0]
+    assert ids_of(example) == hf_ids(hf, messages)
+    decoded = [hf.decode(run, skip_special_tokens=False) for run in runs(example.labels.tolist())]
+    assert decoded == ["Hello there</s>", "river</s>"]

@@ -467,3 +467,15 @@ def test_entry_point_and_cli(tmp_path, capsys):
     assert "exported" in capsys.readouterr().out
     assert (tmp_path / "b" / "model.safetensors.index.json").is_file()
     check_causal_lm(tmp_path / "b", model)
+
+
+def test_chat_template_travels_with_the_export(tmp_path, bpe):
+    """A tokenizer's chat template is exported where transformers reads it, and apply_chat_template works."""
+    template = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}"
+    tokenizer = HFTokenizer(bpe._tok, bpe.eos_token, chat_template=template)
+    ckpt = save_ckpt(tmp_path / "c.ckpt", random_gpt(tiny_config(**GPT2_LIKE)), tokenizer)
+    out = export_hf(ckpt, tmp_path / "out")
+    assert (out / "chat_template.jinja").read_text() == template
+    loaded = transformers.AutoTokenizer.from_pretrained(out)
+    text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "<<user>>hi\n"

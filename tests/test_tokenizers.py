@@ -265,3 +265,87 @@ def test_hf_factory(bpe, tmp_path):
         tokenizers.hf(corpus, cache, path=str(tmp_path / "tok"), eos_token="<missing>")
     built = plugins.build("tokenizer", {"name": "hf", "path": str(tmp_path / "tok")}, corpus, cache)
     assert built.fingerprint() == bpe.fingerprint()
+
+
+# -- chat templates ---------------------------------------------------------------------------------------------
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chatml_folder(path, config: dict | None = None, jinja: str | None = None):
+    """A Hugging Face tokenizer folder: a tiny byte-level BPE with ChatML special tokens."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=[EOS_TOKEN, "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TRAIN_CORPUS[:20], trainer=trainer)
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", **(config or {})}))
+    if jinja is not None:
+        (path / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "config, jinja, expected",
+    [
+        ({}, None, None),
+        ({"chat_template": CHATML}, None, CHATML),
+        (
+            {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": CHATML}]},
+            None,
+            CHATML,
+        ),
+        ({"chat_template": [{"name": "tool_use", "template": "T"}]}, None, None),
+        ({"chat_template": "from the config"}, CHATML, CHATML),  # the .jinja file wins, as in transformers
+        ({}, CHATML, CHATML),
+    ],
+)
+def test_chat_template_read_from_folder(tmp_path, config, jinja, expected):
+    tokenizer = HFTokenizer.from_pretrained_folder(chatml_folder(tmp_path / "tok", config, jinja))
+    assert tokenizer.chat_template == expected
+    assert ("chat_template" in tokenizer.to_dict()) == (expected is not None)
+
+
+def test_chat_template_round_trips(tmp_path):
+    tokenizer = HFTokenizer.from_pretrained_folder(chatml_folder(tmp_path / "tok", jinja=CHATML))
+    values = tokenizer.to_dict()
+    assert values["chat_template"] == CHATML and values["eos_token"] == "<|im_end|>"
+    rebuilt = tokenizer_from_dict(json.loads(json.dumps(values)))  # as stored in a checkpoint
+    assert rebuilt.chat_template == CHATML and rebuilt.fingerprint() == tokenizer.fingerprint()
+    tokenizer.save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / META_FILE).read_text())["chat_template"] == CHATML
+    loaded = load_tokenizer(tmp_path / "saved")
+    assert loaded.chat_template == CHATML and loaded.eos_token == "<|im_end|>"
+    assert loaded.to_dict() == values
+
+
+def test_no_chat_template_leaves_entries_unchanged(bpe, tmp_path):
+    """Older checkpoints (and the tests comparing them) have no chat_template key: none is written when unset."""
+    assert bpe.chat_template is None and "chat_template" not in bpe.to_dict()
+    bpe.save(tmp_path / "tok")
+    assert "chat_template" not in json.loads((tmp_path / "tok" / META_FILE).read_text())
+    assert load_tokenizer(tmp_path / "tok").chat_template is None
+    assert tokenizer_from_dict(bpe.to_dict()).chat_template is None
+
+
+def test_special_tokens_in_text_are_single_ids(tmp_path):
+    tokenizer = HFTokenizer.from_pretrained_folder(chatml_folder(tmp_path / "tok", jinja=CHATML))
+    start, end = tokenizer._tok.token_to_id("<|im_start|>"), tokenizer._tok.token_to_id("<|im_end|>")
+    assert tokenizer.special_tokens() == {EOS_TOKEN: 0, "<|im_start|>": start, "<|im_end|>": end}
+    assert tokenizer.eos_id == end
+    ids = tokenizer.encode("<|im_start|>user\nThe fox.<|im_end|>\n")
+    assert ids[0] == start and ids.count(start) == 1 and ids.count(end) == 1
+    assert ids[1:] == [*tokenizer.encode("user\nThe fox."), end, *tokenizer.encode("\n")]

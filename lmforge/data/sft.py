@@ -17,9 +17,10 @@ Tokens and loss mask
     boundary is exact). The model reads ``x = ids[:-1]`` and predicts ``y = ids[1:]``; every target that belongs
     to the prompt (or is the bos) is :data:`IGNORE_INDEX`, so the loss covers exactly the completion and its EOS.
 
-Chat template (lmforge's own, plain text, so any tokenizer encodes it)
-    Each message is rendered as ``"<|{role}|>\\n{content}\\n"``, except that an assistant message's content is
-    followed by the EOS *token* (an id, not text) and then ``"\\n"``::
+Chat templates (``chat_template``)
+    ``lmforge`` (the default): lmforge's own plain-text template, which any tokenizer encodes. Each message is
+    rendered as ``"<|{role}|>\\n{content}\\n"``, except that an assistant message's content is followed by the EOS
+    *token* (an id, not text) and then ``"\\n"``::
 
         <|system|>
         You name the subject.
@@ -31,6 +32,20 @@ Chat template (lmforge's own, plain text, so any tokenizer encodes it)
     The loss is computed only on the assistant contents and the EOS after each; the role headers, the system and
     user text and the newline after each EOS are masked. Text after the last assistant message carries no loss
     and is left out. Masked and trained spans are encoded separately (exact boundaries).
+
+    ``tokenizer``: the model's own Jinja template (``chat_template`` in its tokenizer_config.json, or
+    ``chat_template.jinja``; carried by :class:`lmforge.tokenizers.HFTokenizer` and its checkpoints), or a path to a
+    ``.jinja`` file. It is rendered as transformers' ``apply_chat_template`` renders it: in a sandboxed Jinja
+    environment (``ImmutableSandboxedEnvironment``, ``trim_blocks`` and ``lstrip_blocks``) with ``messages``,
+    ``add_generation_prompt``, the tokenizer's ``bos_token`` / ``eos_token``, ``raise_exception`` and
+    ``strftime_now``. For each assistant message ``i``, ``messages[:i]`` is rendered with
+    ``add_generation_prompt=True`` (the prompt the model would be given) and ``messages[:i+1]`` without; the
+    assistant part is the text the second adds to the first, so the loss covers the assistant's text exactly as
+    the template writes it, its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``...) and whatever else the template
+    puts in that turn. The pieces are encoded separately and concatenated (exact masks); special tokens written in
+    the text become their ids. lmforge adds no EOS (the template decides), and no bos when the text starts with the
+    bos token. A template whose render of ``messages[:i]`` does not start its render of ``messages[:i+1]`` (one that
+    rewrites earlier turns) cannot be masked this way and is an error naming the record.
 
 Truncation (``max_length``: positions the model sees, ``len(ids) - 1``; default the model's ``block_size``)
     ``error`` stops with the file, line and lengths; ``truncate_prompt`` removes prompt tokens from the left (the
@@ -53,8 +68,10 @@ import csv
 import io
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -449,6 +466,146 @@ def _text_field(record: Record, field: str, what: str, option: str) -> str:
     return value
 
 
+# -- chat templates ---------------------------------------------------------------------------------------
+
+
+class ChatTemplate:
+    """A Jinja chat template, rendered as transformers' ``apply_chat_template`` renders it, in a sandbox.
+
+    Args:
+        source: The template text.
+        name: How messages name it (``the tokenizer's chat template``, a file path).
+        tokenizer: Gives the ``bos_token`` / ``eos_token`` variables (when it has them).
+    """
+
+    def __init__(self, source: str, name: str, tokenizer) -> None:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class Generation(jinja2.ext.Extension):
+            """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask marker): renders its body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                next(parser.stream)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+        class Namespace(jinja2.utils.Namespace):
+            """``namespace()`` that refuses underscore attributes, as transformers' does."""
+
+            def __init__(*args, **kwargs):
+                self, args = args[0], args[1:]
+                attrs = dict(*args, **kwargs)
+                for key in attrs:
+                    Namespace._check(key)
+                jinja2.utils.Namespace.__init__(self, attrs)
+
+            def __setitem__(self, key, value):
+                Namespace._check(key)
+                jinja2.utils.Namespace.__setitem__(self, key, value)
+
+            @staticmethod
+            def _check(key):
+                if isinstance(key, str) and key.startswith("_"):
+                    raise jinja2.exceptions.SecurityError(f"namespace attribute {key!r} starts with an underscore")
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # transformers' filter: Jinja's own escapes HTML characters
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        now = datetime.now()  # one instant per setup, so the renders of a record (and of all records) agree
+
+        def strftime_now(format):
+            return now.strftime(format)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        env.globals["namespace"] = Namespace
+        self.name = name
+        try:
+            self.template = env.from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as err:
+            raise CorpusError(
+                f"sft: {name}: not a valid Jinja template (line {err.lineno}: {_one_line(err.message)}); fix it or "
+                "set data.chat_template: lmforge"
+            ) from None
+        self.variables = {}
+        for key in ("bos_token", "eos_token"):
+            value = getattr(tokenizer, key, None)
+            if isinstance(value, str):
+                self.variables[key] = value
+        if "bos_token" in source and "bos_token" not in self.variables:
+            log.warning(
+                "sft: %s uses bos_token, but the tokenizer adds no beginning-of-text token: it renders as empty",
+                name,
+            )
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.template.render(
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **self.variables,
+        )
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join(str(text).split())
+
+
+class ChatEncoder:
+    """Encodes rendered chat text piece by piece, as the whole text would be encoded.
+
+    Special tokens written in the text (the tokenizer's added special tokens, its EOS and bos) become their ids:
+    a Hugging Face tokenizer splits its added tokens off itself, and any that ``encode`` would spell out as
+    ordinary text (the byte tokenizer's ``<|endoftext|>``) are split off here. A piece that continues the text is
+    encoded after a newline that is then removed (as transformers encodes chat pieces), for tokenizers that treat
+    the start of a text differently (SentencePiece's prefix space); other tokenizers encode it as it is.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        special = dict(tokenizer.special_tokens()) if hasattr(tokenizer, "special_tokens") else {}
+        for key in ("eos", "bos"):
+            text, i = getattr(tokenizer, f"{key}_token", None), getattr(tokenizer, f"{key}_id", None)
+            if isinstance(text, str) and text and i is not None:
+                special.setdefault(text, int(i))
+        self.special = {t: int(i) for t, i in special.items() if t and encode(tokenizer, t) != [int(i)]}
+        longest_first = sorted(self.special, key=len, reverse=True)
+        self.split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.special else None
+        self.newline = encode(tokenizer, "\n")
+        if "\n" not in tokenizer.decode(self.newline):  # a tokenizer that cannot spell a newline: no trick
+            self.newline = []
+        self.mid_text = any(self._after_newline(p) not in (None, encode(tokenizer, p)) for p in ("a", "Hello"))
+
+    def _after_newline(self, text: str) -> list[int] | None:
+        ids = encode(self.tokenizer, "\n" + text)
+        n = len(self.newline)
+        return ids[n:] if n and ids[:n] == self.newline else None
+
+    def encode(self, text: str, start: bool) -> list[int]:
+        """The ids of ``text``; ``start``: it begins the sequence (else it continues the text before it)."""
+        ids: list[int] = []
+        parts = self.split.split(text) if self.split is not None else [text]
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self.special[part])
+            elif part:
+                after = None if (start and k == 0) or not self.mid_text else self._after_newline(part)
+                ids += encode(self.tokenizer, part) if after is None else after
+        return ids
+
+
 class ExampleLoaders:
     """train/val/test DataLoaders over ``self.datasets`` (shared by the SFT and classification data
     modules): seeded shuffling for training, ``self.collate`` for batches."""
@@ -483,8 +640,9 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
 
     Reads ``.jsonl`` / ``.json`` files of ``{"prompt": ..., "completion": ...}`` or ``{"messages": [...]}``
     records, tokenizes each once, masks the prompt (labels -100) so the loss covers the completion and its
-    end-of-text token, and serves right-padded batches (or packed rows). The chat template, the truncation
-    policies and the batch format are described in :mod:`lmforge.data.sft`.
+    end-of-text token, and serves right-padded batches (or packed rows). The chat templates (lmforge's, the
+    tokenizer's own Jinja template or a .jinja file), the truncation policies and the batch format are described
+    in :mod:`lmforge.data.sft`.
     """
 
     def __init__(
@@ -496,6 +654,7 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
         format: Literal["auto", "prompt_completion", "messages"] = "auto",
         prompt_field: str = "prompt",
         completion_field: str = "completion",
+        chat_template: str = "lmforge",
         max_length: int | None = None,
         truncation: Literal["error", "truncate_prompt", "drop"] = "error",
         packing: bool = False,
@@ -515,6 +674,10 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
             format: prompt_completion, messages (chat), or auto: decided per file from its first record.
             prompt_field: The field holding the prompt (prompt_completion format).
             completion_field: The field holding the completion (prompt_completion format).
+            chat_template: How chat records become text: lmforge (lmforge's plain-text template, the loss on the
+                assistant contents and an EOS after each), tokenizer (the model's own Jinja template, from its
+                tokenizer_config.json or chat_template.jinja; the loss on each assistant turn as the template
+                renders it, end-of-turn token included), or the path of a .jinja template file.
             max_length: Most tokens the model reads per example; default the model's config.block_size.
             truncation: For an example longer than max_length: error (stop, naming it), truncate_prompt (drop
                 prompt tokens from the left; cut the completion on the right if it alone is too long), or drop
@@ -536,6 +699,13 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
         self.format = format
         self.prompt_field = prompt_field
         self.completion_field = completion_field
+        if not isinstance(chat_template, str) or not chat_template.strip():
+            raise ValueError(
+                f"sft: data.chat_template={chat_template!r} must be lmforge, tokenizer or the path of a .jinja file"
+            )
+        self.chat_template = chat_template
+        self._template: ChatTemplate | None = None
+        self._encoder: ChatEncoder | None = None
         self.max_length = max_length
         self.truncation = truncation
         self.packing = packing
@@ -561,8 +731,9 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
         return len(self.examples.get("train", []))
 
     # -- reading -------------------------------------------------------------------------------------------
-    def _read(self, path: str, key: str) -> list[tuple[Record, list[tuple[str, bool]]]]:
-        """The records of one file as spans of text, each with whether it is trained (``eos`` marks the EOS)."""
+    def _read(self, path: str, key: str) -> list[tuple[Record, list[tuple[str | None, bool]], bool]]:
+        """The records of one file as spans of text, each with whether it is trained (None stands for the EOS),
+        and whether a Jinja chat template wrote them."""
         found = read_records(path, "sft", key, self.bad_lines)
         records = found.records
         self._skipped += len(found.skipped)
@@ -570,7 +741,8 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
         if fmt == "auto":
             first = records[0].data
             fmt = "messages" if "messages" in first and self.prompt_field not in first else "prompt_completion"
-        return [(r, self._spans(r, fmt)) for r in records]
+        templated = fmt == "messages" and self.chat_template != "lmforge"
+        return [(r, self._spans(r, fmt), templated) for r in records]
 
     def _spans(self, record: Record, fmt: str) -> list[tuple[str | None, bool]]:
         if fmt == "prompt_completion":
@@ -582,6 +754,24 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
                     "give every record a completion or remove the line"
                 )
             return [(prompt, False), (completion, True), (None, True)]  # None: the EOS token
+        messages = self._messages(record)
+        template = self._chat_template()
+        if template is not None:
+            return self._template_spans(record, messages, template)
+        spans: list[tuple[str | None, bool]] = []
+        masked = ""
+        for msg in messages:
+            role, content = msg["role"], msg["content"]
+            masked += f"<|{role}|>\n"
+            if role == "assistant":
+                spans += [(masked, False), (content, True), (None, True)]
+                masked = "\n"
+            else:
+                masked += f"{content}\n"
+        return spans
+
+    def _messages(self, record: Record) -> list[dict]:
+        """The record's messages, checked: roles, text contents, non-empty answers, at least one answer."""
         if "messages" not in record.data:
             raise CorpusError(
                 f"sft: {record.where}: no field 'messages' (the record has {fields_of(record.data)}); "
@@ -590,8 +780,6 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
         messages = record.data["messages"]
         if not isinstance(messages, list) or not messages:
             raise CorpusError(f"sft: {record.where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        spans: list[tuple[str | None, bool]] = []
-        masked = ""
         has_answer = False
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
@@ -604,33 +792,102 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
                 )
             if not isinstance(content, str):
                 raise CorpusError(f"sft: {record.where}: messages[{i}] content is {type(content).__name__}, not text")
-            masked += f"<|{role}|>\n"
             if role == "assistant":
                 if not content.strip():
                     raise CorpusError(
                         f"sft: {record.where}: messages[{i}] (assistant) is empty; "
                         "give every assistant message a content or remove the record"
                     )
-                spans += [(masked, False), (content, True), (None, True)]
-                masked = "\n"
                 has_answer = True
-            else:
-                masked += f"{content}\n"
         if not has_answer:
             raise CorpusError(
                 f"sft: {record.where}: no assistant message; the loss is on assistant messages, give at least one"
             )
-        return spans
+        return messages
+
+    def _chat_template(self) -> ChatTemplate | None:
+        """The Jinja template that data.chat_template names (None: lmforge's own), loaded at the first chat record."""
+        if self.chat_template == "lmforge" or self._template is not None:
+            return self._template
+        tokenizer = self.tokenizer
+        if self.chat_template == "tokenizer":
+            source = getattr(tokenizer, "chat_template", None)
+            if not isinstance(source, str) or not source.strip():
+                raise CorpusError(
+                    "sft: data.chat_template: tokenizer, but the tokenizer has no chat template (none in its "
+                    "tokenizer_config.json or chat_template.jinja); give the path of a .jinja file in "
+                    "data.chat_template or set data.chat_template: lmforge"
+                )
+            name = "the tokenizer's chat template"
+        else:
+            file = Path(self.chat_template).expanduser()
+            if not file.is_file():
+                raise CorpusError(
+                    f"sft: data.chat_template={self.chat_template!r} is not lmforge, tokenizer or an existing file; "
+                    "give the path of a .jinja template (relative to the current directory)"
+                )
+            source, name = file.read_text(encoding="utf-8"), f"chat template {self.chat_template}"
+        self._template = ChatTemplate(source, name, tokenizer)
+        self._encoder = ChatEncoder(tokenizer)
+        return self._template
+
+    def _template_spans(self, record: Record, messages: list[dict], template: ChatTemplate) -> list[tuple[str, bool]]:
+        """Masked and trained text: for each answer, what the prompt render adds, then what the answer adds."""
+
+        def render(i: int, prompt: bool) -> str:
+            try:
+                return template.render(messages[:i], add_generation_prompt=prompt)
+            except Exception as err:  # the template's own code failed (raise_exception, a bad key, a type...)
+                raise CorpusError(
+                    f"sft: {record.where}: {template.name} fails on messages[:{i}]: "
+                    f"{type(err).__name__}: {_one_line(str(err))}"
+                ) from None
+
+        spans: list[tuple[str, bool]] = []
+        done = ""  # the text so far: the render up to the previous answer
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            prompt, full = render(i, True), render(i + 1, False)
+            if not prompt.startswith(done):
+                raise CorpusError(
+                    f"sft: {record.where}: {template.name} renders messages[:{i}] (with the generation prompt) as text "
+                    "that does not extend its render up to the previous assistant message (it rewrites earlier "
+                    "turns), so the answers cannot be masked; use data.chat_template: lmforge or another template"
+                )
+            if not full.startswith(prompt) or full == prompt:
+                raise CorpusError(
+                    f"sft: {record.where}: {template.name} renders messages[:{i + 1}] as text that does not "
+                    f"{'add to' if full == prompt else 'start with'} its render of messages[:{i}] with "
+                    f"add_generation_prompt, so the assistant part of messages[{i}] cannot be told apart; "
+                    "use data.chat_template: lmforge or another template"
+                )
+            spans += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            done = full
+        return [(text, train) for text, train in spans if text]
 
     # -- tokenizing ----------------------------------------------------------------------------------------
-    def _tokenize(self, record: Record, spans, tokenizer, max_length: int, counts: dict[str, int]) -> Example | None:
+    def _tokenize(
+        self, record: Record, spans, templated: bool, tokenizer, max_length: int, counts: dict[str, int]
+    ) -> Example | None:
         ids = bos_ids(tokenizer)
+        chat = self._encoder if templated else None
+        if chat is not None:  # rendered by a Jinja template: it writes the end-of-turn tokens, maybe the bos too
+            bos_text = getattr(tokenizer, "bos_token", None)
+            if ids and isinstance(bos_text, str) and bos_text and spans[0][0].startswith(bos_text):
+                ids = []
         trained = [False] * len(ids)
         n_bos = len(ids)
-        for text, train in spans:
-            piece = [int(tokenizer.eos_id)] if text is None else encode(tokenizer, text)
+        for k, (text, train) in enumerate(spans):
+            if text is None:
+                piece = [int(tokenizer.eos_id)]
+            else:
+                piece = chat.encode(text, start=k == 0) if chat is not None else encode(tokenizer, text)
             ids += piece
             trained += [train] * len(piece)
+        bos = getattr(tokenizer, "bos_id", None)
+        if chat is not None and not n_bos and bos is not None and ids[:1] == [int(bos)]:
+            n_bos = 1  # the template's own bos: kept by truncate_prompt too
         if len(ids) - 1 > max_length:
             first = trained.index(True)
             prompt_len = first - n_bos
@@ -659,6 +916,7 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
             return
         tokenizer, max_length = resolve_tokenizer(self, "sft")
         self.tokenizer = tokenizer
+        self._template = self._encoder = None  # loaded again for this tokenizer at the first chat record
         self._skipped = 0
         train = self._read(self.train_path, "data.train")
         if self.val_path is None:
@@ -672,7 +930,7 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
             splits["test"] = test
         self.examples = {}
         for name, items in splits.items():
-            examples = [self._tokenize(r, spans, tokenizer, max_length, counts) for r, spans in items]
+            examples = [self._tokenize(r, spans, t, tokenizer, max_length, counts) for r, spans, t in items]
             self.examples[name] = [ex for ex in examples if ex is not None]
             if not self.examples[name]:
                 raise CorpusError(
