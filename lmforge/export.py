@@ -9,14 +9,13 @@ never leaves a half-written folder. :func:`load_exported` reads it back.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import lmforge
+from lmforge.atomic import staged_folder
 from lmforge.model import GPT, GPTConfig
 from lmforge.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_dict
 
@@ -121,18 +120,12 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path, dtype: str =
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as wte.weight
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items() if v.is_floating_point()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lmforge": lmforge.__version__})
         meta = {"lmforge_version": lmforge.__version__, "torch_dtype": dtype, **config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

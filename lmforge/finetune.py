@@ -15,7 +15,6 @@ Hub id fetched with huggingface_hub, from the local cache when offline). The tok
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from torchmetrics.classification import (
 
 import lmforge
 from lmforge import callbacks, plugins
+from lmforge.atomic import write_json
 from lmforge.model import GPT, GPTConfig
 from lmforge.pretrain import LMForgeModule
 
@@ -239,11 +239,7 @@ class FinetuneModule(LMForgeModule):
     def _write_results(self, stage: str, values: dict) -> None:
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
-        path = self._results_dir() / f"{stage}_results.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(values, indent=2) + "\n")
-        tmp.replace(path)
+        write_json(self._results_dir() / f"{stage}_results.json", values)
 
 
 class SFTModule(FinetuneModule):

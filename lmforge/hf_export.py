@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from torch import Tensor
 
 import lmforge
 from lmforge import hf
+from lmforge.atomic import staged_folder
 from lmforge.export import DTYPES, Checkpoint, load_checkpoint
 from lmforge.model import GPTConfig
 from lmforge.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer
@@ -103,9 +102,7 @@ def export_hf(
     datasets = _as_list(datasets, "datasets")
     tags = _as_list(tags, "tags")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(out_dir) as tmp:
         special = _write_tokenizer(ckpt, tmp)
         if adapter_only:
             _write_adapter(ckpt, tmp, base_id, head)
@@ -123,10 +120,6 @@ def export_hf(
             ckpt, family, num_params, out_dir.name, license, base_id, datasets, tags, adapter_only, dtype, files
         )
         card.save(str(tmp / "README.md"))
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

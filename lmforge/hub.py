@@ -21,10 +21,11 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from lmforge.atomic import staged_folder
 
 REPO_TYPES = ("model", "dataset", "space")
 GRADIO_SDK_VERSION = "6.31.0"
@@ -429,17 +430,10 @@ def write_space(
         "Run it locally with `pip install -r requirements.txt && python app.py`.\n"
     )
 
-    space_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=space_dir.parent, prefix=f".{space_dir.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(space_dir) as tmp:
         if model_repo_id is None:
             shutil.copytree(model_dir, tmp / "model", ignore=shutil.ignore_patterns(*_IGNORED_PARTS))
         (tmp / "app.py").write_text(app, encoding="utf-8")
         (tmp / "requirements.txt").write_text("\n".join(SPACE_REQUIREMENTS) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(readme, encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp made it private to this user
-        tmp.rename(space_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return space_dir

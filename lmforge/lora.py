@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.atomic import staged_folder
 from lmforge.model import GPTConfig
 
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -469,13 +468,7 @@ def save_peft_adapter(
         "use_dora": False,
         "use_rslora": False,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(out_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from lmforge.atomic import write_json, write_text
 
 EOS_TOKEN = "<|endoftext|>"
 META_FILE = "lmforge_tokenizer.json"
@@ -63,7 +63,7 @@ class ByteTokenizer:
         return {"type": "bytes"}
 
     def save(self, directory: str | Path) -> None:
-        _write_json_atomic(Path(directory) / META_FILE, self.to_dict())
+        write_json(Path(directory) / META_FILE, self.to_dict())
 
 
 class HFTokenizer:
@@ -200,8 +200,8 @@ class HFTokenizer:
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
-        _write_text_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
-        _write_json_atomic(directory / META_FILE, self._optional({"type": "hf", "eos_token": self.eos_token}))
+        write_text(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        write_json(directory / META_FILE, self._optional({"type": "hf", "eos_token": self.eos_token}))
 
     def _optional(self, values: dict) -> dict:
         """``values`` plus the bos token and the chat template, each only when set (older entries lack them)."""
@@ -282,19 +282,3 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if meta.get("bos_token") or meta.get("chat_template"):
         tokenizer = HFTokenizer(tokenizer._tok, tokenizer.eos_token, meta.get("bos_token"), meta.get("chat_template"))
     return tokenizer
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomic(path: Path, values: dict) -> None:
-    _write_text_atomic(path, json.dumps(values, indent=2) + "\n")

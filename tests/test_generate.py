@@ -348,43 +348,11 @@ def test_main_end_to_end(tmp_path, capsys):
 
     lines = tmp_path / "prompts.txt"
     lines.write_text("The brave fox\n\nHello\n")
-    main(
-        [
-            ckpt,
-            "--prompts-file",
-            str(lines),
-            "--max-new-tokens",
-            "12",
-            "--temperature",
-            "0.8",
-            "--top-k",
-            "5",
-            "--top-p",
-            "0.9",
-            "--seed",
-            "3",
-            "--json",
-        ]
-    )
+    sampled = [ckpt, "--prompts-file", str(lines), "--max-new-tokens", "12", "--temperature", "0.8"]
+    sampled += ["--top-k", "5", "--top-p", "0.9", "--seed", "3", "--json"]
+    main(sampled)
     first = json.loads(capsys.readouterr().out)
-    main(
-        [
-            ckpt,
-            "--prompts-file",
-            str(lines),
-            "--max-new-tokens",
-            "12",
-            "--temperature",
-            "0.8",
-            "--top-k",
-            "5",
-            "--top-p",
-            "0.9",
-            "--seed",
-            "3",
-            "--json",
-        ]
-    )
+    main(sampled)  # the same seed: the same samples
     assert json.loads(capsys.readouterr().out) == first and len(first) == 2
 
     main(

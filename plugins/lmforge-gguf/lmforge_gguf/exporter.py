@@ -19,8 +19,6 @@ split into 32-value blocks falls back to F16. A tied output head is not stored (
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from gguf import MODEL_TENSOR as T
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 
+from lmforge.atomic import staged_folder
 from lmforge.export import read_checkpoint
 from lmforge.model import GPTConfig
 from lmforge_gguf.vocab import Vocab, vocab_for
@@ -77,9 +76,7 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f16",
     vocab = vocab_for(tokenizer, config.vocab_size)
     tensors = [(n, *encode(n, data, matrix_type)) for n, data in gguf_tensors(config, state, arch)]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(out_dir) as tmp:
         writer = _Writer(tmp / file, gguf.MODEL_ARCH_NAMES[arch])
         try:
             _add_metadata(writer, arch, config, name, file_type, vocab)
@@ -90,12 +87,6 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f16",
             writer.write_tensors_to_file()
         finally:
             writer.close()
-        if out_dir.exists():
-            raise FileExistsError(f"export folder {out_dir} appeared while exporting; nothing was written there")
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
