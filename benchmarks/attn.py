@@ -26,7 +26,10 @@ Timing: ``triton.testing.do_bench`` (CUDA events, L2 cache flushed before each c
 accumulation is not timed), through ``benchmarks/harness.py``. TFLOP/s counts the FlashAttention convention:
 forward = 4 * B * H * N^2 * D, halved when causal; backward = 2.5 x forward; forward+backward = 3.5 x forward.
 The ratio column is lmforge's TFLOP/s over the provider's at the same shape and mode (above 1: lmforge is
-faster). Peak memory is what one call allocates beyond its inputs, on CUDA.
+faster). Peak memory is what one call allocates beyond its inputs, on CUDA. On CUDA, after each lmforge
+measurement, the tile configs the Triton autotuner chose for that shape are recorded, one per kernel that ran
+(``fwd 128x64 w8 s3 | dkdv 32x128 w8 s2 | dq 128x32 w4 s2``: BLOCK_M x BLOCK_N, warps, pipeline stages),
+printed under the table and kept in the CSV's ``lmforge_configs`` column, to tune the config lists from.
 
 Results: a table on stdout, one CSV row per measurement appended to ``<out>/attn.csv`` (device name,
 versions and date on every row) and a plot ``<out>/attn_<dtype>_<device>.png`` of TFLOP/s against N, one
@@ -120,6 +123,7 @@ class Result:
     provider: str
     ms: float
     peak_mib: float | None
+    configs: str = ""  # lmforge on CUDA: the autotuner's choice per kernel, e.g. "fwd 128x64 w8 s3 | dq 64x32 w4 s3"
 
     @property
     def tflops(self) -> float:
@@ -151,6 +155,37 @@ def load_lmforge() -> tuple[Attention | None, str]:
         return flash_attention(q, k, v, causal=causal)
 
     return attend, ""
+
+
+# lmforge's autotuned kernels, in the order they run, with their short names
+LMFORGE_KERNELS = (("fwd", "_attn_fwd"), ("dkdv", "_attn_bwd_dkdv"), ("dq", "_attn_bwd_dq"))
+
+
+def lmforge_autotuners() -> list[tuple[str, object]]:
+    """(short name, autotuned kernel) of lmforge's attention kernels; empty when the module or one is missing."""
+    module = sys.modules.get("lmforge.kernels.attention")
+    if module is None:
+        return []
+    return [(short, getattr(module, name)) for short, name in LMFORGE_KERNELS if hasattr(module, name)]
+
+
+def reset_lmforge_configs() -> None:
+    """Forget the configs chosen so far, so that the next reading names only the kernels of one measurement."""
+    for _, kernel in lmforge_autotuners():
+        if hasattr(kernel, "best_config"):
+            kernel.best_config = None
+
+
+def lmforge_configs() -> str:
+    """The configs the autotuner chose since :func:`reset_lmforge_configs`, e.g. "fwd 128x64 w8 s3 | dq 64x32 w4 s3"."""
+    parts = []
+    for short, kernel in lmforge_autotuners():
+        config = getattr(kernel, "best_config", None)
+        if config is not None:
+            kw = config.kwargs
+            block = f"{kw.get('BLOCK_M', '?')}x{kw.get('BLOCK_N', '?')}"
+            parts.append(f"{short} {block} w{config.num_warps} s{config.num_stages}")
+    return " | ".join(parts)
 
 
 def short_error(err: BaseException, caught: Sequence[warnings.WarningMessage] = ()) -> str:
@@ -244,6 +279,9 @@ def measure(
     args: argparse.Namespace,
     device: torch.device,
 ) -> Result:
+    track_configs = name == "lmforge" and device.type == "cuda"
+    if track_configs:
+        reset_lmforge_configs()
     fn = bench_fn(attend, mode, *inputs, shape.causal)
     ms = harness.timeit(fn, args.warmup, args.rep, grad_to_none=list(inputs), device=device)
     for t in inputs:
@@ -251,7 +289,8 @@ def measure(
     peak = harness.peak_memory(fn, device)
     for t in inputs:
         t.grad = None
-    return Result(shape, mode, name, ms, None if peak is None else peak / 2**20)
+    configs = lmforge_configs() if track_configs else ""
+    return Result(shape, mode, name, ms, None if peak is None else peak / 2**20, configs)
 
 
 def measure_shape(
@@ -341,6 +380,12 @@ def print_results(results: list[Result], shapes: Sequence[Shape], modes: Sequenc
     print(FLOP_NOTE)
     if with_ratio:
         print("lmforge/x = lmforge TFLOP/s / provider TFLOP/s at the same shape and mode (above 1: lmforge is faster)")
+    tuned = [r for r in ordered(results, shapes, modes) if r.configs]
+    if tuned:
+        print("lmforge autotuned configs (BLOCK_M x BLOCK_N, warps, stages):")
+        width = max(len(f"{r.shape.label} {r.mode}") for r in tuned)
+        for r in tuned:
+            print(f"  {f'{r.shape.label} {r.mode}':<{width}}  {r.configs}")
 
 
 def csv_rows(
@@ -371,6 +416,8 @@ def csv_rows(
                 "rep_ms": f"{args.rep:g}",
             }
         )
+        if device.type == "cuda":  # the CPU CSV keeps its columns: no kernel is tuned there
+            rows[-1]["lmforge_configs"] = r.configs
     return rows
 
 

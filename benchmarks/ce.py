@@ -12,7 +12,9 @@ Providers, each skipped with a note when it cannot be imported or fails:
 * ``torch-eager``: ``F.cross_entropy(F.linear(hidden, W).float(), targets)``: the logits upcast to fp32,
   as a typical training script does;
 * ``torch-compile``: the same function through ``torch.compile`` (compiled once per shape, untimed);
-* ``liger``: ``liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss`` (CUDA only).
+* ``liger``: ``liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss`` (CUDA only);
+* ``lmforge@T``: lmforge with a fixed chunk of T tokens, one per value of ``--lmforge-chunks`` (the
+  trade-off between the memory of one chunk of logits and the traffic of re-reading W per chunk).
 
 Shapes (tokens, hidden, vocab): the anchors (8192, 768, 50257) and (8192, 4096, 128256), a sweep over
 tokens {2048, 4096, 8192, 16384} at (768, 50257) and one over vocab {32000, 50257, 128256, 256000} at
@@ -27,6 +29,10 @@ Measured side by side in one run, one provider at a time (everything freed in be
   ``reset_peak_memory_stats``, minus what was allocated before it (the inputs). It includes the two
   gradients, (N*C + V*C) elements, which any provider must allocate; that floor is printed per shape.
   A provider that runs out of memory is recorded as "OOM".
+* transient memory: that peak minus what the step leaves allocated (its gradients): the memory a
+  provider needs only while it runs. ANCHORS.md's memory column matches this reading (Liger's 12 and
+  63 MiB are one chunk of its logits; torch.compile's 1572 and 2004 MiB the whole logits), so the
+  "mem vs liger" column (transient over Liger's transient) is the one to hold against its bar.
 * the floor set by the three matrix products (logits = h @ W.T, dh = dlogits @ W, dW = dlogits.T @ h),
   2*N*C*V FLOPs each: floor ms = 6*N*C*V / (dense bf16 peak FLOP/s), with the card's peak (989 TFLOP/s
   for H100 SXM and H200; ``--peak-tflops`` for another card). "floor %" = floor ms / measured ms: the
@@ -49,6 +55,7 @@ is not seen). This takes well under a minute.
     python benchmarks/ce.py                    # the full sweep (GPU), or the CPU checks
     python benchmarks/ce.py --quick            # the two anchor shapes
     python benchmarks/ce.py --tokens 8192 --hidden 4096 --vocab 128256 --providers lmforge,liger
+    python benchmarks/ce.py --quick --lmforge-chunks 128,512,2048   # lmforge's chunk size against the default
 """
 
 from __future__ import annotations
@@ -125,6 +132,12 @@ class Result:
     ms: float | None
     peak_mib: float | None
     status: str = "ok"
+    kept_mib: float | None = None  # what the step leaves allocated: its gradients
+
+    @property
+    def transient_mib(self) -> float | None:
+        """The peak above what the step leaves allocated: memory needed only while it runs."""
+        return None if self.peak_mib is None or self.kept_mib is None else self.peak_mib - self.kept_mib
 
     @property
     def tflops(self) -> float | None:
@@ -137,13 +150,15 @@ def eager_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)
 
 
-def load_lmforge(device: torch.device) -> tuple[Loss | None, str]:
-    """lmforge's fused loss (the Triton row kernel on CUDA, the chunked torch path on CPU), or why not."""
+def load_lmforge(device: torch.device, chunk_size: int | None = None) -> tuple[Loss | None, str]:
+    """lmforge's fused loss (the Triton row kernel on CUDA, the chunked torch path on CPU), or why not;
+    ``chunk_size`` tokens per chunk (default: lmforge's own choice)."""
     try:
         from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
     except Exception as err:  # a missing or half-written module must not stop the other measurements
         return None, f"cannot import lmforge.kernels.linear_cross_entropy ({short_error(err)})"
-    return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX, use_triton=device.type == "cuda"), ""
+    options = dict(ignore_index=IGNORE_INDEX, use_triton=device.type == "cuda", chunk_size=chunk_size)
+    return functools.partial(linear_cross_entropy, **options), ""
 
 
 def load_compile(device: torch.device) -> tuple[Loss | None, str]:
@@ -173,11 +188,31 @@ LOADERS: dict[str, Callable[[torch.device], tuple[Loss | None, str]]] = {
 }
 
 
+def chunk_variant(name: str) -> int | None:
+    """T for a provider named ``lmforge@T`` (lmforge with T tokens per chunk), else None."""
+    return int(name.split("@", 1)[1]) if name.startswith("lmforge@") else None
+
+
+def provider_rank(name: str) -> tuple[int, int]:
+    """Table and plot order: lmforge, its chunk variants by size, then the references."""
+    chunk = chunk_variant(name)
+    return (0, chunk) if chunk is not None else (PROVIDERS.index(name) * 2, 0)
+
+
+def provider_color(name: str, names: Sequence[str]) -> str:
+    """A fixed colour per reference provider; the chunk variants take the colours after them."""
+    if chunk_variant(name) is None:
+        return f"C{PROVIDERS.index(name)}"
+    variants = sorted((n for n in names if chunk_variant(n) is not None), key=provider_rank)
+    return f"C{len(PROVIDERS) + variants.index(name)}"
+
+
 def load_providers(names: Sequence[str], device: torch.device) -> dict[str, Loss]:
     """The providers among ``names`` that can be loaded here; a note for each that cannot."""
     found = {}
     for name in names:
-        loss, why = LOADERS[name](device)
+        chunk = chunk_variant(name)
+        loss, why = LOADERS[name](device) if chunk is None else load_lmforge(device, chunk)
         if loss is None:
             print(f"note: {name} is unavailable, skipped: {why}")
         else:
@@ -233,12 +268,13 @@ def quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def cpu_peak_memory(fn: Callable[[], object]) -> int | None:
-    """Peak bytes held through PyTorch's CPU allocator during ``fn()``, counting only what ``fn`` allocates.
+def cpu_memory_use(fn: Callable[[], object]) -> tuple[int, int] | None:
+    """Bytes held through PyTorch's CPU allocator that ``fn()`` allocated: at the peak, and at its end.
 
     torch.profiler (profile_memory=True) records a "[memory]" event per allocation (+bytes) and free
-    (-bytes); their running sum in time order peaks at the answer. Frees of memory allocated before the
-    call are not reported by the profiler, so they do not count. None when the profiler gives no events.
+    (-bytes); their running sum in time order peaks at the first answer and ends at the second. Frees of
+    memory allocated before the call are not reported by the profiler, so they do not count. None when
+    the profiler gives no events.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -253,12 +289,12 @@ def cpu_peak_memory(fn: Callable[[], object]) -> int | None:
     for _, nbytes in records:
         live += nbytes
         peak = max(peak, live)
-    return peak if records else None
+    return (peak, live) if records else None
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Extra bytes one call allocates at its peak: harness.peak_memory on CUDA, the profiler on CPU."""
-    return harness.peak_memory(fn, device) if device.type == "cuda" else cpu_peak_memory(fn)
+def memory_use(fn: Callable[[], object], device: torch.device) -> tuple[int, int] | None:
+    """(peak, kept) extra bytes of one call: harness.memory_use on CUDA, the profiler on CPU."""
+    return harness.memory_use(fn, device) if device.type == "cuda" else cpu_memory_use(fn)
 
 
 def measure(
@@ -272,8 +308,10 @@ def measure(
 
     ms = harness.timeit(step, args.warmup, args.rep, grad_to_none=[hidden, weight], device=device, min_rep=3)
     release(device, hidden, weight)
-    peak = peak_memory(step, device)
-    return Result(shape, name, ms, None if peak is None else peak / 2**20)
+    use = memory_use(step, device)
+    if use is None:
+        return Result(shape, name, ms, None)
+    return Result(shape, name, ms, use[0] / 2**20, kept_mib=use[1] / 2**20)
 
 
 def measure_shape(
@@ -359,7 +397,15 @@ def ratio(result: Result, results: Sequence[Result], reference: str) -> float | 
 
 def ordered(results: Sequence[Result], shapes: Sequence[Shape]) -> list[Result]:
     """By shape (as swept), then provider (lmforge first)."""
-    return sorted(results, key=lambda r: (shapes.index(r.shape), PROVIDERS.index(r.provider)))
+    return sorted(results, key=lambda r: (shapes.index(r.shape), provider_rank(r.provider)))
+
+
+def memory_ratio(result: Result, results: Sequence[Result], reference: str) -> float | None:
+    """``result``'s transient memory over ``reference``'s at the same shape (None when either has none)."""
+    other = find(results, result.shape, reference)
+    mine = result.transient_mib
+    theirs = None if other is None else other.transient_mib
+    return None if mine is None or not theirs else mine / theirs
 
 
 def references_in(results: Sequence[Result]) -> list[str]:
@@ -391,8 +437,8 @@ def table_row(
     s = r.shape
     row: list[object] = [s.tokens, s.hidden, s.vocab, r.provider]
     if r.ms is None:
-        return row + [r.status, r.status] + ["-"] * (1 + len(refs))
-    row += [f"{r.ms:.3f}", "n/a" if r.peak_mib is None else f"{r.peak_mib:,.1f}"]
+        return row + [r.status, r.status, r.status] + ["-"] * (1 + len(refs) + ("liger" in refs))
+    row += [f"{r.ms:.3f}"] + ["n/a" if m is None else f"{m:,.1f}" for m in (r.peak_mib, r.transient_mib)]
     floor = floor_ms(s, peak)
     if cuda:
         row.append("-" if floor is None else f"{100 * floor / r.ms:.1f}%")
@@ -400,6 +446,9 @@ def table_row(
         row.append(f"{r.tflops * 1e3:.1f}")
     for ref in refs:
         value = ratio(r, results, ref)
+        row.append("-" if value is None else f"{value:.2f}x")
+    if "liger" in refs:
+        value = memory_ratio(r, results, "liger")
         row.append("-" if value is None else f"{value:.2f}x")
     return row
 
@@ -409,18 +458,22 @@ def print_results(
 ) -> None:
     cuda = device.type == "cuda"
     refs = references_in(results)
-    headers = ["tokens", "hidden", "vocab", "provider", "ms", "peak MiB", "floor %" if cuda else "GFLOP/s"]
-    headers += [f"vs {ref.removeprefix('torch-')}" for ref in refs]
+    headers = ["tokens", "hidden", "vocab", "provider", "ms", "peak MiB", "transient MiB"]
+    headers += ["floor %" if cuda else "GFLOP/s"] + [f"vs {ref.removeprefix('torch-')}" for ref in refs]
+    headers += ["mem vs liger"] if "liger" in refs else []
     harness.print_table(headers, [table_row(r, results, refs, peak, cuda) for r in ordered(results, shapes)])
     print_floors(shapes, peak, dtype, device)
     memory = "torch.cuda.max_memory_allocated" if cuda else "torch.profiler allocator events"
     print(f"ms: mean of one forward + backward; peak MiB: extra memory at the peak of one step ({memory})")
+    print("transient MiB: that peak minus what the step leaves allocated (its gradients); ANCHORS.md's reading")
     if cuda:
         print("floor % = floor ms / ms x 100 (= achieved 6*N*C*V FLOP/s over the card's peak)")
     else:
         print("GFLOP/s = 6*N*C*V / time (no floor on CPU)")
     if refs:
         print("vs X = ms / X's ms at the same shape (below 1: faster than X)")
+    if "liger" in refs:
+        print("mem vs liger = transient MiB / Liger's transient MiB at the same shape (the bar: at most 2)")
 
 
 def csv_rows(
@@ -443,6 +496,8 @@ def csv_rows(
                 "status": r.status,
                 "ms": "" if r.ms is None else f"{r.ms:.6g}",
                 "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
+                "transient_mib": "" if r.transient_mib is None else f"{r.transient_mib:.1f}",
+                "mem_vs_liger": "" if (m := memory_ratio(r, results, "liger")) is None else f"{m:.4g}",
                 "grad_mib": f"{r.shape.grad_mib(dtype):.1f}",
                 "gflop": f"{r.shape.flops / 1e9:.6g}",
                 "peak_tflops": "" if peak is None else f"{peak:g}",
@@ -463,15 +518,19 @@ def short_number(value: float) -> str:
 
 
 def plot_bars(path: Path, results: Sequence[Result], shapes: Sequence[Shape], title: str) -> bool:
-    """Two panels, time and peak memory: a group of bars per shape, one bar per provider; False without
+    """Three panels, time, peak and transient memory: a group of bars per shape, one bar per provider; False without
     matplotlib. A provider without a number gets its status ("OOM", "failed") written in its place."""
     plt = harness.pyplot()
     if plt is None:
         return False
-    providers = [p for p in PROVIDERS if any(r.provider == p for r in results)]
+    providers = sorted({r.provider for r in results}, key=provider_rank)
     width = 0.8 / len(providers)
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 2.0 + 1.3 * len(shapes)), 8.0))
-    panels = (("ms", "forward + backward, ms"), ("peak_mib", "peak extra memory, MiB"))
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2.0 + 1.3 * len(shapes)), 11.0))
+    panels = (
+        ("ms", "forward + backward, ms"),
+        ("peak_mib", "peak extra memory, MiB"),
+        ("transient_mib", "transient memory, MiB"),
+    )
     for ax, (metric, ylabel) in zip(axes, panels):
         for i, provider in enumerate(providers):
             offset = (i - (len(providers) - 1) / 2) * width
@@ -485,7 +544,7 @@ def plot_bars(path: Path, results: Sequence[Result], shapes: Sequence[Shape], ti
                 elif r is not None:
                     ax.text(j + offset, 0.02, r.status, rotation=90, ha="center", va="bottom", fontsize=7,
                             transform=ax.get_xaxis_transform())  # fmt: skip
-            bars = ax.bar(xs, ys, width, label=provider, color=f"C{PROVIDERS.index(provider)}")
+            bars = ax.bar(xs, ys, width, label=provider, color=provider_color(provider, providers))
             ax.bar_label(bars, [short_number(y) for y in ys], fontsize=6, rotation=90, padding=2)
         ax.set_xticks(range(len(shapes)), [s.short for s in shapes], rotation=20, ha="right", fontsize=8)
         ax.set_yscale("log")
@@ -517,7 +576,7 @@ def sweep_panels(results: Sequence[Result]) -> dict[str, dict[str, list[tuple[fl
         fixed = f"hidden {at[0]}, vocab {at[1]}" if axis == "tokens" else f"tokens {at[0]}, hidden {at[1]}"
         for metric, what in (("ms", "ms"), ("peak_mib", "peak MiB")):
             panel = f"{what} against {axis} ({fixed})"
-            for r in sorted(chosen, key=lambda r: PROVIDERS.index(r.provider)):
+            for r in sorted(chosen, key=lambda r: provider_rank(r.provider)):
                 value = getattr(r, metric)
                 if value is not None:
                     panels.setdefault(panel, {}).setdefault(r.provider, []).append((getattr(r.shape, attr), value))
@@ -587,7 +646,7 @@ def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
         f"{len(shapes)} shape(s), {args.dtype_name}, forward + backward, do_bench {args.warmup:g} ms warm-up + "
         f"{args.rep:g} ms timed per measurement (mean)"
     )
-    providers = load_providers(args.providers or PROVIDERS, device)
+    providers = load_providers(list(args.providers or PROVIDERS) + chunk_names(args), device)
     if not providers:
         print("no provider is available; nothing to measure")
         return 1
@@ -669,7 +728,7 @@ def load_average() -> str:
 def cpu_main(args: argparse.Namespace) -> int:
     print("no CUDA device: no speed is claimed (speed claims come only from GPU runs); CPU checks instead")
     device = torch.device("cpu")
-    names = args.providers or CPU_PROVIDERS
+    names = list(args.providers or CPU_PROVIDERS) + chunk_names(args)
     passed = smoke() if "lmforge" in names else None
     print()
     args.dtype_name = "fp32"
@@ -703,6 +762,21 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers, e.g. 256,1024")
+    return values
+
+
+def chunk_names(args: argparse.Namespace) -> list[str]:
+    """The ``lmforge@T`` providers asked for by --lmforge-chunks."""
+    return [f"lmforge@{t}" for t in dict.fromkeys(args.lmforge_chunks or ())]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the two anchor shapes only; shorter budgets on CPU")
@@ -713,6 +787,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--providers",
         type=choice_list(PROVIDERS),
         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on GPU, {','.join(CPU_PROVIDERS)} on CPU)",
+    )
+    p.add_argument(
+        "--lmforge-chunks",
+        type=positive_ints,
+        help="also measure lmforge with these fixed chunk sizes in tokens, as providers lmforge@T (e.g. 256,1024)",
     )
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="GPU dtype (the CPU checks use fp32)")
     p.add_argument(

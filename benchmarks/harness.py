@@ -186,8 +186,9 @@ def timeit(
     return _timeit_loop(fn, warmup, rep, grad_to_none, device, min_rep)
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int | None:
-    """Bytes of CUDA memory ``fn()`` allocates at its peak beyond what was allocated before; None on CPU."""
+def memory_use(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[int, int] | None:
+    """CUDA bytes ``fn()`` allocates (at its peak, and still held when it returns) beyond what was
+    allocated before; None on CPU. The difference of the two is the call's transient memory."""
     device = as_device(device)
     if device.type != "cuda":
         return None
@@ -196,7 +197,13 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    return torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int | None:
+    """Bytes of CUDA memory ``fn()`` allocates at its peak beyond what was allocated before; None on CPU."""
+    use = memory_use(fn, device)
+    return None if use is None else use[0]
 
 
 # -- reporting --------------------------------------------------------------------------------------

@@ -13,3 +13,21 @@ import importlib.util
 def triton_available() -> bool:
     """True when triton is importable (it is not on macOS or Windows)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def build_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this kernel could not be compiled or launched on this GPU".
+
+    Callers that have a torch fallback (``attention: auto``, ``loss: auto``) catch these and fall
+    back; every other error, and every error under a forced ``triton`` backend, propagates.
+    """
+    import triton.compiler.errors as compiler_errors
+    import triton.runtime.errors as runtime_errors
+
+    names = (
+        (compiler_errors, "CompilationError"),
+        (runtime_errors, "OutOfResources"),
+        (runtime_errors, "PTXASError"),
+        (runtime_errors, "AutotunerError"),
+    )
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))

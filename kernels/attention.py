@@ -11,8 +11,11 @@ head once for its whole group of query heads: K and V are never repeated in memo
 
 The forward pass tiles queries into BLOCK_M rows and streams BLOCK_N keys at a time with an online
 softmax in base 2 (exp2, with log2(e) folded into the scale), accumulating in fp32; it keeps the
-row-wise logsumexp (base 2) for the backward. A row with no key to attend to outputs zeros (its
-logsumexp is stored as +inf, so the backward sees probabilities of exactly 0, never NaN).
+row-wise logsumexp (base 2) for the backward. Only each row's max is scaled, so the scale and the
+max subtraction fuse into one FMA per score. With a causal mask the query blocks run last-first
+(forward and dQ), so the programs with the most keys to visit start first. A row with no key to
+attend to outputs zeros (its logsumexp is stored as +inf, so the backward sees probabilities of
+exactly 0, never NaN).
 
 The backward is the FlashAttention-2 scheme: delta = rowsum(dO * O); then one program per key block
 and key/value head accumulates dK and dV over every query head of its group and every query
@@ -26,15 +29,25 @@ of their sum.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from . import build_errors
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+
+log = logging.getLogger(__name__)
+
+# "This kernel could not be built or launched on this GPU": the errors that the backward's fallback
+# (flash_attention(..., backward_fallback=...)) answers; any other error propagates.
+BUILD_ERRORS: tuple[type[BaseException], ...] = build_errors()
 
 
 def _interpreting() -> bool:
@@ -45,12 +58,16 @@ def _fwd_configs() -> list[triton.Config]:
     if _interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     # Ampere (A100) and Hopper (H100/H200) both do well in this small set; autotuning picks per shape.
+    # Wide key tiles (BLOCK_N 128) suit head dim 64 on Hopper. Keep a small config last: it is what
+    # _prune_for_head_dim falls back to.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
             (128, 64, 4, 3),
             (128, 64, 8, 3),
             (128, 128, 8, 3),
+            (128, 128, 4, 3),
+            (64, 128, 4, 3),
             (64, 64, 4, 3),
             (128, 32, 4, 4),
             (64, 32, 4, 4),
@@ -59,6 +76,7 @@ def _fwd_configs() -> list[triton.Config]:
 
 
 def _bwd_configs() -> list[triton.Config]:
+    """dK/dV: one program holds a key block (BLOCK_N) and streams small query tiles (BLOCK_M)."""
     if _interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
@@ -69,6 +87,26 @@ def _bwd_configs() -> list[triton.Config]:
             (32, 64, 4, 2),
             (64, 64, 4, 3),
             (16, 64, 4, 3),
+        ]
+    ]
+
+
+def _dq_configs() -> list[triton.Config]:
+    """dQ: the mirror of dK/dV; one program holds a query block (BLOCK_M) and streams key tiles (BLOCK_N).
+
+    The last config is the small one meant for head dim 256 (q, dO and the dQ accumulator held, K and V
+    tiles of 32 rows double-buffered: about 100 KiB of shared memory by estimate, not yet measured)."""
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 32, 4, 2),
+            (128, 32, 8, 3),
+            (128, 64, 8, 2),
+            (64, 64, 4, 3),
+            (64, 32, 4, 3),
+            (32, 32, 4, 2),
         ]
     ]
 
@@ -140,6 +178,17 @@ def _segment_range(offs, N, seg_ptr, mask_base, HAS_SEG: tl.constexpr):
 
 
 @triton.jit
+def _query_block_start(N, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """The first query row of this program's block. With CAUSAL the blocks go in reverse order: the
+    last block, which visits the most keys, gets program 0, so the heaviest programs launch first and
+    the short ones fill the tail of the grid."""
+    pid = tl.program_id(0)
+    if CAUSAL:
+        pid = tl.cdiv(N, BLOCK_M) - 1 - pid
+    return pid * BLOCK_M
+
+
+@triton.jit
 def _fwd_tile(
     q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d, N, D, qk_scale,
     seg_q, KPM, SEG, mask_base,
@@ -158,13 +207,14 @@ def _fwd_tile(
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale  # base-2 logits
+    # s stays in raw units: with qk_scale > 0, max(s) * qk_scale == max(s * qk_scale), so only the row
+    # max is scaled and exp2(s * qk_scale - m) contracts into one FMA per element (no separate s * scale pass)
     if MASKED:
         valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
         s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # base-2 scaled units, as m_i
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet stay at zero
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])  # masked entries: -inf * qk_scale - m = -inf: p = 0
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
@@ -185,7 +235,7 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_block_start(N, BLOCK_M, CAUSAL)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -403,7 +453,7 @@ def _attn_bwd_dkdv(
              dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+@triton.autotune(configs=_dq_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
                  prune_configs_by={"early_config_prune": _prune_for_head_dim})  # fmt: skip
 @triton.jit
 def _attn_bwd_dq(
@@ -415,7 +465,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block of one query head."""
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_block_start(N, BLOCK_M, CAUSAL)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -508,11 +558,19 @@ def _forward(q, k, v, causal, scale, kpm, seg):
     o = torch.empty_like(q)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(D))
+    # The forward scales each row's max, not every score (see _fwd_tile), which needs scale > 0. Any
+    # other scale goes through q: q * scale == (-q) * |scale|, and a zero scale is a zero q at scale 1.
+    # The logsumexp is the same either way, so the backward takes the true q and scale.
+    q_in, fwd_scale = q, scale
+    if scale < 0:
+        q_in, fwd_scale = -q, -scale
+    elif scale == 0:
+        q_in, fwd_scale = torch.zeros_like(q), 1.0
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](
-        q, k, v, o, lse, kpm if kpm is not None else _dummy(q), seg if seg is not None else _dummy(q),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, H // k.shape[1], N, D, scale * LOG2E,
+        q_in, k, v, o, lse, kpm if kpm is not None else _dummy(q), seg if seg is not None else _dummy(q),
+        *q_in.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, H // k.shape[1], N, D, fwd_scale * LOG2E,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
         BLOCK_D=block_d,
     )  # fmt: skip
@@ -553,19 +611,63 @@ def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg):
 # ----------------------------------------------------------------------------------------------
 
 
+_fallback_warned = False  # the fallback's warning is logged once per process
+_backward_broken: set[tuple] = set()  # (device, dtype, BLOCK_D, masks) whose Triton backward failed to build
+
+
+def _backward_key(q, causal, kpm, seg) -> tuple:
+    return (str(q.device), q.dtype, max(16, triton.next_power_of_2(q.shape[-1])), causal, kpm is None, seg is None)
+
+
+def _fallback_backward(fallback, do, q, k, v):
+    """dq, dk, dv of ``fallback(q, k, v)`` for the upstream gradient ``do``, by recomputing its output."""
+    with torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        out = fallback(*leaves)
+        grads = torch.autograd.grad(out, leaves, do.to(out.dtype), allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))
+
+
+def _warn_fallback(error: BaseException) -> None:
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    lines = str(error).strip().splitlines()
+    log.warning(
+        "flash_attention: the Triton backward could not be built or launched (%s: %s); computing the "
+        "gradients with the fallback attention instead",
+        type(error).__name__,
+        lines[0] if lines else "",
+    )
+
+
 class _FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kpm, seg):
+    def forward(ctx, q, k, v, causal, scale, kpm, seg, backward_fallback=None):
         o, lse = _forward(q, k, v, causal, scale, kpm, seg)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.kpm, ctx.seg = causal, scale, kpm, seg
+        ctx.backward_fallback = backward_fallback
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.kpm, ctx.seg)
-        return dq, dk, dv, None, None, None, None
+        fallback = ctx.backward_fallback
+        key = _backward_key(q, ctx.causal, ctx.kpm, ctx.seg)
+        if fallback is not None and key in _backward_broken:  # it failed before: do not rebuild it every step
+            dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
+        else:
+            try:
+                dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.kpm, ctx.seg)
+            except BUILD_ERRORS as error:
+                if fallback is None:
+                    raise
+                _warn_fallback(error)
+                _backward_broken.add(key)
+                dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def flash_attention(
@@ -577,6 +679,7 @@ def flash_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    backward_fallback: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Fused attention. q: (B, H, N, D); k, v: (B, H_kv, N, D) with H_kv dividing H.
 
@@ -584,11 +687,18 @@ def flash_attention(
     only to keys with its id (packed documents). Rows that can attend to nothing give zeros.
     Runs on CUDA (fp16, bf16; fp32 computes its products in full precision, slowly) and on CPU
     under ``TRITON_INTERPRET=1`` for testing.
+
+    backward_fallback: ``f(q, k, v) -> out``, the same attention (masks, scale and all, bound by the
+    caller, e.g. with functools.partial) in plain PyTorch. When the Triton backward raises one of
+    :data:`BUILD_ERRORS` (it cannot be built or launched on this GPU), the gradients are those of
+    ``f``'s output recomputed under autograd; a warning is logged once per process, and later
+    backwards of the same kind (device, dtype, head dim, causal, masks) go to ``f`` directly.
+    Without it, the error propagates.
     """
     _check(q, k, v)
     kpm, seg = _masks(q, key_padding_mask, segment_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _FlashAttentionFunction.apply(q, k, v, causal, scale, kpm, seg)
+    return _FlashAttentionFunction.apply(q, k, v, causal, scale, kpm, seg, backward_fallback)
 
 
 class FlashAttention(torch.nn.Module):

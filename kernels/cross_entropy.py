@@ -70,6 +70,26 @@ def _ce_rows_kernel(
         tl.store(x_row + offs, (g * scale).to(X.dtype.element_ty), mask=offs < V)
 
 
+@triton.jit
+def _scale_kernel(X, FACTOR, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < numel
+    x = tl.load(X + offs, mask=keep).to(tl.float32)
+    tl.store(X + offs, (x * tl.load(FACTOR)).to(X.dtype.element_ty), mask=keep)
+
+
+def scale_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x *= factor`` in place for a contiguous tensor, in fp32 (``factor``: a one-element tensor)."""
+    if not x.is_contiguous():
+        raise ValueError("scale_: the tensor must be contiguous")
+    if x.numel():
+        block = 4096
+        _scale_kernel[(triton.cdiv(x.numel(), block),)](
+            x, factor.to(device=x.device, dtype=torch.float32).reshape(1), x.numel(), BLOCK=block, num_warps=8
+        )
+    return x
+
+
 def ce_rows_(
     logits: torch.Tensor,
     targets: torch.Tensor,

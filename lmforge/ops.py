@@ -6,10 +6,17 @@ Every model calls :func:`attention` and :func:`linear_cross_entropy`; the ``back
 kernel from ``lmforge.kernels`` where it can run (CUDA, fp16/bf16) and logs once why it does not
 elsewhere; ``triton`` forces the kernel and fails clearly where it cannot run (on CPU it runs only
 under ``TRITON_INTERPRET=1``, for tests).
+
+Under ``auto`` a kernel that cannot be compiled or launched on this GPU (a Triton compilation error,
+too little shared memory for every tuned configuration) does not stop training: the error is logged
+once as a warning, and that case (device, dtype, head dim, masks) runs on the torch path from then
+on. The attention backward falls back the same way, by recomputing through the torch path. Under
+``triton`` the error propagates.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -22,6 +29,7 @@ log = logging.getLogger(__name__)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _told: set[str] = set()
+_unbuildable: dict[tuple, str] = {}  # kernel cases that failed to build here -> why, for the fallback's log line
 
 
 def _tell_once(message: str) -> None:
@@ -30,8 +38,21 @@ def _tell_once(message: str) -> None:
         log.info(message)
 
 
+def _build_failed(case: tuple, op: str, err: BaseException) -> str:
+    """Remember that ``case`` cannot be built here, warn once, and return the reason for later log lines."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    why = f"the Triton kernel failed to build here ({type(err).__name__}: {first})"
+    _unbuildable[case] = why
+    log.warning(f"{op}: {why}; using the torch path for {case[1:]} from now on")
+    return why
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _on_cuda(t: Tensor) -> bool:
+    return t.is_cuda
 
 
 def triton_available() -> bool:
@@ -80,12 +101,29 @@ def attention(
         refusal = _attention_kernel_refusal(q, dropout_p)
         if refusal is None and backend == "auto" and q.dtype not in KERNEL_DTYPES:
             refusal = f"dtype {q.dtype} (the kernel serves float16 and bfloat16)"
+        case = ("attention", str(q.device), q.dtype, q.size(-1), causal, key_padding_mask is not None,
+                segment_ids is not None)  # fmt: skip
+        if refusal is None and backend == "auto":
+            refusal = _unbuildable.get(case)
         if refusal is None:
+            from lmforge.kernels import build_errors
             from lmforge.kernels.attention import flash_attention
 
-            return flash_attention(
-                q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids
-            )
+            fallback = None
+            if backend == "auto":  # a backward that fails to build recomputes through torch instead
+                fallback = functools.partial(
+                    _sdpa, causal=causal, dropout_p=0.0, scale=scale,
+                    key_padding_mask=key_padding_mask, segment_ids=segment_ids,
+                )  # fmt: skip
+            try:
+                return flash_attention(
+                    q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                    segment_ids=segment_ids, backward_fallback=fallback,
+                )  # fmt: skip
+            except build_errors() as err:
+                if backend == "triton":
+                    raise
+                refusal = _build_failed(case, "attention", err)
         if backend == "triton":
             raise ValueError(f"attention='triton' cannot run here: {refusal}; use attention: auto or torch")
         _tell_once(f"attention: using torch scaled_dot_product_attention because {refusal}")
@@ -140,12 +178,25 @@ def linear_cross_entropy(
         return loss_sum / (targets != ignore_index).sum().clamp(min=1).to(loss_sum.dtype)
     from lmforge.kernels.linear_cross_entropy import linear_cross_entropy as chunked
 
-    use_triton = backend == "triton" or (hidden.is_cuda and triton_available())
-    if use_triton and not (hidden.is_cuda or _interpreting()):
+    use_triton = backend == "triton" or (_on_cuda(hidden) and triton_available())
+    if use_triton and not (_on_cuda(hidden) or _interpreting()):
         raise ValueError(f"loss='triton' cannot run here: inputs are on {hidden.device.type}, not CUDA; use loss: auto")
     if backend == "auto" and not use_triton:
         _tell_once(f"loss: chunked torch cross-entropy because inputs are on {hidden.device.type}, not CUDA")
-    return chunked(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, use_triton=use_triton)
+    case = ("loss", str(hidden.device), hidden.dtype)
+    if use_triton and backend == "auto" and case in _unbuildable:
+        use_triton = False
+        _tell_once(f"loss: chunked torch cross-entropy because {_unbuildable[case]}")
+    options = dict(ignore_index=ignore_index, reduction=reduction)
+    if use_triton and backend == "auto":
+        from lmforge.kernels import build_errors
+
+        try:
+            return chunked(hidden, weight, targets, use_triton=True, **options)
+        except build_errors() as err:
+            _build_failed(case, "loss", err)
+            use_triton = False
+    return chunked(hidden, weight, targets, use_triton=use_triton, **options)
 
 
 def cuda_supports_bf16() -> bool:

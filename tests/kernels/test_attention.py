@@ -14,6 +14,8 @@ bf16 and run only where CUDA is available.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 
@@ -22,8 +24,10 @@ import torch
 if not torch.cuda.is_available():  # must precede the import of the kernel module (see conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import lmforge.kernels.attention as attention_module  # noqa: E402
 import pytest  # noqa: E402
-from lmforge.kernels.attention import flash_attention  # noqa: E402
+import triton  # noqa: E402
+from lmforge.kernels.attention import BUILD_ERRORS, flash_attention  # noqa: E402
 
 from lmforge import ops  # noqa: E402
 from lmforge.model import GPT, GPTConfig  # noqa: E402
@@ -175,6 +179,25 @@ def test_explicit_scale(causal, dtype):
     explicit = run_kernel(q, k, v, dout, causal=causal, scale=1 / math.sqrt(32))
     for name, a, b in zip(NAMES, default, explicit):
         assert_close(a, b, dtype, f"default vs explicit 1/sqrt(D) scale: {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+def test_non_positive_scale(scale, causal, dtype):
+    # the forward scales only each row's max, which needs scale > 0: others go through q (negated or zeroed)
+    q, k, v, dout = make_inputs(1, 2, 1, 33, 32, dtype, seed=8)
+    check_against_reference(q, k, v, dout, dtype, causal=causal, scale=scale)
+
+
+@pytest.mark.parametrize("masks", ["none", "padding"])
+def test_causal_many_query_blocks(masks):
+    # causal kernels run their query blocks last-first (the heaviest first): at N = 50 the interpreter's
+    # 16-row tiles make 4 query blocks, the last one ragged, in the forward and in the dq kernel
+    dtype, B, H, H_kv, N, D = torch.float32, 2, 2, 1, 50, 16
+    q, k, v, dout = make_inputs(B, H, H_kv, N, D, dtype, seed=50)
+    mask = padding_mask([N, 37], N, "left") if masks == "padding" else None
+    check_against_reference(q, k, v, dout, dtype, causal=True, key_padding_mask=mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -381,6 +404,62 @@ def test_invalid_inputs_raise_value_error(case):
     kwargs = _bad_inputs()[case]
     with pytest.raises(ValueError):
         flash_attention(**kwargs)
+
+
+def test_build_errors_are_triton_types():
+    names = {e.__name__ for e in BUILD_ERRORS}
+    assert {"CompilationError", "OutOfResources", "PTXASError", "AutotunerError"} <= names
+    assert triton.runtime.errors.OutOfResources in BUILD_ERRORS
+
+
+@pytest.fixture
+def broken_backward(monkeypatch):
+    """The Triton backward fails as on a GPU whose shared memory is too small; returns its call count."""
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise triton.runtime.errors.OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(attention_module, "_backward", fail)
+    monkeypatch.setattr(attention_module, "_fallback_warned", False)
+    monkeypatch.setattr(attention_module, "_backward_broken", set())
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_fallback(broken_backward, caplog, dtype):
+    B, H, H_kv, N, D = 2, 2, 1, 20, 16
+    q, k, v, dout = make_inputs(B, H, H_kv, N, D, dtype, seed=16)
+    mask = padding_mask([N, 13], N, "left")
+    kwargs = dict(causal=True, key_padding_mask=mask)
+    fallback = functools.partial(reference_attention, **kwargs)  # float64 attention: the grads come back in dtype
+    want = run_reference(q, k, v, dout, **kwargs)
+    with caplog.at_level(logging.WARNING, logger=attention_module.__name__):
+        for _ in range(2):
+            got = run_kernel(q, k, v, dout, backward_fallback=fallback, **kwargs)
+            for name, a, b in zip(NAMES, got, want):
+                assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
+                assert_close(a, b, dtype, f"{name} with the backward fallback")
+    warnings = [r for r in caplog.records if r.name == attention_module.__name__ and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert "OutOfResources" in message and "shared memory" in message and "\n" not in message
+    assert len(broken_backward) == 1, "a backward that failed to build was tried again"
+
+
+def test_backward_without_fallback_raises(broken_backward, monkeypatch):
+    q, k, v, dout = make_inputs(1, 2, 2, 20, 16, torch.float32, seed=17)
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        run_kernel(q, k, v, dout, causal=True)
+
+    # any other error is a bug, not "could not be built": it propagates even with a fallback
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(attention_module, "_backward", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_kernel(q, k, v, dout, causal=True, backward_fallback=functools.partial(reference_attention, causal=True))
 
 
 OPS_CASES = ["left-padding", "segments", "segments+padding", "full-padding"]

@@ -419,18 +419,23 @@ def _saved_numels(fn):
 
 
 class _LargestOutput(TorchDispatchMode):
-    """Records the largest element count of any tensor an aten op returns."""
+    """Records the largest element count of any tensor an aten op returns; with ``new_only``, only of
+    tensors in new memory (not views of, or in-place results on, the op's inputs)."""
 
-    def __init__(self):
+    def __init__(self, new_only=False):
         super().__init__()
         self.largest = 0
         self.where = None
+        self.new_only = new_only
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        known = {a.untyped_storage().data_ptr() for a in inputs} if self.new_only else set()
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.where = t.numel(), f"{func} -> {tuple(t.shape)}"
+                if t.untyped_storage().data_ptr() not in known:
+                    self.largest, self.where = t.numel(), f"{func} -> {tuple(t.shape)}"
         return out
 
 
@@ -466,6 +471,65 @@ def test_default_chunk_never_builds_the_logits():
     assert probe.largest < N * V, f"{probe.where}: the full logits were built"
     assert probe.largest <= N * V // 2, f"{probe.where}: a chunk of more than half the logits"
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_gpu_chunk_policy():
+    """On CUDA a chunk holds about twice the memory of the hidden states that make it (Liger-Kernel's
+    chunk is N / ceil(V / C) tokens rounded up to a power of two: 128 and 256 at the anchors, whose
+    logits are the 12 and 63 MiB of ANCHORS.md), at least 256 tokens, at most the whole batch."""
+    from lmforge.kernels import linear_cross_entropy as lce
+
+    assert lce.default_chunk_size(8192, 768, 50257, on_cuda=True) == 256  # 24.5 MiB of bf16 logits: 2x Liger
+    assert lce.default_chunk_size(8192, 4096, 128256, on_cuda=True) == 512  # 125 MiB: 2x Liger
+    for N in (1, 7, 100, 255, 256, 2048, 8192, 16384, 65536):
+        for C, V in ((768, 50257), (4096, 128256), (2048, 256000), (2048, 32000), (64, 1000), (4096, 512)):
+            chunk = lce.default_chunk_size(N, C, V, on_cuda=True)
+            assert 1 <= chunk <= N, (N, C, V, chunk)
+            assert chunk >= min(N, lce.MIN_GPU_CHUNK_TOKENS), (N, C, V, chunk)
+            liger = 1 << (-(-N // -(-V // C)) - 1).bit_length()
+            assert chunk == min(N, lce.MIN_GPU_CHUNK_TOKENS) or chunk <= 2 * liger, (N, C, V, chunk, liger)
+    assert lce.default_chunk_size(4096, 16, 4096, on_cuda=False) == lce.CPU_CHUNK_ELEMENTS // 4096
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_inplace_scaling_rounds_once(dtype, monkeypatch):
+    """The backward scales 16-bit gradients in place by an fp32 factor (1/count of a mean times the
+    upstream gradient): the product is taken in fp32 and rounded once, by slices, with no copy of the
+    whole tensor (a fp32 copy of d_hidden at Llama-3's head would be 128 MiB)."""
+    from lmforge.kernels import linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "SCALE_SLICE", 1000)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(97, 53, generator=g).to(dtype)
+    factor = torch.tensor(1.0 / 3.0)
+    expected = (x.float() * factor).to(dtype)
+    got = x.clone()
+    with _LargestOutput(new_only=True) as probe:
+        lce.scale_(got, factor)
+    assert torch.equal(got, expected)
+    assert probe.largest <= 1000, f"{probe.where}: a temporary larger than one slice"
+    if dtype == torch.float16:  # the Triton kernel; under the interpreter fp16 rounds like the GPU (bf16 does not)
+        from lmforge.kernels.cross_entropy import scale_ as triton_scale_
+
+        assert torch.equal(triton_scale_(x.clone().to(DEVICE), factor.to(DEVICE)).cpu(), expected)
+
+
+def test_backward_makes_no_gradient_sized_temporary(monkeypatch):
+    """bf16 products (the dtype of training): no op of the backward returns a tensor as large as either
+    gradient, i.e. the gradients computed in the forward are scaled in place, not copied."""
+    from lmforge.kernels import linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "SCALE_SLICE", 256)
+    N, C, V = 64, 32, 300
+    hidden, weight, targets = make_inputs(N, C, V, torch.float32, seed=22, ignore_frac=0.2, device="cpu")
+    h, w = (t.detach().to(torch.bfloat16).requires_grad_() for t in (hidden, weight))
+    loss = linear_cross_entropy(h, w, targets, chunk_size=16)
+    with _LargestOutput(new_only=True) as probe:
+        loss.backward()
+    assert probe.largest < min(N * C, V * C), f"{probe.where}: a gradient-sized temporary in the backward"
+    _, ref_dh, ref_dw = reference(h.detach(), w.detach(), targets)
+    assert_close(h.grad, ref_dh, TOL[torch.bfloat16][1], "bf16 d_hidden after in-place scaling")
+    assert_close(w.grad, ref_dw, TOL[torch.bfloat16][1], "bf16 d_weight after in-place scaling")
 
 
 def test_torch_path_does_not_import_triton():
@@ -738,3 +802,31 @@ def test_gpu_more_than_2_31_logits():
         part = reference_from_logits(z, targets[row : row + 1], reduction="sum") / counted
         (ref_row,) = torch.autograd.grad(part, z)
         assert_close(dz[row : row + 1], ref_row, grad_rtol, f"cross_entropy N*V > 2**31: d_logits row {row}")
+
+
+@requires_cuda
+def test_gpu_transient_memory_at_gpt2_head():
+    """The memory bar of ANCHORS.md, on the card: at GPT-2's head (8192 x 768 x 50257, bf16) the step
+    needs beyond its own gradients at most twice Liger-Kernel's chunk of logits (128 x 50257 bf16),
+    and the bf16 in-place scaling rounds once."""
+    N, C, V = 8192, 768, 50257
+    hidden, weight, targets = make_inputs(N, C, V, torch.bfloat16, seed=23)
+    h, w = (t.detach().requires_grad_() for t in (hidden, weight))
+    linear_cross_entropy(h, w, targets, use_triton=True).backward()  # warm-up: compiles, cuBLAS workspace
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(h, w, targets, use_triton=True).backward()
+    torch.cuda.synchronize()
+    transient = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+    kept = torch.cuda.memory_allocated() - before
+    assert kept <= (N + V) * C * 2 + (1 << 20), f"the step keeps {kept / 2**20:.1f} MiB beyond its gradients"
+    # twice Liger's chunk of logits, plus 1 MiB for per-row losses and other bookkeeping (Liger has its own)
+    assert transient <= 2 * 128 * V * 2 + (1 << 20), f"transient {transient / 2**20:.1f} MiB > twice Liger's chunk"
+
+    from lmforge.kernels.cross_entropy import scale_ as triton_scale_
+
+    x = torch.randn(1000, 77, device="cuda").to(torch.bfloat16)
+    factor = torch.tensor(1.0 / 3.0, device="cuda")
+    assert torch.equal(triton_scale_(x.clone(), factor), (x.float() * factor).to(torch.bfloat16))
