@@ -54,68 +54,54 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _fwd_configs() -> list[triton.Config]:
+# Tile shapes, (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim bucket (the padded head dim:
+# 64 and below, 128, 256). Every entry compiles for sm_90 (H100/H200) without register spills and
+# within shared memory, as `python benchmarks/kernel_report.py` shows; the autotuner times them on the
+# card. Wider tiles spill at larger head dims: the forward holds a (BLOCK_M, D) fp32 accumulator, the
+# dK/dV kernel two (BLOCK_N, D) ones, the dQ kernel one (BLOCK_M, D).
+FWD_TILES = {
+    64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    256: [(64, 64, 8, 2), (64, 32, 4, 2)],
+}
+# dK/dV: a program holds a key block (BLOCK_N rows) and streams query tiles of BLOCK_M.
+DKDV_TILES = {
+    64: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2)],
+    128: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3), (16, 64, 8, 2)],
+    256: [(32, 32, 8, 2)],
+}
+# dQ: the mirror; a program holds a query block (BLOCK_M rows) and streams key tiles of BLOCK_N.
+DQ_TILES = {
+    64: [(128, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    256: [(128, 32, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3)],
+}
+
+
+def _head_dim_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _configs(tiles: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
+    """Every tile shape of ``tiles`` as an autotune config (one 16x16 config under the interpreter)."""
     if _interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # Ampere (A100) and Hopper (H100/H200) both do well in this small set; autotuning picks per shape.
-    # Wide key tiles (BLOCK_N 128) suit head dim 64 on Hopper. Keep a small config last: it is what
-    # _prune_for_head_dim falls back to.
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 3),
-            (128, 128, 4, 3),
-            (64, 128, 4, 3),
-            (64, 64, 4, 3),
-            (128, 32, 4, 4),
-            (64, 32, 4, 4),
-        ]
-    ]
+    shapes = dict.fromkeys(shape for bucket in tiles.values() for shape in bucket)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
 
 
-def _bwd_configs() -> list[triton.Config]:
-    """dK/dV: one program holds a key block (BLOCK_N) and streams small query tiles (BLOCK_M)."""
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (32, 128, 8, 2),
-            (64, 128, 8, 2),
-            (32, 64, 4, 2),
-            (64, 64, 4, 3),
-            (16, 64, 4, 3),
-        ]
-    ]
+def _for_head_dim(tiles: dict[int, list[tuple[int, int, int, int]]]):
+    """The autotuner's pruning: keep the configs listed for the launch's head dim."""
 
+    def prune(configs, named_args, **kwargs):
+        if _interpreting():
+            return configs
+        block_d = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs.get("BLOCK_D", 64)
+        wanted = set(tiles[_head_dim_bucket(block_d)])
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        return kept or configs[-1:]
 
-def _dq_configs() -> list[triton.Config]:
-    """dQ: the mirror of dK/dV; one program holds a query block (BLOCK_M) and streams key tiles (BLOCK_N).
-
-    The last config is the small one meant for head dim 256 (q, dO and the dQ accumulator held, K and V
-    tiles of 32 rows double-buffered: about 100 KiB of shared memory by estimate, not yet measured)."""
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 32, 4, 2),
-            (128, 32, 8, 3),
-            (128, 64, 8, 2),
-            (64, 64, 4, 3),
-            (64, 32, 4, 3),
-            (32, 32, 4, 2),
-        ]
-    ]
-
-
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large tiles at head dim 256 exceed shared memory; keep the configs that fit."""
-    d = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs.get("BLOCK_D", 64)
-    kept = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[-1:]
+    return prune
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,19 +112,41 @@ def _prune_for_head_dim(configs, named_args, **kwargs):
 @triton.jit
 def _block_mask(
     offs_m, offs_n, N, seg_q, kpm_ptr, seg_ptr, mask_base,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, KEYS_FIRST: tl.constexpr = False,
 ):  # fmt: skip
-    """(BLOCK_M, BLOCK_N) boolean: may query offs_m attend to key offs_n?"""
-    valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+    """May query offs_m attend to key offs_n? (BLOCK_M, BLOCK_N) booleans, or with KEYS_FIRST the
+    transpose, (BLOCK_N, BLOCK_M), for the dK/dV kernel, which works on S^T."""
+    if KEYS_FIRST:
+        qi = offs_m[None, :]
+        ki = offs_n[:, None]
+    else:
+        qi = offs_m[:, None]
+        ki = offs_n[None, :]
+    valid = (qi < N) & (ki < N)
     if CAUSAL:
-        valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        valid = valid & (qi >= ki)
     if HAS_KPM:
         keep = tl.load(kpm_ptr + mask_base + offs_n, mask=offs_n < N, other=0)
-        valid = valid & (keep[None, :] != 0)
+        if KEYS_FIRST:
+            valid = valid & (keep[:, None] != 0)
+        else:
+            valid = valid & (keep[None, :] != 0)
     if HAS_SEG:
         seg_k = tl.load(seg_ptr + mask_base + offs_n, mask=offs_n < N, other=-1)
-        valid = valid & (seg_q[:, None] == seg_k[None, :])
+        if KEYS_FIRST:
+            valid = valid & (seg_k[:, None] == seg_q[None, :])
+        else:
+            valid = valid & (seg_q[:, None] == seg_k[None, :])
     return valid
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE: full-precision fp32 products (tests in fp32), else tensor cores."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
 
 
 @triton.jit
@@ -225,8 +233,8 @@ def _fwd_tile(
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
-                 prune_configs_by={"early_config_prune": _prune_for_head_dim})  # fmt: skip
+@triton.autotune(configs=_configs(FWD_TILES), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+                 prune_configs_by={"early_config_prune": _for_head_dim(FWD_TILES)})  # fmt: skip
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, LSE, KPM, SEG,
@@ -322,34 +330,27 @@ def _dkdv_tile(
 ):  # fmt: skip
     """dV += P^T dO and dK += dS^T Q for the queries [start_m, start_m + BLOCK_M) of one head.
 
+    Works on the transposes, S^T = K Q^T and dP^T = V dO^T (BLOCK_N, BLOCK_M), so that every product
+    has the held key block as its rows: the tensor-core tiles are as tall as BLOCK_N (wgmma wants 64
+    rows per warpgroup) and P^T, dS^T feed dV, dK without a transpose through shared memory.
     MASKED=False: every query of the tile is inside the sequence and at or after every key of the
     block (keys past the end may get garbage there, but their rows are never stored)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
-    seg_q, _, _ = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
-    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    in_m = offs_m < N
+    q_t = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
+                  mask=in_m[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)  # fmt: skip
+    do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=in_m[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)  # fmt: skip
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=in_m, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=in_m, other=0.0)
+    p_t = tl.math.exp2(_dot(k, q_t, IEEE) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
     if MASKED:
-        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
-        p = tl.where(valid, p, 0.0)
-    if IEEE:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    else:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-    ds = p * (dp - delta[:, None])
-    if IEEE:
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-    else:
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        seg_q, _, _ = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
+        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, True)
+        p_t = tl.where(valid, p_t, 0.0)
+    dv += _dot(p_t.to(do.dtype), do, IEEE)
+    ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+    dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), IEEE)
     return dk, dv
 
 
@@ -373,8 +374,8 @@ def _attn_bwd_delta(
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
-                 prune_configs_by={"early_config_prune": _prune_for_head_dim})  # fmt: skip
+@triton.autotune(configs=_configs(DKDV_TILES), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+                 prune_configs_by={"early_config_prune": _for_head_dim(DKDV_TILES)})  # fmt: skip
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG,
@@ -453,8 +454,8 @@ def _attn_bwd_dkdv(
              dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
 
 
-@triton.autotune(configs=_dq_configs(), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
-                 prune_configs_by={"early_config_prune": _prune_for_head_dim})  # fmt: skip
+@triton.autotune(configs=_configs(DQ_TILES), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+                 prune_configs_by={"early_config_prune": _for_head_dim(DQ_TILES)})  # fmt: skip
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG,
