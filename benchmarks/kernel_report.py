@@ -97,9 +97,13 @@ def _attention_arguments(kernel: str, dtype: str) -> tuple[dict[str, str], dict[
     """(pointer types, divisibility hints: 16 or 1) of an attention kernel's runtime arguments."""
     fp = f"*{dtype}"
     pointers = {
-        "attn-fwd": dict(Q=fp, K=fp, V=fp, Out=fp, LSE="*fp32", KPM="*i8", SEG="*i64"),
-        "attn-dkdv": dict(Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DK=fp, DV=fp, KPM="*i8", SEG="*i64"),
-        "attn-dq": dict(Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DQ=fp, KPM="*i8", SEG="*i64"),
+        "attn-fwd": dict(Q=fp, K=fp, V=fp, Out=fp, LSE="*fp32", KPM="*i8", SEG="*i64", BOUNDS="*i32"),
+        "attn-dkdv": dict(
+            Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DK=fp, DV=fp, KPM="*i8", SEG="*i64", BOUNDS="*i32"
+        ),
+        "attn-dq": dict(
+            Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DQ=fp, KPM="*i8", SEG="*i64", BOUNDS="*i32"
+        ),
         "attn-delta": dict(Out=fp, DO=fp, DELTA="*fp32"),
     }[kernel]
     return pointers, {}

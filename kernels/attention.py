@@ -150,25 +150,31 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _block_is_empty(
+def _tile_state(
     start_m, start_n, N, seg_lo, seg_hi, kpm_ptr, seg_ptr, mask_base,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
 ):  # fmt: skip
-    """True when the masks remove every (query, key) pair of the tile, so it can be skipped."""
+    """(empty, whole) for the tile of queries [start_m, +BLOCK_M) and keys [start_n, +BLOCK_N), whose
+    queries have segment ids in [seg_lo, seg_hi]: empty when the masks remove every pair (skip it),
+    whole when they keep every pair of a real key (run it without building a mask)."""
     empty = start_n >= N
+    whole = start_n + BLOCK_N <= N
     if CAUSAL:
         empty = empty | (start_n > start_m + BLOCK_M - 1)
+        whole = whole & (start_n + BLOCK_N - 1 <= start_m)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if HAS_KPM:
-        keep = tl.load(kpm_ptr + mask_base + offs_n, mask=offs_n < N, other=0)
-        empty = empty | (tl.max(keep.to(tl.int32), axis=0) == 0)
+        keep = tl.load(kpm_ptr + mask_base + offs_n, mask=offs_n < N, other=0).to(tl.int32)
+        empty = empty | (tl.max(keep, axis=0) == 0)
+        whole = whole & (tl.min(keep, axis=0) != 0)
     if HAS_SEG:
         seg_k = tl.load(seg_ptr + mask_base + offs_n, mask=offs_n < N, other=-1)
         lo = tl.min(tl.where(offs_n < N, seg_k, 4611686018427387904), axis=0)
         hi = tl.max(tl.where(offs_n < N, seg_k, -4611686018427387904), axis=0)
         empty = empty | (hi < seg_lo) | (lo > seg_hi)
-    return empty
+        whole = whole & (lo == hi) & (seg_lo == seg_hi) & (lo == seg_lo)
+    return empty, whole
 
 
 @triton.jit
@@ -183,6 +189,39 @@ def _segment_range(offs, N, seg_ptr, mask_base, HAS_SEG: tl.constexpr):
         lo = 0
         hi = 0
     return seg, lo, hi
+
+
+@triton.jit
+def _key_range(
+    offs_m, N, lo, hi, BOUNDS, b, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """The keys [lo, hi) the masks may let queries offs_m see, within the given [lo, hi) and with lo
+    rounded down to a key tile: from their segment ids' first and last positions in the row and the
+    row's first and last real key (see _bounds). Tiles outside are never visited."""
+    row = BOUNDS + b.to(tl.int64) * (2 * N + 2)
+    if HAS_SEG:
+        first = tl.load(row + offs_m, mask=offs_m < N, other=N)
+        last = tl.load(row + N + offs_m, mask=offs_m < N, other=-1)
+        lo = tl.maximum(lo, tl.min(first, axis=0))
+        hi = tl.minimum(hi, tl.max(last, axis=0) + 1)
+    if HAS_KPM:
+        lo = tl.maximum(lo, tl.load(row + 2 * N))
+        hi = tl.minimum(hi, tl.load(row + 2 * N + 1) + 1)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _query_range(offs_n, N, lo, BOUNDS, b, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The queries [lo, hi) whose segment ids occur among keys offs_n (all of them without segments),
+    lo rounded down to a query tile."""
+    hi = N
+    if HAS_SEG:
+        row = BOUNDS + b.to(tl.int64) * (2 * N + 2)
+        first = tl.load(row + offs_n, mask=offs_n < N, other=N)
+        last = tl.load(row + N + offs_n, mask=offs_n < N, other=-1)
+        lo = tl.maximum(lo, tl.min(first, axis=0))
+        hi = tl.max(last, axis=0) + 1
+    return (lo // BLOCK_M) * BLOCK_M, hi
 
 
 @triton.jit
@@ -237,7 +276,7 @@ def _fwd_tile(
                  prune_configs_by={"early_config_prune": _for_head_dim(FWD_TILES)})  # fmt: skip
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, LSE, KPM, SEG,
+    Q, K, V, Out, LSE, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     H, GROUP, N, D, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
@@ -264,10 +303,16 @@ def _attn_fwd(
     if CAUSAL:
         hi_n = tl.minimum(N, start_m + BLOCK_M)
     if HAS_KPM or HAS_SEG:  # only these masks can empty a whole tile: branch only then
-        for start_n in range(0, hi_n, BLOCK_N):
-            skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
-                                   BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
-            if not skip:
+        lo_n, hi_n = _key_range(offs_m, N, 0, hi_n, BOUNDS, b, HAS_KPM, HAS_SEG, BLOCK_N)
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
+                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+            whole = whole & (BLOCK_D <= 128)  # a second, unmasked copy of the tile spills at head dim 256
+            if whole:  # inside one document, every key real, below the diagonal: no mask to build
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
+                                          offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+                                          CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, False)  # fmt: skip
+            elif not empty:
                 m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
                                           offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
                                           CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
@@ -378,7 +423,7 @@ def _attn_bwd_delta(
                  prune_configs_by={"early_config_prune": _for_head_dim(DKDV_TILES)})  # fmt: skip
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
     H, HKV, GROUP, N, D, qk_scale, sm_scale,
@@ -405,9 +450,13 @@ def _attn_bwd_dkdv(
     if CAUSAL:
         lo_m = (start_n // BLOCK_M) * BLOCK_M
     hi_m = N
+    if HAS_SEG:  # only the queries of documents that have keys in this block
+        lo_m, hi_m = _query_range(offs_n, N, lo_m, BOUNDS, b, HAS_SEG, BLOCK_M)
+    keys_whole = start_n + BLOCK_N <= N  # every key of the block real (no padding, inside the row)
     if HAS_KPM:  # a key block that is all padding gets zero gradients without visiting any query
-        keep = tl.load(KPM + mask_base + offs_n, mask=offs_n < N, other=0)
-        hi_m = tl.where(tl.max(keep.to(tl.int32), axis=0) == 0, 0, N)
+        keep = tl.load(KPM + mask_base + offs_n, mask=offs_n < N, other=0).to(tl.int32)
+        hi_m = tl.where(tl.max(keep, axis=0) == 0, 0, hi_m)
+        keys_whole = keys_whole & (tl.min(keep, axis=0) != 0)
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         bh = b * H + h
@@ -415,16 +464,22 @@ def _attn_bwd_dkdv(
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         if HAS_SEG or HAS_KPM:
             for start_m in range(lo_m, hi_m, BLOCK_M):
-                if HAS_SEG:  # skip query blocks of other documents (the causal range is already cut by lo_m)
-                    offs_m = start_m + tl.arange(0, BLOCK_M)
-                    seg_q_blk = tl.load(SEG + mask_base + offs_m, mask=offs_m < N, other=-1)
-                    q_lo = tl.min(tl.where(offs_m < N, seg_q_blk, 4611686018427387904), axis=0)
-                    q_hi = tl.max(tl.where(offs_m < N, seg_q_blk, -4611686018427387904), axis=0)
-                    if (q_hi >= seg_lo) & (q_lo <= seg_hi):
-                        dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd,
-                                            start_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                            CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M)  # fmt: skip
-                else:
+                # skip query tiles of other documents (the causal range is already cut by lo_m); run the
+                # tiles inside one document, past the diagonal, over real keys without a mask
+                visit = start_m < N
+                whole = keys_whole & (start_m + BLOCK_M <= N) & (BLOCK_D <= 128)  # see _attn_fwd
+                if CAUSAL:
+                    whole = whole & (start_m >= start_n + BLOCK_N - 1)
+                if HAS_SEG:
+                    seg_q_tile, q_lo, q_hi = _segment_range(start_m + tl.arange(0, BLOCK_M), N, SEG, mask_base,
+                                                            HAS_SEG)  # fmt: skip
+                    visit = visit & (q_hi >= seg_lo) & (q_lo <= seg_hi)
+                    whole = whole & (q_lo == q_hi) & (seg_lo == seg_hi) & (q_lo == seg_lo)
+                if whole:
+                    dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
+                                        offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                        CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M, False)  # fmt: skip
+                elif visit:
                     dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
                                         offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
                                         CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M)  # fmt: skip
@@ -458,7 +513,7 @@ def _attn_bwd_dkdv(
                  prune_configs_by={"early_config_prune": _for_head_dim(DQ_TILES)})  # fmt: skip
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG,
+    Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     sqgb, sqgh, sqgn, sqgd,
     H, GROUP, N, D, qk_scale, sm_scale,
@@ -489,10 +544,16 @@ def _attn_bwd_dq(
     if CAUSAL:
         hi_n = tl.minimum(N, start_m + BLOCK_M)
     if HAS_KPM or HAS_SEG:
-        for start_n in range(0, hi_n, BLOCK_N):
-            skip = _block_is_empty(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
-                                   BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
-            if not skip:
+        lo_n, hi_n = _key_range(offs_m, N, 0, hi_n, BOUNDS, b, HAS_KPM, HAS_SEG, BLOCK_N)
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
+                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+            whole = whole & (BLOCK_D <= 128)  # a second, unmasked copy of the tile spills at head dim 256
+            if whole:
+                dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
+                              N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N,
+                              False)  # fmt: skip
+            elif not empty:
                 dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
                               N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
     else:  # as in the forward: whole tiles unmasked, then the diagonal or the ragged end
@@ -517,6 +578,38 @@ def _attn_bwd_dq(
 # ----------------------------------------------------------------------------------------------
 
 
+def _segment_extent(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of (B, N) segment ids: the first and the last position of its id in its row."""
+    B, N = seg.shape
+    ids, order = seg.sort(dim=1, stable=True)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    group = starts.cumsum(1) - 1  # (B, N): which distinct id, in sorted order
+    first = torch.full_like(order, N).scatter_reduce(1, group, order, "amin")  # per distinct id
+    last = torch.full_like(order, -1).scatter_reduce(1, group, order, "amax")
+    # back from sorted order to positions (order is a permutation, so every position is written)
+    at_position = [torch.empty_like(order).scatter_(1, order, per_id.gather(1, group)) for per_id in (first, last)]
+    return at_position[0], at_position[1]
+
+
+def _bounds(kpm: torch.Tensor | None, seg: torch.Tensor | None, B: int, N: int, device) -> torch.Tensor | None:
+    """int32 (B, 2N + 2): per position the first and last position of its segment id in the row, then
+    the row's first and last real key (N and -1 when there is none). The kernels visit only the tiles
+    between them, so packed documents and padding cost what they hold, not the square of the row."""
+    if kpm is None and seg is None:
+        return None
+    bounds = torch.zeros((B, 2 * N + 2), dtype=torch.int32, device=device)
+    if seg is not None:
+        first, last = _segment_extent(seg)
+        bounds[:, :N], bounds[:, N : 2 * N] = first, last
+    if kpm is not None:
+        pos = torch.arange(N, device=device)
+        real = kpm != 0
+        bounds[:, 2 * N] = torch.where(real, pos, N).amin(1)
+        bounds[:, 2 * N + 1] = torch.where(real, pos, -1).amax(1)
+    return bounds
+
+
 def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
     B, N = q.shape[0], q.shape[2]
     kpm = seg = None
@@ -528,7 +621,7 @@ def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
         if segment_ids.shape != (B, N):
             raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected (B, N) = {(B, N)}")
         seg = segment_ids.to(device=q.device, dtype=torch.int64).contiguous()  # any integer ids, compared exactly
-    return kpm, seg
+    return kpm, seg, _bounds(kpm, seg, B, N, q.device)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -554,7 +647,7 @@ def _dummy(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, device=q.device, dtype=torch.int32)
 
 
-def _forward(q, k, v, causal, scale, kpm, seg):
+def _forward(q, k, v, causal, scale, kpm, seg, bounds):
     B, H, N, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
@@ -569,7 +662,7 @@ def _forward(q, k, v, causal, scale, kpm, seg):
         q_in, fwd_scale = torch.zeros_like(q), 1.0
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](
-        q_in, k, v, o, lse, kpm if kpm is not None else _dummy(q), seg if seg is not None else _dummy(q),
+        q_in, k, v, o, lse, *(t if t is not None else _dummy(q) for t in (kpm, seg, bounds)),
         *q_in.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // k.shape[1], N, D, fwd_scale * LOG2E,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
@@ -578,7 +671,7 @@ def _forward(q, k, v, causal, scale, kpm, seg):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg):
+def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds):
     B, H, N, D = q.shape
     HKV = k.shape[1]
     block_d = max(16, triton.next_power_of_2(D))
@@ -589,17 +682,16 @@ def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    kpm_arg = kpm if kpm is not None else _dummy(q)
-    seg_arg = seg if seg is not None else _dummy(q)
+    masks = [t if t is not None else _dummy(q) for t in (kpm, seg, bounds)]
     flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32)
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, kpm_arg, seg_arg,
+        q, k, v, do, lse, delta, dk, dv, *masks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, HKV, H // HKV, N, D, scale * LOG2E, scale,
         BLOCK_D=block_d, **flags,
     )  # fmt: skip
     _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, kpm_arg, seg_arg,
+        q, k, v, do, lse, delta, dq, *masks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, H // HKV, N, D, scale * LOG2E, scale,
         BLOCK_D=block_d, **flags,
@@ -645,10 +737,10 @@ def _warn_fallback(error: BaseException) -> None:
 
 class _FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kpm, seg, backward_fallback=None):
-        o, lse = _forward(q, k, v, causal, scale, kpm, seg)
+    def forward(ctx, q, k, v, causal, scale, kpm, seg, bounds, backward_fallback=None):
+        o, lse = _forward(q, k, v, causal, scale, kpm, seg, bounds)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.kpm, ctx.seg = causal, scale, kpm, seg
+        ctx.causal, ctx.scale, ctx.kpm, ctx.seg, ctx.bounds = causal, scale, kpm, seg, bounds
         ctx.backward_fallback = backward_fallback
         return o
 
@@ -661,14 +753,14 @@ class _FlashAttentionFunction(torch.autograd.Function):
             dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
         else:
             try:
-                dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.kpm, ctx.seg)
+                dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.kpm, ctx.seg, ctx.bounds)
             except BUILD_ERRORS as error:
                 if fallback is None:
                     raise
                 _warn_fallback(error)
                 _backward_broken.add(key)
                 dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def flash_attention(
@@ -697,9 +789,9 @@ def flash_attention(
     Without it, the error propagates.
     """
     _check(q, k, v)
-    kpm, seg = _masks(q, key_padding_mask, segment_ids)
+    kpm, seg, bounds = _masks(q, key_padding_mask, segment_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _FlashAttentionFunction.apply(q, k, v, causal, scale, kpm, seg, backward_fallback)
+    return _FlashAttentionFunction.apply(q, k, v, causal, scale, kpm, seg, bounds, backward_fallback)
 
 
 class FlashAttention(torch.nn.Module):

@@ -273,6 +273,40 @@ def test_segment_ids_match_separate_documents(causal, dtype):
         assert_close(a, e, dtype, f"{name} vs documents run separately")
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("masks", ["segments", "padding", "both"])
+def test_visited_range_with_repeated_ids_and_padding_holes(masks, causal):
+    """The kernels visit only the key (or query) tiles between the first and the last position of the
+    ids present and between a row's first and last real key. That must stay exact when an id recurs
+    far from its first run (row 0: id 3 at 0-9 and again at 30-34), when padding has holes in the
+    middle as well as at the ends, and when documents span several 16-key tiles (N = 70: 5 tiles)."""
+    N = 70
+    seg = torch.stack([packed_ids([10, 20, 5, 35], [3, 8, 3, 9]), packed_ids([33, 4, 33], [1, 2, 1])])
+    pad = torch.ones(2, N, dtype=torch.bool, device=DEVICE)
+    pad[0, :6] = False
+    pad[0, 40:44] = False
+    pad[1, 60:] = False
+    kwargs = dict(causal=causal)
+    if masks in ("segments", "both"):
+        kwargs["segment_ids"] = seg
+    if masks in ("padding", "both"):
+        kwargs["key_padding_mask"] = pad
+    q, k, v, dout = make_inputs(2, 2, 1, N, 32, torch.float32, seed=11)
+    check_against_reference(q, k, v, dout, torch.float32, **kwargs)
+
+
+def test_segment_extent_and_bounds():
+    from lmforge.kernels.attention import _bounds, _segment_extent
+
+    seg = torch.tensor([[5, 5, 1, 1, 1, 5, 7, 7], [0, 0, 0, 0, 2, 2, 0, 3]])
+    first, last = _segment_extent(seg)
+    assert first.tolist() == [[0, 0, 2, 2, 2, 0, 6, 6], [0, 0, 0, 0, 4, 4, 0, 7]]
+    assert last.tolist() == [[5, 5, 4, 4, 4, 5, 7, 7], [6, 6, 6, 6, 5, 5, 6, 7]]
+    kpm = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 0], [0] * 8], dtype=torch.int8)
+    bounds = _bounds(kpm, seg, 2, 8, "cpu")
+    assert bounds[:, 16:].tolist() == [[1, 4], [8, -1]]  # first and last real key; none in row 1
+
+
 def test_segment_ids_isolate_documents():
     dtype, H, N, D = torch.float32, 2, sum(DOCS), 32
     seg = packed_ids(DOCS)[None]
