@@ -31,10 +31,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. kernel correctness on the GPU (bf16 and fp16 at real sizes, masks, determinism, dispatch, memory bar)
-step 130 tests.log python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_model.py
+step 120 tests.log python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_model.py
 
 # 2. attention speed: the anchor sweep (bf16), lmforge against every SDPA backend, with the tuned configs
-step 220 attn.log python3 benchmarks/attn.py --out "$OUT"
+step 200 attn.log python3 benchmarks/attn.py --out "$OUT"
+
+# 2b. masked attention (packed documents, key padding) against SDPA with a boolean mask and FlexAttention
+step 90 attn_masked.log python3 benchmarks/attn_masked.py --out "$OUT"
 
 # 3. fused linear + cross-entropy against torch eager, torch.compile and Liger at the two anchor shapes,
 #    with lmforge's chunk size swept (memory of one chunk against re-reading W per chunk)

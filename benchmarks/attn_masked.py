@@ -1,0 +1,771 @@
+"""Masked attention speed: lmforge's fused kernel with masks against what users have today.
+
+The question: when a batch holds packed documents (that must not see each other) or right-padded rows,
+how fast is ``lmforge.kernels.attention.flash_attention`` with ``segment_ids`` or ``key_padding_mask``,
+forward and backward, against the ways PyTorch users get the same attention now?
+
+The computation measured, for every provider: ``attention(q, k, v).backward(grad)`` with q, k, v of shape
+(B, H, N, D) ~ N(0, 1), self-attention (H_kv = H), causal, in bf16 (``--dtype fp16`` for fp16), H = 16,
+D = 128 (``--heads``, ``--head-dim``).
+
+Cases (``--quick``: the first and the third):
+
+* packed documents, N = 8192 x 2 rows, mean document 512 tokens;
+* packed documents, N = 16384 x 1 row, mean document 2048 tokens;
+* key padding, 8 rows of N = 2048, mean valid length 1344, padding on the right.
+
+Packed documents: each row is filled with documents whose lengths are drawn uniformly between half and
+1.5 times the mean (the last one cut to fit); a query attends to the keys of its own document at or
+before it (causal within a document). Key padding: each row has a valid length drawn uniformly between
+half and 1.5 times the mean (at least 1, at most N); a query attends to the real keys at or before it
+(causal; a padding query still attends to the real keys before it, so no row is empty). The lengths
+come from ``--seed`` (the same for a case whether or not ``--quick`` is given) and are printed.
+
+Providers, each detected by one trial call (forward and backward) and skipped with a note when it fails:
+
+* ``lmforge``: ``flash_attention(q, k, v, causal=True, segment_ids=...)`` for packed documents,
+  ``key_padding_mask=...`` ((B, N) bool, True on real tokens) for key padding;
+* ``sdpa-causal-nomask``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``, the masks
+  ignored: a wrong answer, measured for scale (what plain causal attention over the whole row costs);
+* ``sdpa-bool-mask``: ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` with the full (B, 1, N, N)
+  boolean mask (causal and same document, or causal and key real), PyTorch's own backend choice;
+* ``flex``: ``torch.nn.attention.flex_attention.flex_attention`` through ``torch.compile`` with a
+  ``BlockMask`` from ``create_block_mask`` whose mask_mod is the same rule. Compiled once per shape,
+  untimed. Not run on CPU unless ``--providers`` names it (this torch has no CPU backward for it).
+
+Only what a training step runs on each batch is timed: lmforge's call includes the per-row document and
+padding bounds it derives from the ids; the SDPA boolean mask and Flex's block mask are built before the
+timed calls. Their build time is measured apart ("mask ms": mean ms to build the mask from the segment
+ids or lengths), since in training a new batch needs a new mask.
+
+Measured per case and provider:
+
+* time: mean ms of one forward + backward, by ``triton.testing.do_bench`` on CUDA (CUDA events, L2
+  flushed before each call, ``--warmup`` and ``--rep`` ms budgets, gradients reset to None before each
+  call so accumulation is not timed), through ``benchmarks/harness.py``;
+* peak extra memory on CUDA: what one call allocates beyond its inputs and masks, gradients included;
+* "attended": the fraction of the causal pairs, B * N * (N + 1) / 2 (about N^2 / 2 per row), that the mask
+  keeps: the share of the causal work that a kernel able to skip masked tiles must still do. No FLOP rate is
+  given: the useful work depends on the mask, and the providers skip different amounts of it;
+* "vs X" = ms / X's ms in the same case (below 1: faster than X), for X = flex and sdpa-causal-nomask.
+
+The bar for lmforge: FlexAttention's time for packed documents, the unmasked causal SDPA time for key
+padding (skipping the padding should cost nothing beyond plain causal attention). The reference, measured
+elsewhere on an H200 (bf16, H = 16, D = 128, forward + backward, ms), shown beside GPU runs with those
+settings:
+
+    case                                         sdpa-causal-nomask  sdpa-bool-mask  flex
+    packed docs, N=8192 x 2 rows, mean doc 512                 3.85           12.19  0.83
+    packed docs, N=16384 x 1 row, mean doc 2048                7.22           25.18  2.72
+    key padding, 8 x 2048, mean valid 1344                     1.16            3.27  1.67
+
+Results: a table on stdout, one CSV row per measurement appended to ``<out>/attn_masked.csv`` (device,
+versions and date on every row) and ``<out>/attn_masked_<dtype>_<device>.png``: ms per provider, a group
+of bars per case.
+
+Without CUDA no speed is claimed: speed claims come only from GPU runs. The script says so, then
+(a) checks lmforge's kernel under the Triton interpreter (``TRITON_INTERPRET=1``) in fp32 at tiny sizes,
+a packed and a padded case, output and the three gradients against the sdpa-bool-mask provider in
+float64, and (b) times the torch providers on CPU in fp32 at small sizes (N = 1024, H = 4, D = 64, the
+cases' mean lengths scaled to N), to exercise the timing and reporting path. This takes well under a
+minute. The exit code is 1 when the check fails.
+
+    python benchmarks/attn_masked.py                  # the three cases (GPU), or the CPU checks
+    python benchmarks/attn_masked.py --quick          # the first and the third case
+    python benchmarks/attn_masked.py --providers lmforge,flex --dtype fp16 --rep 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import random
+import re
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import harness
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, k, v) -> out, the masks bound by a setup
+
+PROVIDERS = ("lmforge", "sdpa-causal-nomask", "sdpa-bool-mask", "flex")
+CPU_PROVIDERS = ("lmforge", "sdpa-causal-nomask", "sdpa-bool-mask")  # the default on CPU
+REFERENCES = ("flex", "sdpa-causal-nomask")  # the "vs X" columns
+BARS = {"packed": "flex", "padding": "sdpa-causal-nomask"}  # lmforge's bar per kind of mask
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HEADS, HEAD_DIM = 16, 128
+CPU_N, CPU_HEADS, CPU_HEAD_DIM, CPU_MAX_BATCH = 1024, 4, 64, 2
+PROBE_N = 256
+SMOKE_HEADS, SMOKE_HEAD_DIM = 2, 16
+SMOKE_TOLERANCE = 1e-4  # max abs error of fp32 against float64, output and gradients
+
+
+@dataclass(frozen=True)
+class Case:
+    """One masking problem: ``batch`` rows of ``n`` tokens; ``mean``: the mean document length (packed)
+    or the mean valid length (padding)."""
+
+    kind: str  # "packed" or "padding"
+    batch: int
+    n: int
+    mean: int
+
+    @property
+    def label(self) -> str:
+        if self.kind == "packed":
+            rows = f"{self.batch} row{'s' if self.batch > 1 else ''}"
+            return f"packed docs, N={self.n} x {rows}, mean doc {self.mean}"
+        return f"key padding, {self.batch} x {self.n}, mean valid {self.mean}"
+
+    @property
+    def short(self) -> str:
+        if self.kind == "packed":
+            return f"packed {self.batch}x{self.n} doc{self.mean}"
+        return f"padding {self.batch}x{self.n} valid{self.mean}"
+
+
+CASES = (Case("packed", 2, 8192, 512), Case("packed", 1, 16384, 2048), Case("padding", 8, 2048, 1344))
+QUICK_CASES = (CASES[0], CASES[2])
+SMOKE_CASES = (Case("packed", 2, 48, 12), Case("padding", 2, 48, 28))
+
+# The H200 reference (bf16, H=16, D=128, forward + backward, ms), measured elsewhere.
+REFERENCE_MS = {
+    (CASES[0], "sdpa-causal-nomask"): 3.85,
+    (CASES[0], "sdpa-bool-mask"): 12.19,
+    (CASES[0], "flex"): 0.83,
+    (CASES[1], "sdpa-causal-nomask"): 7.22,
+    (CASES[1], "sdpa-bool-mask"): 25.18,
+    (CASES[1], "flex"): 2.72,
+    (CASES[2], "sdpa-causal-nomask"): 1.16,
+    (CASES[2], "sdpa-bool-mask"): 3.27,
+    (CASES[2], "flex"): 1.67,
+}
+
+
+# -- problems ---------------------------------------------------------------------------------------
+def draw_length(rng: random.Random, mean: int, limit: int) -> int:
+    """Uniform between half and 1.5 times ``mean``, clipped to [1, limit]."""
+    low, high = max(1, math.ceil(mean / 2)), max(1, math.floor(1.5 * mean))
+    return max(1, min(limit, rng.randint(low, high)))
+
+
+def draw_lengths(case: Case, seed: int) -> list[list[int]]:
+    """Per row: the document lengths filling it (packed), or the one valid length (padding)."""
+    rng = random.Random(f"{seed}:{case.short}")  # a str seed is hashed with sha512: the same everywhere
+    rows = []
+    for _ in range(case.batch):
+        if case.kind == "padding":
+            rows.append([draw_length(rng, case.mean, case.n)])
+            continue
+        docs: list[int] = []
+        while sum(docs) < case.n:
+            docs.append(draw_length(rng, case.mean, case.n - sum(docs)))
+        rows.append(docs)
+    return rows
+
+
+@dataclass
+class Problem:
+    """A case with its drawn lengths and masks on one device."""
+
+    case: Case
+    lengths: list[list[int]]
+    segment_ids: Tensor | None  # (B, N) int32, packed documents
+    valid: Tensor | None  # (B,) int64 valid lengths, key padding
+    key_padding_mask: Tensor | None  # (B, N) bool, True on real tokens
+
+    @property
+    def attended_fraction(self) -> float:
+        """Pairs (query, key) the mask keeps over the causal pairs, B * N * (N + 1) / 2."""
+        n = self.case.n
+        kept = 0
+        for row in self.lengths:
+            if self.case.kind == "packed":
+                kept += sum(d * (d + 1) // 2 for d in row)
+            else:
+                (valid,) = row
+                kept += valid * (valid + 1) // 2 + (n - valid) * valid  # padding queries see the real keys
+        return kept / (self.case.batch * n * (n + 1) / 2)
+
+    def describe(self) -> str:
+        """The drawn lengths, for the log."""
+        if self.case.kind == "padding":
+            valid = [row[0] for row in self.lengths]
+            return f"valid lengths {' '.join(map(str, valid))} (mean {sum(valid) / len(valid):.0f})"
+        docs = [d for row in self.lengths for d in row]
+        rows = "; ".join(f"row {i}: {' '.join(map(str, row))}" for i, row in enumerate(self.lengths))
+        return f"{len(docs)} documents (mean {sum(docs) / len(docs):.0f}), lengths {rows}"
+
+
+def make_problem(case: Case, seed: int, device: torch.device) -> Problem:
+    lengths = draw_lengths(case, seed)
+    if case.kind == "packed":
+        ids = [torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths]
+        segment_ids = torch.stack(ids).to(device=device, dtype=torch.int32)
+        return Problem(case, lengths, segment_ids, None, None)
+    valid = torch.tensor([row[0] for row in lengths], device=device)
+    mask = torch.arange(case.n, device=device)[None, :] < valid[:, None]
+    return Problem(case, lengths, None, valid, mask)
+
+
+def bool_mask(problem: Problem) -> Tensor:
+    """(B, 1, N, N) bool, True where query i may attend to key j: causal and same document, or causal and real."""
+    n = problem.case.n
+    device = (problem.segment_ids if problem.segment_ids is not None else problem.key_padding_mask).device
+    pos = torch.arange(n, device=device)
+    causal = pos[:, None] >= pos[None, :]
+    if problem.segment_ids is not None:
+        seg = problem.segment_ids
+        keep = causal & (seg[:, :, None] == seg[:, None, :])
+    else:
+        keep = causal & problem.key_padding_mask[:, None, :]
+    return keep[:, None]
+
+
+def mask_mod(problem: Problem) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """FlexAttention's rule for the same mask: (batch, head, query index, key index) -> keep."""
+    if problem.segment_ids is not None:
+        seg = problem.segment_ids
+
+        def same_document(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return (q_idx >= kv_idx) & (seg[b, q_idx] == seg[b, kv_idx])
+
+        return same_document
+    valid = problem.valid
+
+    def real_key(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (q_idx >= kv_idx) & (kv_idx < valid[b])
+
+    return real_key
+
+
+# -- providers --------------------------------------------------------------------------------------
+# A provider: problem -> attend, with its masks built (untimed); and optionally the mask build to time apart.
+Setup = Callable[[Problem], Attend]
+
+
+def setup_lmforge(problem: Problem) -> Attend:
+    from lmforge.kernels.attention import flash_attention
+
+    seg, kpm = problem.segment_ids, problem.key_padding_mask
+    return lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=seg, key_padding_mask=kpm)
+
+
+def setup_nomask(problem: Problem) -> Attend:
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def setup_bool_mask(problem: Problem) -> Attend:
+    mask = bool_mask(problem)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+_compiled_flex: Callable[..., Tensor] | None = None
+
+
+def build_block_mask(problem: Problem) -> object:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = problem.case.n
+    device = (problem.segment_ids if problem.segment_ids is not None else problem.valid).device
+    return create_block_mask(mask_mod(problem), problem.case.batch, None, n, n, device=device)
+
+
+def setup_flex(problem: Problem) -> Attend:
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    flex, block_mask = _compiled_flex, build_block_mask(problem)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+
+
+SETUPS: dict[str, Setup] = {
+    "lmforge": setup_lmforge,
+    "sdpa-causal-nomask": setup_nomask,
+    "sdpa-bool-mask": setup_bool_mask,
+    "flex": setup_flex,
+}
+MASK_BUILDS: dict[str, Callable[[Problem], object]] = {"sdpa-bool-mask": bool_mask, "flex": build_block_mask}
+
+
+def short_error(err: BaseException, limit: int = 160) -> str:
+    """``Type: first line`` of an error, without PyTorch's "(Triggered internally at ...)", shortened."""
+    lines = str(err).strip().splitlines()
+    first = re.sub(r"\s*\(Triggered internally at .*", "", lines[0] if lines else "")
+    text = f"{type(err).__name__}: {first}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def release(device: torch.device) -> None:
+    """Free what the last measurement left behind before the next one."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def make_inputs(
+    case: Case, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v ~ N(0, 1) requiring grad, and an upstream gradient for the output."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    size = (case.batch, heads, case.n, head_dim)
+    q, k, v, grad = (torch.randn(size, generator=generator, device=device, dtype=dtype) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
+
+
+def probe(setup: Setup, kind: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> str:
+    """One forward and backward call on a small problem of ``kind``: "" when it works, else why not."""
+    case = Case(kind, 1, PROBE_N, PROBE_N // 4)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            attend = setup(make_problem(case, 0, device))
+            q, k, v, grad = make_inputs(case, 2, head_dim, dtype, device)
+            attend(q, k, v).backward(grad)
+            harness.sync(device)
+    except Exception as err:  # a missing module, an unsupported device or dtype, a kernel's own error
+        return short_error(err)
+    finally:
+        release(device)
+    return ""
+
+
+def available_providers(
+    names: Sequence[str], cases: Sequence[Case], head_dim: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, Setup]:
+    """The providers among ``names`` that run a small problem of each kind of mask; a note for each that does not."""
+    kinds = list(dict.fromkeys(c.kind for c in cases))
+    found = {}
+    for name in names:
+        reason = next((r for r in (probe(SETUPS[name], kind, head_dim, dtype, device) for kind in kinds) if r), "")
+        if reason:
+            print(f"note: {name} is unavailable here, skipped: {reason}")
+        else:
+            found[name] = SETUPS[name]
+    return found
+
+
+# -- measurement ------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """One provider in one case: mean ms of forward + backward, peak extra MiB (CUDA), mask build ms."""
+
+    case: Case
+    provider: str
+    ms: float
+    peak_mib: float | None
+    mask_ms: float | None
+    attended: float
+    heads: int
+    head_dim: int
+
+
+def measure(
+    name: str,
+    setup: Setup,
+    problem: Problem,
+    inputs: tuple[Tensor, ...],
+    args: argparse.Namespace,
+    device: torch.device,
+    shape: tuple[int, int],
+) -> Result:
+    q, k, v, grad = inputs
+    attend = setup(problem)
+
+    def step() -> None:
+        attend(q, k, v).backward(grad)
+
+    step()  # compiles where there is compiling (flex, lmforge's autotuner), untimed
+    harness.sync(device)
+    ms = harness.timeit(step, args.warmup, args.rep, grad_to_none=[q, k, v], device=device)
+    for t in (q, k, v):
+        t.grad = None
+    peak = harness.peak_memory(step, device)
+    for t in (q, k, v):
+        t.grad = None
+    build = MASK_BUILDS.get(name)
+    mask_ms = None
+    if build is not None:
+        mask_ms = harness.timeit(lambda: build(problem), args.warmup, args.rep, device=device, min_rep=3)
+    return Result(
+        problem.case, name, ms, None if peak is None else peak / 2**20, mask_ms, problem.attended_fraction, *shape
+    )
+
+
+def run(
+    cases: Sequence[Case],
+    providers: dict[str, Setup],
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int,
+    head_dim: int,
+) -> list[Result]:
+    results, notes = [], []
+    for i, case in enumerate(cases, 1):
+        problem = make_problem(case, args.seed, device)
+        print(
+            f"  [{i}/{len(cases)}] {case.label}, H{heads} D{head_dim}: {problem.describe()}; "
+            f"attended {problem.attended_fraction:.1%} of the causal pairs",
+            flush=True,
+        )
+        inputs = make_inputs(case, heads, head_dim, dtype, device, seed=i)
+        for name, setup in providers.items():
+            if name == "flex":
+                torch._dynamo.reset()  # a fresh compile per case, so the recompile limit never falls back to eager
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    results.append(measure(name, setup, problem, inputs, args, device, (heads, head_dim)))
+                except Exception as err:  # torch.OutOfMemoryError, a compiler that fails, a kernel's own error
+                    notes.append(f"{case.short} {name}: skipped, {short_error(err)}")
+            for t in inputs[:3]:
+                t.grad = None
+            release(device)
+        del inputs, problem
+        release(device)
+    for note in notes:
+        print(f"note: {note}")
+    return results
+
+
+# -- report -----------------------------------------------------------------------------------------
+def find(results: Sequence[Result], case: Case, provider: str) -> Result | None:
+    return next((r for r in results if r.case == case and r.provider == provider), None)
+
+
+def ratio(result: Result, results: Sequence[Result], reference: str) -> float | None:
+    """``result``'s ms over ``reference``'s in the same case (None when the reference has no time)."""
+    other = find(results, result.case, reference)
+    return None if other is None else result.ms / other.ms
+
+
+def ordered(results: Sequence[Result], cases: Sequence[Case]) -> list[Result]:
+    return sorted(results, key=lambda r: (cases.index(r.case), PROVIDERS.index(r.provider)))
+
+
+def reference_ms(result: Result, args: argparse.Namespace) -> float | None:
+    """The H200 reference for ``result``, when the run has the reference's settings."""
+    if (result.heads, result.head_dim, args.dtype_name) != (HEADS, HEAD_DIM, "bf16"):
+        return None
+    return REFERENCE_MS.get((result.case, result.provider))
+
+
+def print_results(
+    results: Sequence[Result], cases: Sequence[Case], args: argparse.Namespace, device: torch.device
+) -> None:
+    cuda = device.type == "cuda"
+    with_memory = any(r.peak_mib is not None for r in results)
+    with_reference = cuda and any(reference_ms(r, args) is not None for r in results)
+    headers = ["case", "B", "H", "N", "D", "attended", "provider", "ms"]
+    refs = [ref for ref in REFERENCES if any(r.provider == ref for r in results)]
+    with_masks = any(r.mask_ms is not None for r in results)
+    headers += ["peak MiB"] * with_memory + ["mask ms"] * with_masks + [f"vs {ref}" for ref in refs]
+    headers += ["H200 ref ms"] * with_reference
+    rows = []
+    for r in ordered(results, cases):
+        c = r.case
+        row: list[object] = [c.short, c.batch, r.heads, c.n, r.head_dim, f"{r.attended:.1%}", r.provider]
+        row.append(f"{r.ms:.3f}")
+        if with_memory:
+            row.append("-" if r.peak_mib is None else f"{r.peak_mib:,.0f}")
+        if with_masks:
+            row.append("-" if r.mask_ms is None else f"{r.mask_ms:.3f}")
+        for ref in refs:
+            value = ratio(r, results, ref)
+            row.append("-" if value is None else f"{value:.2f}x")
+        if with_reference:
+            ref_ms = reference_ms(r, args)
+            row.append("-" if ref_ms is None else f"{ref_ms:.2f}")
+        rows.append(row)
+    harness.print_table(headers, rows)
+    print("ms: mean of one forward + backward; attended: pairs the mask keeps / causal pairs B*N*(N+1)/2")
+    if with_memory:
+        print("peak MiB: extra CUDA memory at the peak of one call, gradients included (masks are inputs)")
+    if with_masks:
+        print(
+            "mask ms: building the provider's mask from the ids or lengths (not in ms; lmforge's per-call bounds are)"
+        )
+    if refs:
+        print("vs X = ms / X's ms in the same case (below 1: faster than X)")
+    if with_reference:
+        print("H200 ref ms: the reference table (H200, bf16, H=16, D=128), measured elsewhere")
+    print_bars(results, cases)
+
+
+def print_bars(results: Sequence[Result], cases: Sequence[Case]) -> None:
+    """lmforge against its bar in each case: flex for packed documents, sdpa-causal-nomask for key padding."""
+    for case in cases:
+        ours, bar = find(results, case, "lmforge"), BARS[case.kind]
+        theirs = find(results, case, bar)
+        if ours is None or theirs is None:
+            continue
+        verdict = "meets the bar" if ours.ms <= theirs.ms else "misses the bar"
+        print(
+            f"bar, {case.short}: lmforge {ours.ms:.3f} ms against {bar} {theirs.ms:.3f} ms "
+            f"= {ours.ms / theirs.ms:.2f}x, {verdict}"
+        )
+
+
+def csv_rows(
+    results: Sequence[Result], preset: str, args: argparse.Namespace, device: torch.device
+) -> list[dict[str, object]]:
+    rows = []
+    for r in results:
+        problem_lengths = " | ".join(" ".join(map(str, row)) for row in draw_lengths(r.case, args.seed))
+        bar = BARS[r.case.kind]
+        vs_bar = ratio(r, results, bar)
+        rows.append(
+            {
+                "preset": preset,
+                "device": device.type,
+                "dtype": args.dtype_name,
+                "case": r.case.short,
+                "kind": r.case.kind,
+                "batch": r.case.batch,
+                "heads": r.heads,
+                "seq": r.case.n,
+                "head_dim": r.head_dim,
+                "mean_len": r.case.mean,
+                "seed": args.seed,
+                "lengths": problem_lengths,
+                "attended_fraction": f"{r.attended:.4g}",
+                "provider": r.provider,
+                "ms": f"{r.ms:.6g}",
+                "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
+                "mask_ms": "" if r.mask_ms is None else f"{r.mask_ms:.6g}",
+                **{
+                    f"vs_{ref.replace('-', '_')}": "" if (x := ratio(r, results, ref)) is None else f"{x:.4g}"
+                    for ref in REFERENCES
+                },
+                "bar": bar,
+                "vs_bar": "" if vs_bar is None else f"{vs_bar:.4g}",
+                "threads": torch.get_num_threads() if device.type == "cpu" else "",
+                "warmup_ms": f"{args.warmup:g}",
+                "rep_ms": f"{args.rep:g}",
+            }
+        )
+    return rows
+
+
+def plot(path: Path, results: Sequence[Result], cases: Sequence[Case], title: str) -> bool:
+    """ms per provider, a group of bars per case; False without matplotlib."""
+    plt = harness.pyplot()
+    if plt is None:
+        return False
+    providers = [p for p in PROVIDERS if any(r.provider == p for r in results)]
+    width = 0.8 / max(1, len(providers))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 2.0 * len(cases)), 4.5))
+    for i, provider in enumerate(providers):
+        offset = (i - (len(providers) - 1) / 2) * width
+        xs, ys = [], []
+        for j, case in enumerate(cases):
+            r = find(results, case, provider)
+            if r is not None:
+                xs.append(j + offset)
+                ys.append(r.ms)
+        bars = ax.bar(xs, ys, width, label=provider, color=f"C{PROVIDERS.index(provider)}")
+        ax.bar_label(bars, [f"{y:.3g}" for y in ys], fontsize=7, padding=2)
+    ax.set_xticks(range(len(cases)), [c.label.replace(", ", "\n", 1) for c in cases], fontsize=8)
+    ax.margins(y=0.15)
+    ax.set_ylabel("forward + backward, ms")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def write_outputs(
+    results: Sequence[Result], cases: Sequence[Case], args: argparse.Namespace, device: torch.device, preset: str
+) -> None:
+    if not results:
+        print("nothing was measured; no CSV or plot written")
+        return
+    name = harness.device_name(device)
+    csv_path = harness.write_csv(
+        args.out / "attn_masked.csv", csv_rows(results, preset, args, device), common=harness.stamp(device)
+    )
+    print(f"wrote {csv_path}")
+    png = args.out / f"attn_masked_{args.dtype_name}_{slug(name)}{'_quick' if preset == 'quick' else ''}.png"
+    r = results[0]
+    title = f"masked attention, forward + backward, {args.dtype_name}, H={r.heads}, D={r.head_dim}; {name}"
+    if plot(png, results, [c for c in cases if any(r.case == c for r in results)], title):
+        print(f"wrote {png}")
+    else:
+        print("matplotlib is not installed, so no plot")
+
+
+# -- GPU --------------------------------------------------------------------------------------------
+def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
+    dtype = DTYPES[args.dtype_name]
+    cases = list(QUICK_CASES if args.quick else CASES)
+    names = args.providers or list(PROVIDERS)
+    print(
+        f"{len(cases)} case(s), {args.dtype_name}, H={args.heads}, D={args.head_dim}, forward + backward, "
+        f"do_bench {args.warmup:g} ms warm-up + {args.rep:g} ms timed per measurement (mean)"
+    )
+    providers = available_providers(names, cases, args.head_dim, dtype, device)
+    if not providers:
+        print("no provider is available; nothing to measure")
+        return 1
+    results = run(cases, providers, args, device, dtype, args.heads, args.head_dim)
+    print()
+    print_results(results, cases, args, device)
+    write_outputs(results, cases, args, device, "quick" if args.quick else "default")
+    return 0
+
+
+# -- CPU checks -------------------------------------------------------------------------------------
+def smoke_case(case: Case, seed: int) -> list[object]:
+    """One table row: the case, max abs errors of out, dq, dk, dv against float64, and pass or FAIL."""
+    device = torch.device("cpu")
+    problem = make_problem(case, seed, device)
+    cells: list[object] = [case.kind, case.batch, SMOKE_HEADS, case.n, SMOKE_HEAD_DIM, problem.describe()]
+    q, k, v, grad = make_inputs(case, SMOKE_HEADS, SMOKE_HEAD_DIM, torch.float32, device, seed=seed)
+    try:
+        out = setup_lmforge(problem)(q, k, v)
+        out.backward(grad)
+        got = [out.detach(), q.grad, k.grad, v.grad]
+    except Exception as err:
+        return [*cells, "-", "-", "-", "-", f"FAIL ({short_error(err)})"]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = setup_bool_mask(problem)(q64, k64, v64)
+    out64.backward(grad.double())
+    expected = [out64.detach(), q64.grad, k64.grad, v64.grad]
+    errors = [(a.double() - b).abs().max().item() for a, b in zip(got, expected)]
+    verdict = "pass" if all(e <= SMOKE_TOLERANCE for e in errors) else "FAIL"
+    return [*cells, *(f"{e:.1e}" for e in errors), verdict]
+
+
+def smoke(seed: int) -> bool | None:
+    """(a) lmforge's kernel under the Triton interpreter against sdpa-bool-mask in float64; None without lmforge."""
+    try:
+        import lmforge.kernels.attention  # noqa: F401
+    except Exception as err:
+        print(
+            f"(a) lmforge is unavailable, no correctness smoke: cannot import lmforge.kernels.attention "
+            f"({short_error(err)})"
+        )
+        return None
+    print(
+        "(a) lmforge kernel under TRITON_INTERPRET=1, fp32, causal, output and gradients against sdpa-bool-mask "
+        f"in float64 (tolerance {SMOKE_TOLERANCE:g} max abs):"
+    )
+    rows = [smoke_case(case, seed) for case in SMOKE_CASES]
+    headers = ["mask", "B", "H", "N", "D", "lengths", "out", "dq", "dk", "dv", "result"]
+    harness.print_table(headers, rows)
+    passed = all(row[-1] == "pass" for row in rows)
+    print(f"smoke: {'all passed' if passed else 'FAILED'} ({len(rows)} cases; errors are max abs differences)")
+    return passed
+
+
+def cpu_case(case: Case) -> Case:
+    """``case`` at CPU size: N = CPU_N, at most CPU_MAX_BATCH rows, the mean length scaled with N."""
+    return Case(case.kind, min(case.batch, CPU_MAX_BATCH), CPU_N, max(1, round(case.mean * CPU_N / case.n)))
+
+
+def cpu_main(args: argparse.Namespace) -> int:
+    print("no CUDA device: no speed is claimed (speed claims come only from GPU runs); CPU checks instead")
+    os.environ["TRITON_INTERPRET"] = "1"  # before lmforge.kernels.attention (and its @triton.jit) is imported
+    device = torch.device("cpu")
+    names = args.providers or list(CPU_PROVIDERS)
+    passed = smoke(args.seed) if "lmforge" in names else None
+    print()
+    args.dtype_name = "fp32"
+    cases = list(dict.fromkeys(cpu_case(c) for c in (QUICK_CASES if args.quick else CASES)))
+    print(
+        f"(b) torch providers on CPU, fp32, H={CPU_HEADS}, D={CPU_HEAD_DIM}, {torch.get_num_threads()} threads, "
+        f"{args.warmup:g} ms warm-up + {args.rep:g} ms timed (at least 5 calls); lmforge's interpreter is not timed:"
+    )
+    if args.providers is None:
+        print(
+            "note: flex is not run on CPU by default (FlexAttention has no CPU backward in this torch, and "
+            "compiling it on CPU is slow); --providers flex to try it"
+        )
+    timed = [p for p in names if p != "lmforge"]
+    if not timed:
+        print("(b) skipped: no torch provider selected")
+    providers = available_providers(timed, cases, CPU_HEAD_DIM, torch.float32, device) if timed else {}
+    results = run(cases, providers, args, device, torch.float32, CPU_HEADS, CPU_HEAD_DIM) if providers else []
+    if results:
+        print_results(results, cases, args, device)
+    write_outputs(results, cases, args, device, "cpu")
+    return 1 if passed is False else 0
+
+
+# -- command line -----------------------------------------------------------------------------------
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = [x for x in items if x not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(choices)}"
+            )
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the first and the third case; shorter budgets on CPU")
+    p.add_argument("--heads", type=int, default=HEADS, help=f"query (and key/value) heads H (default {HEADS}; GPU)")
+    p.add_argument("--head-dim", type=int, default=HEAD_DIM, help=f"head dim D (default {HEAD_DIM}; GPU)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="GPU dtype (the CPU checks use fp32)")
+    p.add_argument(
+        "--providers",
+        type=choice_list(PROVIDERS),
+        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on GPU, {','.join(CPU_PROVIDERS)} on CPU)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the document and padding lengths (default 0)")
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot directory (default benchmarks/out)"
+    )
+    p.add_argument("--warmup", type=float, default=25, help="warm-up budget per measurement, ms (default 25)")
+    p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (default 100)")
+    p.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu: the CPU checks even on a GPU machine"
+    )
+    args = p.parse_args(argv)
+    args.dtype_name = args.dtype
+    if args.warmup <= 0 or args.rep <= 0:
+        p.error("--warmup and --rep must be positive")
+    if args.heads <= 0 or args.head_dim <= 0:
+        p.error("--heads and --head-dim must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"device: {harness.device_name(device)}; {harness.format_versions()}; {harness.iso_date()}")
+    if not cuda:
+        if args.quick:
+            args.warmup, args.rep = min(args.warmup, 10), min(args.rep, 50)
+        return cpu_main(args)
+    return gpu_main(args, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
