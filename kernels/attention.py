@@ -272,13 +272,13 @@ def _fwd_tile(
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs(FWD_TILES), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+@triton.autotune(configs=_configs(FWD_TILES), key=["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
                  prune_configs_by={"early_config_prune": _for_head_dim(FWD_TILES)})  # fmt: skip
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, LSE, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    H, GROUP, N, D, qk_scale,
+    H, GROUP, N, N_TUNE, D, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -419,14 +419,14 @@ def _attn_bwd_delta(
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
 
 
-@triton.autotune(configs=_configs(DKDV_TILES), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+@triton.autotune(configs=_configs(DKDV_TILES), key=["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
                  prune_configs_by={"early_config_prune": _for_head_dim(DKDV_TILES)})  # fmt: skip
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
-    H, HKV, GROUP, N, D, qk_scale, sm_scale,
+    H, HKV, GROUP, N, N_TUNE, D, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -509,14 +509,14 @@ def _attn_bwd_dkdv(
              dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
 
 
-@triton.autotune(configs=_configs(DQ_TILES), key=["N", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+@triton.autotune(configs=_configs(DQ_TILES), key=["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
                  prune_configs_by={"early_config_prune": _for_head_dim(DQ_TILES)})  # fmt: skip
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     sqgb, sqgh, sqgn, sqgd,
-    H, GROUP, N, D, qk_scale, sm_scale,
+    H, GROUP, N, N_TUNE, D, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -643,6 +643,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
 
 
+def _tuning_length(N: int) -> int:
+    """The autotuning key for length N: its power-of-two bucket (at least 64). Fine-tuning batches are
+    padded to their longest example, so N changes from batch to batch; keyed on N itself, the autotuner
+    would time every tile shape again for each new length. N_TUNE is not used inside the kernels."""
+    return max(64, triton.next_power_of_2(N))
+
+
 def _dummy(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, device=q.device, dtype=torch.int32)
 
@@ -664,7 +671,7 @@ def _forward(q, k, v, causal, scale, kpm, seg, bounds):
     _attn_fwd[grid](
         q_in, k, v, o, lse, *(t if t is not None else _dummy(q) for t in (kpm, seg, bounds)),
         *q_in.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, H // k.shape[1], N, D, fwd_scale * LOG2E,
+        H, H // k.shape[1], N, _tuning_length(N), D, fwd_scale * LOG2E,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
         BLOCK_D=block_d,
     )  # fmt: skip
@@ -687,13 +694,13 @@ def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds):
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * HKV)](
         q, k, v, do, lse, delta, dk, dv, *masks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, HKV, H // HKV, N, D, scale * LOG2E, scale,
+        H, HKV, H // HKV, N, _tuning_length(N), D, scale * LOG2E, scale,
         BLOCK_D=block_d, **flags,
     )  # fmt: skip
     _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, *masks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // HKV, N, D, scale * LOG2E, scale,
+        H, H // HKV, N, _tuning_length(N), D, scale * LOG2E, scale,
         BLOCK_D=block_d, **flags,
     )  # fmt: skip
     return dq, dk, dv

@@ -622,3 +622,16 @@ def test_gpu_non_contiguous_and_ops_dispatch(dtype):
         got = (out.detach(), *torch.autograd.grad(out, leaves, dout))
         for name, a, b in zip(NAMES, got, want):
             assert_close(a, b, dtype, f"ops.attention(backend={backend!r}) {name}")
+
+
+def test_autotuning_is_keyed_on_length_buckets():
+    """Fine-tuning batches are padded to their longest example, so the length changes from batch to
+    batch: the tuned tiles are keyed on its power-of-two bucket, not on the length itself, or every
+    new length would time every tile shape again."""
+    import lmforge.kernels.attention as attention
+
+    for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq):
+        assert "N_TUNE" in kernel.keys and "N" not in kernel.keys, kernel.keys
+    assert attention._tuning_length(700) == attention._tuning_length(1000) == 1024
+    assert attention._tuning_length(1) == attention._tuning_length(64) == 64
+    assert attention._tuning_length(1025) == 2048
