@@ -231,7 +231,7 @@ def _query_block_start(N, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
     the short ones fill the tail of the grid."""
     pid = tl.program_id(0)
     if CAUSAL:
-        pid = tl.cdiv(N, BLOCK_M) - 1 - pid
+        pid = (N - 1) // BLOCK_M - pid  # the last block's index is cdiv(N, BLOCK_M) - 1
     return pid * BLOCK_M
 
 

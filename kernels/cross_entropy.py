@@ -99,14 +99,16 @@ def ce_rows_(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    loss_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row fp32 losses, gradient) of ``logits`` (n, V): the gradient, ``scale`` * d(loss)/d(logits),
-    overwrites ``logits`` and is returned as that same tensor."""
+    overwrites ``logits`` and is returned as that same tensor; the losses go to ``loss_out`` (n,) fp32
+    when given (a slice of the caller's buffer: no per-chunk reduction)."""
     n, V = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("ce_rows_: logits must be contiguous along the vocabulary")
     targets = targets.contiguous()
-    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32) if loss_out is None else loss_out
     if n == 0:
         return loss, logits
     block_v = min(triton.next_power_of_2(V), 4096 if logits.is_cuda else 1024)

@@ -37,8 +37,10 @@ def torch_rows(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    loss_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch twin of ``ce_rows_``: (per-row fp32 losses, scale * d(loss)/d(logits) in fp32).
+    """The torch twin of ``ce_rows_``: (per-row fp32 losses, scale * d(loss)/d(logits) in fp32); the
+    losses are also written to ``loss_out`` when given.
 
     Built on the fused ``log_softmax``, with the gradient formed in place in its output, so it
     touches each logit about as often as ``cross_entropy``'s forward and backward do.
@@ -67,7 +69,10 @@ def torch_rows(
     grad.scatter_add_(1, safe[:, None], (-(1.0 - label_smoothing) * factor)[:, None])
     if softcap is not None:
         grad.mul_(1.0 - cap_tanh.square())
-    return torch.where(counted, loss, torch.zeros_like(loss)), grad
+    loss = torch.where(counted, loss, torch.zeros_like(loss))
+    if loss_out is not None:
+        loss_out.copy_(loss)
+    return loss, grad
 
 
 def mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -131,15 +136,15 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         grad_weight = (
             torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
         )
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        losses = torch.empty(N, device=hidden.device, dtype=torch.float32)  # summed once, after the chunks
         options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
         with torch.autocast(device, enabled=False):  # dtypes are chosen here, explicitly
             hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
             for start in range(0, N, chunk):
                 h = hidden_c[start : start + chunk]
                 logits = h @ weight_c.t()  # (n, V): the only logits alive
-                loss_rows, grad = rows(logits, targets[start : start + chunk], unit, **options)
-                total += loss_rows.sum()
+                _, grad = rows(logits, targets[start : start + chunk], unit, loss_out=losses[start : start + chunk],
+                               **options)  # fmt: skip
                 del logits  # grad is d(loss)/d(logits), unscaled: the same storage for the Triton rows
                 grad = grad.to(dtype)
                 if grad_hidden is not None:
@@ -153,7 +158,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         # keep their precision under loss scaling
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        return total * scale
+        return losses.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_output):
