@@ -19,12 +19,19 @@ exactly 0, never NaN).
 
 The backward is the FlashAttention-2 scheme: delta = rowsum(dO * O); then one program per key block
 and key/value head accumulates dK and dV over every query head of its group and every query
-block; a second kernel computes dQ per query block. No atomics are used, so gradients are
+block; a second kernel computes dQ per query block. The dK/dV kernel works on the transposed
+scores S^T = K Q^T, so the held key block is the row dimension of every product (wgmma's tiles are
+64 rows per warpgroup) and P^T, dS^T feed dV, dK directly. No atomics are used, so gradients are
 deterministic, run to run.
 
-Key blocks that the masks remove entirely (above the causal diagonal, fully padded, or of other
-documents) are skipped, so packed documents cost about the sum of their squares, not the square
-of their sum.
+With key padding or segment ids, each program first narrows the tiles it visits to those between
+the first and last position of the segment ids present and between the row's first and last real
+key (per-row bounds computed once per call, see _bounds); inside that range it skips tiles the masks
+empty and runs tiles wholly inside one document, over real keys, without building a mask. Packed
+documents cost about the sum of their squares, not the square of their sum.
+
+Tile shapes are per head dim (FWD_TILES, DKDV_TILES, DQ_TILES) and autotuned per power-of-two bucket
+of the length; `benchmarks/kernel_report.py` shows what each compiles to for sm_90 without a GPU.
 """
 
 from __future__ import annotations
