@@ -7,6 +7,7 @@ dispatch point for attention and the loss.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 
@@ -15,6 +16,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
 def build_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "this kernel could not be compiled or launched on this GPU".
 

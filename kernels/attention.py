@@ -617,8 +617,26 @@ def _bounds(kpm: torch.Tensor | None, seg: torch.Tensor | None, B: int, N: int, 
     return bounds
 
 
+# The masks of the last call and what was derived from them. Every layer of a model passes the same
+# mask tensors, so the conversions and the bounds (a sort per row) are made once per batch, not once
+# per layer; the tensors' version counters catch an in-place change.
+_last_masks: tuple | None = None
+
+
 def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
+    """(kpm int8, segment ids int64, bounds) on q's device, each None when not given; checked shapes."""
+    global _last_masks
     B, N = q.shape[0], q.shape[2]
+    sources = (key_padding_mask, segment_ids)
+    try:
+        versions = tuple(None if t is None else t._version for t in sources)
+    except RuntimeError:  # inference-mode tensors keep no version counter: nothing is cached for them
+        versions = None
+    if _last_masks is not None and versions is not None:
+        last_sources, last_versions, last_where, derived = _last_masks
+        same = all(a is b for a, b in zip(sources, last_sources))
+        if same and versions == last_versions and last_where == (q.device, B, N):
+            return derived
     kpm = seg = None
     if key_padding_mask is not None:
         if key_padding_mask.shape != (B, N):
@@ -628,7 +646,10 @@ def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
         if segment_ids.shape != (B, N):
             raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected (B, N) = {(B, N)}")
         seg = segment_ids.to(device=q.device, dtype=torch.int64).contiguous()  # any integer ids, compared exactly
-    return kpm, seg, _bounds(kpm, seg, B, N, q.device)
+    derived = (kpm, seg, _bounds(kpm, seg, B, N, q.device))
+    if versions is not None and (kpm is not None or seg is not None):
+        _last_masks = (sources, versions, (q.device, B, N), derived)
+    return derived
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -635,3 +635,22 @@ def test_autotuning_is_keyed_on_length_buckets():
     assert attention._tuning_length(700) == attention._tuning_length(1000) == 1024
     assert attention._tuning_length(1) == attention._tuning_length(64) == 64
     assert attention._tuning_length(1025) == 2048
+
+
+def test_masks_are_derived_once_per_batch():
+    """Every layer passes the same mask tensors: their conversions and bounds are reused, and made
+    again when a tensor is new or changed in place (or has no version counter, in inference mode)."""
+    import lmforge.kernels.attention as attention
+
+    q = torch.zeros(2, 1, 8, 16, device=DEVICE)
+    seg = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2]] * 2, device=DEVICE)
+    first = attention._masks(q, None, seg)
+    assert attention._masks(q, None, seg) is first
+    seg[1, 0] = 5  # in place: the bounds must follow
+    changed = attention._masks(q, None, seg)
+    assert changed is not first and changed[2][1, 0].item() == 0 and changed[2][1, 1].item() == 1
+    assert attention._masks(q, None, seg.clone()) is not changed
+    with torch.inference_mode():
+        frozen = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]] * 2, device=DEVICE)
+    derived = attention._masks(q, None, frozen)
+    assert derived[2][0, 3].item() == 3 and attention._masks(q, None, frozen) is not derived
