@@ -33,9 +33,10 @@ Providers, each detected by one trial call (forward and backward) and skipped wi
   ``BlockMask`` from ``create_block_mask`` whose mask_mod is the same rule. Compiled once per shape,
   untimed. Not run on CPU unless ``--providers`` names it (this torch has no CPU backward for it).
 
-Only what a training step runs on each batch is timed: lmforge's call includes the per-row document and
-padding bounds it derives from the ids; the SDPA boolean mask and Flex's block mask are built before the
-timed calls. Their build time is measured apart ("mask ms": mean ms to build the mask from the segment
+Only the attention itself is timed: every provider's mask is built once per batch, before the timed
+calls (the SDPA boolean mask, Flex's block mask, and lmforge's per-row document and padding bounds,
+which it derives from the ids on the first call with a batch's masks and reuses, as the layers of a
+model do). Their build time is measured apart ("mask ms": mean ms to build the mask from the segment
 ids or lengths), since in training a new batch needs a new mask.
 
 Measured per case and provider:
@@ -295,7 +296,23 @@ SETUPS: dict[str, Setup] = {
     "sdpa-bool-mask": setup_bool_mask,
     "flex": setup_flex,
 }
-MASK_BUILDS: dict[str, Callable[[Problem], object]] = {"sdpa-bool-mask": bool_mask, "flex": build_block_mask}
+
+
+def lmforge_bounds(problem: Problem) -> object:
+    """lmforge's per-batch mask work: the conversions and the per-row bounds (uncached here)."""
+    from lmforge.kernels.attention import _bounds
+
+    seg, kpm = problem.segment_ids, problem.key_padding_mask
+    seg = None if seg is None else seg.to(torch.int64).contiguous()
+    kpm = None if kpm is None else kpm.to(torch.int8).contiguous()
+    return _bounds(kpm, seg, problem.case.batch, problem.case.n, (seg if seg is not None else kpm).device)
+
+
+MASK_BUILDS: dict[str, Callable[[Problem], object]] = {
+    "lmforge": lmforge_bounds,
+    "sdpa-bool-mask": bool_mask,
+    "flex": build_block_mask,
+}
 
 
 def short_error(err: BaseException, limit: int = 160) -> str:
@@ -493,9 +510,7 @@ def print_results(
     if with_memory:
         print("peak MiB: extra CUDA memory at the peak of one call, gradients included (masks are inputs)")
     if with_masks:
-        print(
-            "mask ms: building the provider's mask from the ids or lengths (not in ms; lmforge's per-call bounds are)"
-        )
+        print("mask ms: building the provider's mask from the ids or lengths, once per batch (not in ms)")
     if refs:
         print("vs X = ms / X's ms in the same case (below 1: faster than X)")
     if with_reference:
