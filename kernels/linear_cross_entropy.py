@@ -23,7 +23,10 @@ CPU_CHUNK_ELEMENTS = 1 << 22
 # CUDA: tokens per chunk. Each chunk re-reads W in two products and reads and writes the (V, C) weight
 # gradient it accumulates into, about 4*V*C*2 bytes of traffic for 6*n*V*C FLOPs: 0.75*n FLOP per byte,
 # whatever V and C. Below about 256 tokens a chunk is bound by memory on an H100/H200 (~200-300 FLOP/B).
-MIN_GPU_CHUNK_TOKENS = 256
+MIN_GPU_CHUNK_TOKENS = 240
+# Tokens a CUDA chunk stays under twice Liger-Kernel's: room for the per-row losses and other bookkeeping,
+# so the whole step's transient memory stays within twice Liger's, not only its logits.
+CHUNK_MARGIN_TOKENS = 16
 # In-place scaling of a 16-bit gradient on CPU (or CUDA without triton) goes by slices of this many elements.
 SCALE_SLICE = 1 << 22
 
@@ -88,16 +91,17 @@ def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, on_cu
     """Tokens per chunk.
 
     CUDA: the logits of one chunk take about twice the memory of the hidden states that produce
-    them (the chunk is twice Liger-Kernel's, ``N / ceil(V / C)`` rounded up to a power of two), but
-    never fewer than ``MIN_GPU_CHUNK_TOKENS`` tokens, below which the products go memory-bound. At
-    GPT-2's head (8192 x 768 x 50257) that is 256 tokens, 24.5 MiB of bf16 logits; at Llama-3's
-    (8192 x 4096 x 128256) 512 tokens, 125 MiB. CPU: a fixed budget of ``CPU_CHUNK_ELEMENTS`` logits.
+    them (the chunk is twice Liger-Kernel's, ``N / ceil(V / C)`` rounded up to a power of two, less
+    ``CHUNK_MARGIN_TOKENS``), but never fewer than ``MIN_GPU_CHUNK_TOKENS`` tokens, below which the
+    products go memory-bound. At GPT-2's head (8192 x 768 x 50257) that is 240 tokens, 23.0 MiB of
+    bf16 logits (Liger: 128 tokens, 12.3 MiB); at Llama-3's (8192 x 4096 x 128256) 496 tokens,
+    121 MiB (Liger: 62.6 MiB). CPU: a fixed budget of ``CPU_CHUNK_ELEMENTS`` logits.
     """
     if not on_cuda:
         return max(1, min(num_tokens, CPU_CHUNK_ELEMENTS // vocab_size))
     per_hidden = -(-vocab_size // hidden_size)  # logits per row over hidden values per row, rounded up
-    tokens = 2 * (1 << max(0, (-(-num_tokens // per_hidden) - 1).bit_length()))  # 2 * next power of two
-    return max(1, min(num_tokens, max(MIN_GPU_CHUNK_TOKENS, tokens)))
+    liger = 1 << max(0, (-(-num_tokens // per_hidden) - 1).bit_length())  # next power of two
+    return max(1, min(num_tokens, max(MIN_GPU_CHUNK_TOKENS, 2 * liger - CHUNK_MARGIN_TOKENS)))
 
 
 def scale_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
