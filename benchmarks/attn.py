@@ -431,10 +431,6 @@ def plot(path: Path, results: list[Result], mode: str, title: str) -> bool:
     return harness.plot_lines(path, panels, xlabel="N (sequence length)", ylabel=f"{mode} TFLOP/s", title=title)
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def write_outputs(results: list[Result], args: argparse.Namespace, device: torch.device, preset: str) -> None:
     """The CSV rows, and on a sweep the plot (forward+backward, else the first mode measured)."""
     if not results:
@@ -447,7 +443,7 @@ def write_outputs(results: list[Result], args: argparse.Namespace, device: torch
         print("no plot: a single sequence length")
         return
     mode = "fwd+bwd" if any(r.mode == "fwd+bwd" for r in results) else results[0].mode
-    png = args.out / f"attn_{args.dtype_name}_{slug(name)}{'_quick' if args.quick else ''}.png"
+    png = args.out / f"attn_{args.dtype_name}_{harness.slug(name)}{'_quick' if args.quick else ''}.png"
     title = f"{mode} attention, {args.dtype_name}, B*N = {args.tokens}, H*D = {args.hidden}; {name}"
     if plot(png, results, mode, title):
         print(f"wrote {png}")
@@ -566,19 +562,6 @@ def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        unknown = [x for x in items if x not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(choices)}"
-            )
-        return items
-
-    return parse
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"a few shapes: D {QUICK_D}, N {QUICK_N}; shorter on CPU")
@@ -588,46 +571,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="GPU dtype (CPU checks use fp32)")
     p.add_argument(
         "--modes",
-        type=choice_list(MODES),
+        type=harness.choice_list(MODES),
         help="comma-separated subset of fwd,bwd,fwd+bwd (default all; CPU: fwd,fwd+bwd)",
     )
     p.add_argument(
         "--providers",
-        type=choice_list(PROVIDERS),
+        type=harness.choice_list(PROVIDERS),
         default=list(PROVIDERS),
         help=f"comma-separated subset of {','.join(PROVIDERS)}",
     )
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot directory (default benchmarks/out)"
-    )
-    p.add_argument("--warmup", type=float, default=25, help="warm-up budget per measurement, ms (default 25)")
-    p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (default 100)")
+    harness.add_run_args(p)
     p.add_argument("--math-max-n", type=int, default=2048, help="longest N for the math backend (default 2048)")
     p.add_argument("--tokens", type=int, default=TOKENS, help=f"B * N of the sweep (default {TOKENS})")
     p.add_argument("--hidden", type=int, default=HIDDEN, help=f"H * D of the sweep (default {HIDDEN})")
-    p.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu: the CPU checks even on a GPU machine"
-    )
     args = p.parse_args(argv)
     args.causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
     args.dtype_name = args.dtype
-    if args.warmup <= 0 or args.rep <= 0:
-        p.error("--warmup and --rep must be positive")
+    harness.check_run_args(p, args)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.device == "cuda" and not cuda:
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if cuda else "cpu")
-    print(f"device: {harness.device_name(device)}; {harness.format_versions()}; {harness.iso_date()}")
-    if not cuda:
-        if args.quick:
-            args.warmup, args.rep = min(args.warmup, 10), min(args.rep, 50)
-        return cpu_main(args)
-    return gpu_main(args, device)
+    return harness.run_script(parse_args(argv), cpu_main, gpu_main)
 
 
 if __name__ == "__main__":

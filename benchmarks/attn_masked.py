@@ -83,7 +83,6 @@ import gc
 import math
 import os
 import random
-import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -315,14 +314,6 @@ MASK_BUILDS: dict[str, Callable[[Problem], object]] = {
 }
 
 
-def short_error(err: BaseException, limit: int = 160) -> str:
-    """``Type: first line`` of an error, without PyTorch's "(Triggered internally at ...)", shortened."""
-    lines = str(err).strip().splitlines()
-    first = re.sub(r"\s*\(Triggered internally at .*", "", lines[0] if lines else "")
-    text = f"{type(err).__name__}: {first}".strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def release(device: torch.device) -> None:
     """Free what the last measurement left behind before the next one."""
     gc.collect()
@@ -351,7 +342,7 @@ def probe(setup: Setup, kind: str, head_dim: int, dtype: torch.dtype, device: to
             attend(q, k, v).backward(grad)
             harness.sync(device)
     except Exception as err:  # a missing module, an unsupported device or dtype, a kernel's own error
-        return short_error(err)
+        return harness.short_error(err)
     finally:
         release(device)
     return ""
@@ -445,7 +436,7 @@ def run(
                 try:
                     results.append(measure(name, setup, problem, inputs, args, device, (heads, head_dim)))
                 except Exception as err:  # torch.OutOfMemoryError, a compiler that fails, a kernel's own error
-                    notes.append(f"{case.short} {name}: skipped, {short_error(err)}")
+                    notes.append(f"{case.short} {name}: skipped, {harness.short_error(err)}")
             for t in inputs[:3]:
                 t.grad = None
             release(device)
@@ -603,10 +594,6 @@ def plot(path: Path, results: Sequence[Result], cases: Sequence[Case], title: st
     return True
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def write_outputs(
     results: Sequence[Result], cases: Sequence[Case], args: argparse.Namespace, device: torch.device, preset: str
 ) -> None:
@@ -618,7 +605,7 @@ def write_outputs(
         args.out / "attn_masked.csv", csv_rows(results, preset, args, device), common=harness.stamp(device)
     )
     print(f"wrote {csv_path}")
-    png = args.out / f"attn_masked_{args.dtype_name}_{slug(name)}{'_quick' if preset == 'quick' else ''}.png"
+    png = args.out / f"attn_masked_{args.dtype_name}_{harness.slug(name)}{'_quick' if preset == 'quick' else ''}.png"
     r = results[0]
     title = f"masked attention, forward + backward, {args.dtype_name}, H={r.heads}, D={r.head_dim}; {name}"
     if plot(png, results, [c for c in cases if any(r.case == c for r in results)], title):
@@ -659,7 +646,7 @@ def smoke_case(case: Case, seed: int) -> list[object]:
         out.backward(grad)
         got = [out.detach(), q.grad, k.grad, v.grad]
     except Exception as err:
-        return [*cells, "-", "-", "-", "-", f"FAIL ({short_error(err)})"]
+        return [*cells, "-", "-", "-", "-", f"FAIL ({harness.short_error(err)})"]
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     out64 = setup_bool_mask(problem)(q64, k64, v64)
     out64.backward(grad.double())
@@ -676,7 +663,7 @@ def smoke(seed: int) -> bool | None:
     except Exception as err:
         print(
             f"(a) lmforge is unavailable, no correctness smoke: cannot import lmforge.kernels.attention "
-            f"({short_error(err)})"
+            f"({harness.short_error(err)})"
         )
         return None
     print(
@@ -726,17 +713,6 @@ def cpu_main(args: argparse.Namespace) -> int:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        unknown = [x for x in items if x not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(choices)}"
-            )
-        return list(dict.fromkeys(items))
-
-    return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -747,39 +723,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="GPU dtype (the CPU checks use fp32)")
     p.add_argument(
         "--providers",
-        type=choice_list(PROVIDERS),
+        type=harness.choice_list(PROVIDERS),
         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on GPU, {','.join(CPU_PROVIDERS)} on CPU)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the document and padding lengths (default 0)")
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot directory (default benchmarks/out)"
-    )
-    p.add_argument("--warmup", type=float, default=25, help="warm-up budget per measurement, ms (default 25)")
-    p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (default 100)")
-    p.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu: the CPU checks even on a GPU machine"
-    )
+    harness.add_run_args(p)
     args = p.parse_args(argv)
     args.dtype_name = args.dtype
-    if args.warmup <= 0 or args.rep <= 0:
-        p.error("--warmup and --rep must be positive")
+    harness.check_run_args(p, args)
     if args.heads <= 0 or args.head_dim <= 0:
         p.error("--heads and --head-dim must be positive")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.device == "cuda" and not cuda:
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if cuda else "cpu")
-    print(f"device: {harness.device_name(device)}; {harness.format_versions()}; {harness.iso_date()}")
-    if not cuda:
-        if args.quick:
-            args.warmup, args.rep = min(args.warmup, 10), min(args.rep, 50)
-        return cpu_main(args)
-    return gpu_main(args, device)
+    return harness.run_script(parse_args(argv), cpu_main, gpu_main)
 
 
 if __name__ == "__main__":

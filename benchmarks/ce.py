@@ -156,7 +156,7 @@ def load_lmforge(device: torch.device, chunk_size: int | None = None) -> tuple[L
     try:
         from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
     except Exception as err:  # a missing or half-written module must not stop the other measurements
-        return None, f"cannot import lmforge.kernels.linear_cross_entropy ({short_error(err)})"
+        return None, f"cannot import lmforge.kernels.linear_cross_entropy ({harness.short_error(err)})"
     options = dict(ignore_index=IGNORE_INDEX, use_triton=device.type == "cuda", chunk_size=chunk_size)
     return functools.partial(linear_cross_entropy, **options), ""
 
@@ -173,7 +173,10 @@ def load_liger(device: torch.device) -> tuple[Loss | None, str]:
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except Exception as err:
-        return None, f"cannot import liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss ({short_error(err)})"
+        return (
+            None,
+            f"cannot import liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss ({harness.short_error(err)})",
+        )
     if device.type != "cuda":
         return None, "Liger-Kernel's Triton kernels need CUDA"
     module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
@@ -218,13 +221,6 @@ def load_providers(names: Sequence[str], device: torch.device) -> dict[str, Loss
         else:
             found[name] = loss
     return found
-
-
-def short_error(err: BaseException, limit: int = 160) -> str:
-    """``Type: first line`` of an error, shortened."""
-    lines = str(err).strip().splitlines()
-    text = f"{type(err).__name__}: {lines[0] if lines else ''}".strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_oom(err: BaseException) -> bool:
@@ -343,7 +339,7 @@ def measure_shape(
             status = "OOM" if is_oom(err) else "failed"
             results.append(Result(shape, name, None, None, status))
             if status == "failed":
-                dropped[name] = f"{shape.label}: {short_error(err)}"
+                dropped[name] = f"{shape.label}: {harness.short_error(err)}"
         release(device, *inputs[:2])
     del inputs
     release(device)
@@ -583,10 +579,6 @@ def sweep_panels(results: Sequence[Result]) -> dict[str, dict[str, list[tuple[fl
     return panels
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def write_outputs(
     results: Sequence[Result],
     shapes: Sequence[Shape],
@@ -602,14 +594,14 @@ def write_outputs(
     name = harness.device_name(device)
     csv_path = harness.write_csv(args.out / "ce.csv", csv_rows(results, preset, peak, args, device))
     print(f"wrote {csv_path}")
-    stem = f"ce_{args.dtype_name}_{slug(name)}{'' if preset in ('full', 'cpu') else '_' + preset}"
+    stem = f"ce_{args.dtype_name}_{harness.slug(name)}{'' if preset in ('full', 'cpu') else '_' + preset}"
     title = f"linear + cross-entropy, forward + backward, {args.dtype_name}; {name}"
     if not plot_bars(args.out / f"{stem}.png", results, shapes, title):
         print("matplotlib is not installed, so no plot")
         return
     print(f"wrote {args.out / f'{stem}.png'}")
     panels = sweep_panels(results)
-    sweep_png = args.out / f"ce_sweep_{args.dtype_name}_{slug(name)}.png"
+    sweep_png = args.out / f"ce_sweep_{args.dtype_name}_{harness.slug(name)}.png"
     if panels and harness.plot_lines(
         sweep_png, panels, xlabel="tokens (top row), vocab (bottom row)", ylabel="ms or MiB", title=title
     ):
@@ -683,7 +675,7 @@ def smoke_case(loss_fn: Callable[..., Tensor], path: str, case: tuple, **options
         loss.backward()
         got = [loss.detach(), h.grad, w.grad]
     except Exception as err:
-        return [*cells, "-", "-", "-", f"FAIL ({short_error(err)})"]
+        return [*cells, "-", "-", "-", f"FAIL ({harness.short_error(err)})"]
     expected = reference(h, w, t)
     errors = [(a.double() - b).abs().max().item() for a, b in zip(got, expected)]
     ok = all(e <= SMOKE_TOLERANCE * b.abs().max().item() for e, b in zip(errors, expected))
@@ -695,7 +687,7 @@ def smoke() -> bool | None:
     try:
         from lmforge.kernels.linear_cross_entropy import linear_cross_entropy
     except Exception as err:
-        print(f"(a) lmforge is unavailable, no correctness smoke: cannot import it ({short_error(err)})")
+        print(f"(a) lmforge is unavailable, no correctness smoke: cannot import it ({harness.short_error(err)})")
         return None
     print(
         f"(a) lmforge linear_cross_entropy, fp32, loss and gradients against torch eager in float64 "
@@ -749,17 +741,6 @@ def cpu_main(args: argparse.Namespace) -> int:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        unknown = [x for x in items if x not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(choices)}"
-            )
-        return items
-
-    return parse
 
 
 def positive_ints(text: str) -> list[int]:
@@ -785,7 +766,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, help="one shape: vocabulary V")
     p.add_argument(
         "--providers",
-        type=choice_list(PROVIDERS),
+        type=harness.choice_list(PROVIDERS),
         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on GPU, {','.join(CPU_PROVIDERS)} on CPU)",
     )
     p.add_argument(
@@ -794,37 +775,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also measure lmforge with these fixed chunk sizes in tokens, as providers lmforge@T (e.g. 256,1024)",
     )
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="GPU dtype (the CPU checks use fp32)")
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot directory (default benchmarks/out)"
-    )
-    p.add_argument("--warmup", type=float, default=25, help="warm-up budget per measurement, ms (default 25)")
-    p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (default 100)")
+    harness.add_run_args(p)
     p.add_argument("--peak-tflops", type=float, help="the card's dense peak, TFLOP/s (default: from its name)")
     p.add_argument("--threads", type=int, help="CPU checks: torch.set_num_threads (default: torch's choice)")
-    p.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu: the CPU checks even on a GPU machine"
-    )
     args = p.parse_args(argv)
     args.dtype_name = args.dtype
-    if args.warmup <= 0 or args.rep <= 0:
-        p.error("--warmup and --rep must be positive")
+    harness.check_run_args(p, args)
     if any(v is not None and v <= 0 for v in (args.tokens, args.hidden, args.vocab)):
         p.error("--tokens, --hidden and --vocab must be positive")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.device == "cuda" and not cuda:
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if cuda else "cpu")
-    print(f"device: {harness.device_name(device)}; {harness.format_versions()}; {harness.iso_date()}")
-    if not cuda:
-        if args.quick:
-            args.warmup, args.rep = min(args.warmup, 10), min(args.rep, 50)
-        return cpu_main(args)
-    return gpu_main(args, device)
+    return harness.run_script(parse_args(argv), cpu_main, gpu_main)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ The scripts run as ``python benchmarks/<name>.py``, which puts this directory on
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import importlib.metadata
@@ -383,3 +384,68 @@ def plot_lines(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+# -- command line -----------------------------------------------------------------------------------
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = [x for x in items if x not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(choices)}"
+            )
+        return items
+
+    return parse
+
+
+def slug(text: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``: for file names."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def short_error(err: BaseException, limit: int = 160) -> str:
+    """``Type: first line`` of an error, without PyTorch's "(Triggered internally at ...)", shortened."""
+    lines = str(err).strip().splitlines()
+    first = re.sub(r"\s*\(Triggered internally at .*", "", lines[0] if lines else "")
+    text = f"{type(err).__name__}: {first}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark script takes: --out, --warmup, --rep, --device."""
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot directory (default benchmarks/out)"
+    )
+    p.add_argument("--warmup", type=float, default=25, help="warm-up budget per measurement, ms (default 25)")
+    p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (default 100)")
+    p.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu: the CPU checks even on a GPU machine"
+    )
+
+
+def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.warmup <= 0 or args.rep <= 0:
+        p.error("--warmup and --rep must be positive")
+
+
+def run_script(
+    args: argparse.Namespace,
+    cpu_main: Callable[[argparse.Namespace], int],
+    gpu_main: Callable[[argparse.Namespace, torch.device], int],
+) -> int:
+    """Pick the device from --device, print it with the versions and date, and run the GPU measurement or
+    the CPU checks (with shorter budgets under --quick)."""
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"device: {device_name(device)}; {format_versions()}; {iso_date()}")
+    if not cuda:
+        if args.quick:
+            args.warmup, args.rep = min(args.warmup, 10), min(args.rep, 50)
+        return cpu_main(args)
+    return gpu_main(args, device)

@@ -93,10 +93,10 @@ class Report:
 
 
 # -- what to compile --------------------------------------------------------------------------------
-def _attention_arguments(kernel: str, dtype: str) -> tuple[dict[str, str], dict[str, int]]:
-    """(pointer types, divisibility hints: 16 or 1) of an attention kernel's runtime arguments."""
+def _attention_pointers(kernel: str, dtype: str) -> dict[str, str]:
+    """The pointer types of an attention kernel's runtime arguments."""
     fp = f"*{dtype}"
-    pointers = {
+    return {
         "attn-fwd": dict(Q=fp, K=fp, V=fp, Out=fp, LSE="*fp32", KPM="*i8", SEG="*i64", BOUNDS="*i32"),
         "attn-dkdv": dict(
             Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DK=fp, DV=fp, KPM="*i8", SEG="*i64", BOUNDS="*i32"
@@ -106,7 +106,6 @@ def _attention_arguments(kernel: str, dtype: str) -> tuple[dict[str, str], dict[
         ),
         "attn-delta": dict(Out=fp, DO=fp, DELTA="*fp32"),
     }[kernel]
-    return pointers, {}
 
 
 def _hint(name: str) -> int:
@@ -178,7 +177,7 @@ def compile_job(job: Job) -> Report:
         name = {"attn-fwd": "_attn_fwd", "attn-dkdv": "_attn_bwd_dkdv", "attn-dq": "_attn_bwd_dq"}.get(
             job.kernel, "_attn_bwd_delta"
         )
-        pointers, _ = _attention_arguments(job.kernel, job.dtype)
+        pointers = _attention_pointers(job.kernel, job.dtype)
         floats = ("qk_scale", "sm_scale")
     else:
         import lmforge.kernels.cross_entropy as module

@@ -176,9 +176,7 @@ def _tile_state(
         empty = empty | (tl.max(keep, axis=0) == 0)
         whole = whole & (tl.min(keep, axis=0) != 0)
     if HAS_SEG:
-        seg_k = tl.load(seg_ptr + mask_base + offs_n, mask=offs_n < N, other=-1)
-        lo = tl.min(tl.where(offs_n < N, seg_k, 4611686018427387904), axis=0)
-        hi = tl.max(tl.where(offs_n < N, seg_k, -4611686018427387904), axis=0)
+        seg_k, lo, hi = _segment_range(offs_n, N, seg_ptr, mask_base, HAS_SEG)
         empty = empty | (hi < seg_lo) | (lo > seg_hi)
         whole = whole & (lo == hi) & (seg_lo == seg_hi) & (lo == seg_lo)
     return empty, whole
