@@ -1,11 +1,24 @@
-"""Callbacks that make the cost of training visible: tokens per second, time to the first step."""
+"""Callbacks: checkpoints that are never half-written and always cover the end of a run or an interrupt
+(:class:`Checkpointing`), and the cost of training made visible (:class:`TokenThroughput`)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import time
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lmforge.atomic import staged_file
+from lmforge.checkpoint import refuse_damaged, torch_load
+from lmforge.errors import CheckpointError, TrainingInterrupted
+
+log = logging.getLogger("lmforge")
 
 # Set by the CLI when the process starts, so "time to first step" includes imports and data preparation.
 PROCESS_START: float | None = None
@@ -104,3 +117,126 @@ def run_facts(trainer: L.Trainer | None) -> dict:
         "precision": str(trainer.precision),
         "tokens_seen": tokens,
     }
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves each checkpoint to a temporary file beside its final path, flushed and renamed over it (a rename in
+    one folder is atomic; Lightning's own writes through $TMPDIR and moves, a copy across filesystems, and a
+    full disk left a half-written file under the final name). Loads with ``weights_only=True`` only, a
+    damaged or hostile file being one line that offers the newest readable checkpoint beside it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with staged_file(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        try:
+            return torch_load(path)
+        except CheckpointError as err:
+            raise refuse_damaged(path, err) from None
+
+
+class Checkpointing(ModelCheckpoint):
+    """A ModelCheckpoint that lmforge's runs use (the config's ``checkpoint`` section takes its arguments):
+
+    - checkpoints are written atomically and read weights-only (:class:`AtomicCheckpointIO`);
+    - the end of a run is always saved, also when ``max_steps`` is not a multiple of ``every_n_train_steps``;
+    - SIGINT (Ctrl-C) or SIGTERM (what SLURM and other schedulers send before they kill) stops the run at the
+      next optimizer step, on every rank at the same step: the checkpoint is saved as ``last.ckpt``, and
+      :class:`~lmforge.errors.TrainingInterrupted` ends the process with 130 or 143, never 0. A second
+      Ctrl-C aborts at once, without saving.
+    """
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._signal: int | None = None
+        self._handlers: dict[int, Any] = {}
+        self._step_at_batch_start = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    # -- interrupts --------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self._signal is None:
+            name = signal.Signals(signum).name
+            log.warning("%s received: saving a checkpoint after the current optimizer step", name)
+            launcher = getattr(self._trainer, "strategy", None) and self._trainer.strategy.launcher
+            if launcher is not None:  # ranks started as subprocesses of this one hear it too
+                launcher.kill(signum)
+        self._signal = signum
+
+    def _install_handlers(self) -> None:
+        for signum in self._SIGNALS:
+            try:
+                previous = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave signals to whoever owns them
+                return
+            self._handlers.setdefault(signum, previous)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._handlers.items():
+            try:
+                signal.signal(signum, handler)
+            except (ValueError, TypeError):
+                pass
+        self._handlers.clear()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._trainer = trainer
+        self._signal = None
+        self._install_handlers()  # after Lightning's own, which it registers before the loop starts
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside gradient accumulation: wait for the optimizer step
+        stop = self._signal is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        signum = self._signal or signal.SIGTERM
+        path = self._save_now(trainer)
+        raise TrainingInterrupted(signum, trainer.global_step, path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fast_dev_run and trainer.global_step not in (0, self._last_global_step_saved):
+            self._save_now(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+        super().teardown(trainer, pl_module, stage)
+
+    def _save_now(self, trainer: L.Trainer) -> str:
+        """Save the current step as the last checkpoint (whatever every_n_* says); returns its path."""
+        candidates = self._monitor_candidates(trainer)
+        if self.save_last:
+            if self.save_last == "link":
+                if self.save_top_k != 0 and self.monitor is None:
+                    self._save_none_monitor_checkpoint(trainer, candidates)  # the file the link points to
+                else:
+                    self._last_checkpoint_saved = ""  # nothing current to link to: write the file itself
+            self._save_last_checkpoint(trainer, candidates)
+            return self.last_model_path
+        path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        self._save_checkpoint(trainer, path)
+        return path
+

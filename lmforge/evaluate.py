@@ -58,12 +58,9 @@ and ``configs/data/gen-example.jsonl`` (sentences of the embedded grammar, as ``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -73,8 +70,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lmforge.atomic import write_json
+from lmforge.commands import OneLineParser, positive_int
 from lmforge.data.sources import CorpusError
-from lmforge.generate import OneLineParser, positive_int
+from lmforge.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +331,9 @@ def multiple_choice(
         (one per choice) and ``choice_bytes``.
     """
     if normalize not in NORMALIZE:
-        raise ValueError(f"{PREFIX}: normalize={normalize!r} must be one of {', '.join(NORMALIZE)}")
+        raise UserError(f"{PREFIX}: normalize={normalize!r} must be one of {', '.join(NORMALIZE)}")
     if batch_size < 1:
-        raise ValueError(f"{PREFIX}: batch_size={batch_size} must be positive")
+        raise UserError(f"{PREFIX}: batch_size={batch_size} must be positive")
     items = choice_records(records)
     block = _block_size(model)
     bos = _bos(tokenizer)
@@ -445,9 +444,9 @@ def text_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]
     from torchmetrics.text import BLEUScore, ROUGEScore
 
     if len(predictions) != len(references):
-        raise ValueError(f"{PREFIX}: {len(predictions)} predictions but {len(references)} reference lists")
+        raise UserError(f"{PREFIX}: {len(predictions)} predictions but {len(references)} reference lists")
     if not predictions:
-        raise ValueError(f"{PREFIX}: no predictions to score")
+        raise UserError(f"{PREFIX}: no predictions to score")
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     bleu = BLEUScore(n_gram=4, smooth=smooth)
     corpus = _bleu_counts(bleu, predictions, refs)
@@ -489,9 +488,9 @@ def generation_metrics(
     from lmforge.generate import generate
 
     if batch_size < 1:
-        raise ValueError(f"{PREFIX}: batch_size={batch_size} must be positive")
+        raise UserError(f"{PREFIX}: batch_size={batch_size} must be positive")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"{PREFIX}: max_new_tokens={max_new_tokens!r} must be a positive integer")
+        raise UserError(f"{PREFIX}: max_new_tokens={max_new_tokens!r} must be a positive integer")
     items = generation_records(records)
     block = _block_size(model)
     if block is not None:
@@ -567,16 +566,16 @@ def perplexity(
     model_block = _block_size(model)
     block = block_size if block_size is not None else model_block
     if block is None:
-        raise ValueError(f"{PREFIX}: the model has no config.block_size; give block_size")
+        raise UserError(f"{PREFIX}: the model has no config.block_size; give block_size")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"{PREFIX}: block_size={block!r} must be a positive integer")
+        raise UserError(f"{PREFIX}: block_size={block!r} must be a positive integer")
     if model_block is not None and block > model_block:
-        raise ValueError(f"{PREFIX}: block_size={block} exceeds the model's block_size={model_block}")
+        raise UserError(f"{PREFIX}: block_size={block} exceeds the model's block_size={model_block}")
     stride = max(1, block // 2) if stride is None else stride
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= block:
-        raise ValueError(f"{PREFIX}: stride={stride!r} must be an integer from 1 to block_size={block}")
+        raise UserError(f"{PREFIX}: stride={stride!r} must be an integer from 1 to block_size={block}")
     if batch_size < 1:
-        raise ValueError(f"{PREFIX}: batch_size={batch_size} must be positive")
+        raise UserError(f"{PREFIX}: batch_size={batch_size} must be positive")
 
     start_token = _bos(tokenizer) or [int(tokenizer.eos_id)]
     sequences = [start_token + _encode(tokenizer, text) for _, _, text in items]
@@ -597,7 +596,7 @@ def perplexity(
             bar.update(len(batch))
     total_tokens = sum(counts)
     if total_tokens == 0:
-        raise ValueError(f"{PREFIX}: the texts are empty; there are no tokens to score")
+        raise UserError(f"{PREFIX}: the texts are empty; there are no tokens to score")
     total_nll = sum(nll)
     total_bytes = sum(len(text.encode("utf-8")) for _, _, text in items)
     mean = total_nll / total_tokens
@@ -683,7 +682,7 @@ def read_data(path: str, task: str, bad_lines: str = "error") -> list[Any]:
         )
     if not file.is_file():
         what = "is a folder, not a file" if file.is_dir() else "not found"
-        raise FileNotFoundError(f"{PREFIX}: --data {path} {what}")
+        raise MissingFileError(f"{PREFIX}: --data {path} {what}")
     if file.suffix.lower() == ".txt":
         return [file.read_text(encoding="utf-8", errors="replace")]
     try:
@@ -701,20 +700,6 @@ def default_output(model: str, task: str, data: str) -> Path:
     return Path("eval") / name
 
 
-def write_json_atomic(path: Path, values: dict) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(values, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _looks_like_path(source: str) -> bool:
     return source.endswith(".ckpt") or source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
@@ -723,7 +708,7 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{PREFIX}: --device cuda but no CUDA device is available; use --device cpu")
+        raise UserError(f"{PREFIX}: --device cuda but no CUDA device is available; use --device cpu")
     return torch.device(name)
 
 
@@ -741,7 +726,7 @@ def main(argv: list[str]) -> None:
     """``lmforge evaluate MODEL --task TASK --data FILE``; bad input raises a one-line ValueError,
     CorpusError or FileNotFoundError."""
     import lmforge
-    from lmforge.cli import format_table
+    from lmforge.commands import format_table
 
     args = _parser().parse_args(argv)
     records = read_data(args.data, args.task, args.bad_lines)
@@ -751,10 +736,10 @@ def main(argv: list[str]) -> None:
     checks[args.task](records)  # every record is checked before the model loads
     source = args.model
     if not Path(source).expanduser().exists() and _looks_like_path(source):
-        raise FileNotFoundError(f"{PREFIX}: model {source} does not exist")
+        raise MissingFileError(f"{PREFIX}: model {source} does not exist")
     device = _pick_device(args.device)
 
-    from lmforge.finetune import load_base
+    from lmforge.checkpoint import load_base
 
     model, tokenizer, info = load_base(source, args.revision)
     model = model.to(device).eval()
@@ -808,7 +793,7 @@ def main(argv: list[str]) -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "examples": result["examples"],
     }
-    write_json_atomic(output, values)
+    write_json(output, values)
     print(f"lmforge: results written to {output}", file=sys.stderr, flush=True)
 
 

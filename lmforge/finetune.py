@@ -31,11 +31,13 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-import lmforge
-from lmforge import callbacks, plugins
+from lmforge import plugins
 from lmforge.atomic import write_json
+from lmforge.checkpoint import load_base
+from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
 from lmforge.pretrain import LMForgeModule
+from lmforge.tokenizers import tokenizer_to_dict
 
 log = logging.getLogger("lmforge")
 
@@ -45,48 +47,6 @@ DEFAULT_SCHEDULER = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1}
 
 # Options of a base model that may change when fine-tuning; everything else fixes the weights' shapes.
 RUNTIME_OPTIONS = ("dropout", "attention", "loss", "block_size")
-
-
-def load_base(source: str, revision: str | None = None) -> tuple[GPT, Any, dict]:
-    """(GPT, tokenizer, info) from an lmforge checkpoint or export, or a Hugging Face folder or Hub id.
-
-    info: ``source``, ``kind`` (lmforge or hf), ``family`` (gpt2, llama or None) and, for Hugging
-    Face models, ``revision``.
-    """
-    from lmforge import export, hf
-
-    path = Path(str(source)).expanduser()
-    if path.is_file():
-        ckpt = export.load_checkpoint(path)
-        model = GPT(ckpt.config)
-        missing, unexpected = model.load_state_dict(ckpt.state, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise ValueError(f"model.base={source!r}: checkpoint weights do not fit its model config")
-        if missing:
-            log.warning("base %s is a classifier without an LM head; lm_head starts from random values", source)
-        tokenizer = ckpt.tokenizer
-        info = {"source": str(source), "kind": "lmforge"}
-    elif path.is_dir() and (path / "config.json").is_file() and not hf.is_hf_folder(path):
-        model, tokenizer = export.load_exported(path)
-        info = {"source": str(source), "kind": "lmforge"}
-    else:
-        model, tokenizer, hf_info = hf.load_model(str(source), revision)
-        info = {"source": str(source), "kind": "hf", "revision": revision}
-        info["architectures"] = hf_info["architectures"]
-    try:
-        info["family"] = hf.family_of(model.config)
-    except hf.HFError:
-        info["family"] = None
-    if tokenizer is None:
-        raise ValueError(
-            f"model.base={source!r} has no tokenizer files; fine-tuning needs the tokenizer it was trained with"
-        )
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"model.base={source!r}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.vocab_size} embeddings; the checkpoint and tokenizer do not belong together"
-        )
-    return model, tokenizer, info
 
 
 class FinetuneModule(LMForgeModule):
@@ -118,7 +78,7 @@ class FinetuneModule(LMForgeModule):
             settings = {"r": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], **lora}
             unknown = set(settings) - {"r", "alpha", "dropout", "targets", "train_also"}
             if unknown:
-                raise ValueError(
+                raise UserError(
                     f"model.lora: unknown key {sorted(unknown)[0]!r}; "
                     "the keys are r, alpha, dropout, targets, train_also"
                 )
@@ -140,7 +100,7 @@ class FinetuneModule(LMForgeModule):
             hits = [k for k in params if k == name or k.startswith(f"{name}.") or f".{name}." in f".{k}"]
             if not hits:
                 kinds = sorted({k.rsplit(".", 2)[-2] if "." in k else k for k in params})
-                raise ValueError(
+                raise UserError(
                     f"model.lora.train_also: {name!r} matches no parameter of the base model; "
                     f"module names are {', '.join(kinds)}"
                 )
@@ -150,14 +110,14 @@ class FinetuneModule(LMForgeModule):
     def _apply_model_options(self, options: dict[str, Any]) -> None:
         unknown = set(options) - set(RUNTIME_OPTIONS)
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"model.model_options: {sorted(unknown)[0]!r} cannot change when fine-tuning (it fixes the weights); "
                 f"allowed: {', '.join(RUNTIME_OPTIONS)}"
             )
         values = {**self.model.config.to_dict(), **options}
         if "block_size" in options and self.model.config.pos_encoding == "learned":
             if options["block_size"] > self.model.config.block_size:
-                raise ValueError(
+                raise UserError(
                     f"model.model_options.block_size={options['block_size']} exceeds the "
                     f"{self.model.config.block_size} learned positions of the base model"
                 )
@@ -191,15 +151,14 @@ class FinetuneModule(LMForgeModule):
                 if isinstance(value, Tensor) and value.numel() == 1:
                     metrics[key] = float(value)
         return {
-            "version": lmforge.__version__,
+            **self._run_metadata(),
             "task": self.task,
             "model_config": self.config.to_dict(),
-            "tokenizer": self.tokenizer.to_dict(),
+            "tokenizer": tokenizer_to_dict(self.tokenizer),
             "base": {k: v for k, v in self.base_info.items() if k != "architectures"},
             "lora": self.lora_settings,
             "lora_base_saved": self.lora_settings is None,
             "metrics": metrics,
-            "run": callbacks.run_facts(self._trainer),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -211,13 +170,13 @@ class FinetuneModule(LMForgeModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("lmforge") or {}
         if meta.get("task") not in (None, self.task):
-            raise ValueError(
+            raise UserError(
                 f"checkpoint is a {meta['task']!r} run, not {self.task!r}; use the config it was trained with"
             )
         if (meta.get("lora") is None) != (self.lora_settings is None) or (
             meta.get("lora") and meta["lora"] != self.lora_settings
         ):
-            raise ValueError(
+            raise UserError(
                 f"checkpoint was trained with lora={meta.get('lora')!r}, the config says lora={self.lora_settings!r}; "
                 "use the same model.lora settings"
             )
@@ -226,11 +185,12 @@ class FinetuneModule(LMForgeModule):
             before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
             diffs = [f"{k}={before[k]!r} (base: {now[k]!r})" for k in now if k != "block_size" and before[k] != now[k]]
             if diffs:
-                raise ValueError(
+                raise UserError(
                     "checkpoint was fine-tuned from a model of another architecture: "
                     + ", ".join(diffs)
                     + "; set model.base to the model it started from"
                 )
+        super().on_load_checkpoint(checkpoint)
 
     # -- results -----------------------------------------------------------------------------
     def _results_dir(self) -> Path:
@@ -350,9 +310,9 @@ class ClassifierModule(FinetuneModule):
 
     def _build_head(self, labels: list[str]) -> None:
         if len(labels) < 2:
-            raise ValueError(f"classification needs at least 2 labels, got {labels!r}")
+            raise UserError(f"classification needs at least 2 labels, got {labels!r}")
         if len(set(labels)) != len(labels):
-            raise ValueError(f"model.labels has duplicates: {labels!r}")
+            raise UserError(f"model.labels has duplicates: {labels!r}")
         self.labels = [str(x) for x in labels]
         self.score = nn.Linear(self.config.n_embd, len(labels), bias=False)
         nn.init.normal_(self.score.weight, std=0.02)
@@ -378,10 +338,10 @@ class ClassifierModule(FinetuneModule):
         names = getattr(self._datamodule(), "label_names", None)
         if self.labels is None:
             if names is None:
-                raise ValueError("model.labels is not set and the data module does not provide label names")
+                raise UserError("model.labels is not set and the data module does not provide label names")
             self._build_head(list(names))
         elif names is not None and list(names) != self.labels:
-            raise ValueError(
+            raise UserError(
                 f"data labels {list(names)!r} differ from the model's {self.labels!r}; "
                 "set data.labels to the model's labels (same order)"
             )
@@ -469,8 +429,10 @@ class ClassifierModule(FinetuneModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         saved = (checkpoint.get("lmforge") or {}).get("labels")
-        if saved is not None and self.labels is not None and list(saved) != self.labels:
-            raise ValueError(f"checkpoint was trained with labels {saved!r}, this run has {self.labels!r}")
+        if saved is not None and self.labels is None:  # load_from_checkpoint(path) without labels=: the saved ones
+            self._build_head(list(saved))
+        elif saved is not None and list(saved) != self.labels:
+            raise UserError(f"checkpoint was trained with labels {saved!r}, this run has {self.labels!r}")
 
 
 def format_report(report: dict) -> str:

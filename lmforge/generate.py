@@ -6,7 +6,7 @@
 - :func:`generate_ids` is the same loop on token ids.
 - :func:`main` is ``lmforge generate MODEL --prompt TEXT``: MODEL is an lmforge ``.ckpt``, a folder
   written by ``lmforge export``, or a Hugging Face folder or Hub id (loaded by
-  :func:`lmforge.finetune.load_base`).
+  :func:`lmforge.checkpoint.load_base`).
 
 Context length: a prompt and its continuation together never exceed the model's ``block_size``
 tokens. A prompt that leaves no room (``block_size`` tokens or more, a beginning-of-text token
@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lmforge.commands import OneLineParser, positive_int
+from lmforge.errors import MissingFileError, UserError
+
 log = logging.getLogger(__name__)
 
 FinishReason = str  # "eos" | "stop" | "length"
@@ -54,13 +57,13 @@ def check_sampling(
 ) -> None:
     """Raise a one-line ValueError for sampling settings out of range."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+        raise UserError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 is greedy)")
+        raise UserError(f"temperature={temperature!r} must be a number >= 0 (0 is greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be a positive integer")
+        raise UserError(f"top_k={top_k!r} must be a positive integer")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+        raise UserError(f"top_p={top_p!r} must be in (0, 1]")
 
 
 def sample_next(
@@ -116,11 +119,11 @@ def _decode_loop(
     block = config.block_size
     for i, row in enumerate(rows):
         if not row:
-            raise ValueError(f"prompt {i} has no tokens; give at least one (e.g. the end-of-text token)")
+            raise UserError(f"prompt {i} has no tokens; give at least one (e.g. the end-of-text token)")
         if min(row) < 0 or max(row) >= config.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside the model's vocabulary of {config.vocab_size}")
+            raise UserError(f"prompt {i} has token ids outside the model's vocabulary of {config.vocab_size}")
         if len(row) >= block:
-            raise ValueError(
+            raise UserError(
                 f"prompt {i} has {len(row)} tokens, which leaves no room to generate in block_size={block}; shorten it"
             )
     limits = [min(max_new_tokens, block - len(row)) for row in rows]
@@ -250,7 +253,7 @@ def generate_completions(
         raise ValueError("prompts must be a list of strings, not one string")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
+        raise UserError(f"stop strings must be non-empty strings, got {stops!r}")
     bos = getattr(tokenizer, "bos_id", None)
     eos = tokenizer.eos_id
     input_ids = []
@@ -341,24 +344,6 @@ def generate(
 # -- the command ----------------------------------------------------------------------------------------
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse for lmforge's commands: a usage error is one ValueError line, "<command>: <message>",
-    which the CLI prints (instead of usage text and exit)."""
-
-    def error(self, message: str):
-        raise ValueError(f"{self.prog.removeprefix('lmforge ')}: {message}")
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return number
-
-
 def _number(value: str) -> float:
     try:
         number = float(value)
@@ -411,7 +396,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
     """Prompts from a file: one per line, or JSON objects with a "prompt" field per line (.jsonl)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"generate: --prompts-file {path} does not exist")
+        raise MissingFileError(f"generate: --prompts-file {path} does not exist")
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
         return [line for line in lines if line.strip()]
@@ -422,9 +407,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"generate: {path} line {number}: not valid JSON ({err.msg})") from None
+            raise UserError(f"generate: {path} line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f'generate: {path} line {number}: needs a "prompt" string field')
+            raise UserError(f'generate: {path} line {number}: needs a "prompt" string field')
         prompts.append(record["prompt"])
     return prompts
 
@@ -442,7 +427,7 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("generate: --device cuda but no CUDA device is available; use --device cpu")
+        raise UserError("generate: --device cuda but no CUDA device is available; use --device cpu")
     return torch.device(name)
 
 
@@ -460,15 +445,15 @@ def main(argv: list[str]) -> None:
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     if not prompts:
-        raise ValueError("generate: no prompt; give --prompt TEXT or --prompts-file FILE")
+        raise UserError("generate: no prompt; give --prompt TEXT or --prompts-file FILE")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     source = args.model
     if not Path(source).expanduser().exists() and _looks_like_path(source):
-        raise FileNotFoundError(f"generate: model {source} does not exist")
+        raise MissingFileError(f"generate: model {source} does not exist")
     device = _pick_device(args.device)
     dtype = _pick_dtype(args.dtype, device)
 
-    from lmforge.finetune import load_base
+    from lmforge.checkpoint import load_base
 
     model, tokenizer, info = load_base(source)
     model = model.to(device=device, dtype=dtype).eval()

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
 
 FAMILIES = ("gpt2", "llama")
@@ -61,7 +62,7 @@ HUB_FILES = [
 HUB_BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # only for repos without safetensors
 
 
-class HFError(ValueError):
+class HFError(UserError):
     """A Hugging Face folder lmforge cannot use (one line: what and what to do)."""
 
 

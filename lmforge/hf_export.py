@@ -33,7 +33,7 @@ from torch import Tensor
 
 import lmforge
 from lmforge import hf
-from lmforge.atomic import staged_folder
+from lmforge.errors import UserError
 from lmforge.export import DTYPES, Checkpoint, load_checkpoint
 from lmforge.model import GPTConfig
 from lmforge.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer
@@ -51,7 +51,7 @@ _METRIC_TYPES = {"loss": "loss", "ppl": "perplexity", "acc": "accuracy", "f1_mac
 _SPLITS = {"val": "validation", "test": "test", "train": "train"}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be done as asked (one line: what and what to do)."""
 
 
@@ -88,8 +88,6 @@ def export_hf(
         raise ExportError(f"exporter hf: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"export folder {out_dir} already exists; remove it or choose another --to")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     family = hf.family_of(ckpt.config)  # HFError naming what GPT-2 / Llama cannot express
     classify = ckpt.task == "classify"
@@ -102,24 +100,23 @@ def export_hf(
     datasets = _as_list(datasets, "datasets")
     tags = _as_list(tags, "tags")
 
-    with staged_folder(out_dir) as tmp:
-        special = _write_tokenizer(ckpt, tmp)
-        if adapter_only:
-            _write_adapter(ckpt, tmp, base_id, head)
-            num_params = sum(t.numel() for t in hf.state_dict_to_hf(ckpt.state, ckpt.config, family).values())
-            files = ["adapter_config.json", "adapter_model.safetensors"]
-        else:
-            tensors = _hf_tensors(ckpt, family, head, DTYPES[dtype])
-            num_params = sum(t.numel() for t in tensors.values())
-            files = write_safetensors(tensors, tmp, shard_bytes)
-            config = hf_config(ckpt, family, special, dtype)
-            _write_json(tmp / "config.json", config)
-            if not classify:
-                _write_json(tmp / "generation_config.json", generation_config(ckpt.config, special))
-        card = model_card(
-            ckpt, family, num_params, out_dir.name, license, base_id, datasets, tags, adapter_only, dtype, files
-        )
-        card.save(str(tmp / "README.md"))
+    special = _write_tokenizer(ckpt, out_dir)
+    if adapter_only:
+        _write_adapter(ckpt, out_dir, base_id, head)
+        num_params = sum(t.numel() for t in hf.state_dict_to_hf(ckpt.state, ckpt.config, family).values())
+        files = ["adapter_config.json", "adapter_model.safetensors"]
+    else:
+        tensors = _hf_tensors(ckpt, family, head, DTYPES[dtype])
+        num_params = sum(t.numel() for t in tensors.values())
+        files = write_safetensors(tensors, out_dir, shard_bytes)
+        config = hf_config(ckpt, family, special, dtype)
+        _write_json(out_dir / "config.json", config)
+        if not classify:
+            _write_json(out_dir / "generation_config.json", generation_config(ckpt.config, special))
+    card = model_card(
+        ckpt, family, num_params, out_dir.name, license, base_id, datasets, tags, adapter_only, dtype, files
+    )
+    card.save(str(out_dir / "README.md"))
     return out_dir
 
 

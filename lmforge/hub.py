@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lmforge.atomic import staged_folder
+from lmforge.errors import ExistingPathError, MissingFileError, UserError
 
 REPO_TYPES = ("model", "dataset", "space")
 GRADIO_SDK_VERSION = "6.31.0"
@@ -41,7 +42,7 @@ _LOGIN_HINT = (
 )
 
 
-class HubError(ValueError):
+class HubError(UserError):
     """A push to the Hub failed; the message is one line and never contains the token."""
 
 
@@ -172,7 +173,7 @@ def push_folder(
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"folder {folder} not found (nothing to push)")
+        raise MissingFileError(f"folder {folder} not found (nothing to push)")
     if repo_type not in REPO_TYPES:
         raise HubError(f"repo type {repo_type!r} is not one of {', '.join(REPO_TYPES)}")
     validate_repo_id(repo_id)
@@ -371,21 +372,21 @@ def write_space(
     """
     model_dir, space_dir = Path(model_dir), Path(space_dir)
     if space_dir.exists():
-        raise FileExistsError(f"space folder {space_dir} already exists; remove it or choose another")
+        raise ExistingPathError(f"space folder {space_dir} already exists; remove it or choose another")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: give a model folder exported for transformers")
+        raise MissingFileError(f"{config_path} not found: give a model folder exported for transformers")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{config_path} cannot be read ({type(err).__name__}: {err})") from None
+        raise UserError(f"{config_path} cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(
+        raise UserError(
             f"{model_dir} is not a transformers model folder (config.json has no model_type): "
             "export the checkpoint in the Hugging Face format first"
         )
     if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(f"{model_dir} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}); the demo needs one")
+        raise UserError(f"{model_dir} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}); the demo needs one")
     if model_repo_id is not None:
         validate_repo_id(model_repo_id)
     architectures = [str(a) for a in config.get("architectures") or []]

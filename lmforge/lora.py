@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.atomic import staged_folder
+from lmforge.errors import ExistingPathError, UserError
 from lmforge.model import GPTConfig
 
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -47,11 +48,11 @@ _PEFT_PREFIX = "base_model.model."
 
 def _check_settings(r: int, alpha: float, dropout: float) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"lora: r={r!r} must be a positive integer")
+        raise UserError(f"lora: r={r!r} must be a positive integer")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
-        raise ValueError(f"lora: alpha={alpha!r} must be a positive number")
+        raise UserError(f"lora: alpha={alpha!r} must be a positive number")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora: dropout={dropout!r} must be in [0, 1)")
+        raise UserError(f"lora: dropout={dropout!r} must be in [0, 1)")
 
 
 class LoRALinear(nn.Linear):
@@ -148,7 +149,7 @@ def _kind(name: str) -> str:
 def _as_targets(targets: str | Iterable[str]) -> list[str]:
     items = [targets] if isinstance(targets, str) else list(targets)
     if not items or not all(isinstance(t, str) and t.strip() for t in items):
-        raise ValueError(f"lora: targets={targets!r} must be a non-empty list of module names")
+        raise UserError(f"lora: targets={targets!r} must be a non-empty list of module names")
     return [t.strip() for t in items]
 
 
@@ -188,7 +189,7 @@ def apply_lora(
         chosen |= hits
     if unmatched:
         kinds = list(dict.fromkeys(_kind(n) for n in linears))
-        raise ValueError(
+        raise UserError(
             f"lora: targets {unmatched} match no Linear module of the model; its Linear modules are "
             f"{', '.join(kinds) or '(none)'}; Hugging Face aliases accepted: {_aliases_text()}"
         )
@@ -199,7 +200,7 @@ def apply_lora(
     for name in sorted(chosen):
         shared = [n for n in owners.get(id(linears[name].weight), []) if n != (f"{name}.weight" if name else "weight")]
         if shared:
-            raise ValueError(
+            raise UserError(
                 f"lora: {name} shares its weight with {shared[0]} (tied embeddings); untie them "
                 f"(model.tie_embeddings: false) or drop {name.rsplit('.', 1)[-1]} from the LoRA targets"
             )
@@ -247,14 +248,14 @@ def _pairs(adapters: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     out: dict[str, list] = {}
     for key, tensor in adapters.items():
         if not key.endswith(_SUFFIXES):
-            raise ValueError(f"lora: adapter key {key!r} does not end with .lora_A or .lora_B")
+            raise UserError(f"lora: adapter key {key!r} does not end with .lora_A or .lora_B")
         name, kind = key.rsplit(".", 1)
         out.setdefault(name, [None, None])[kind == "lora_B"] = tensor
     for name, (a, b) in out.items():
         if a is None or b is None:
-            raise ValueError(f"lora: adapters for {name} lack {'lora_A' if a is None else 'lora_B'}")
+            raise UserError(f"lora: adapters for {name} lack {'lora_A' if a is None else 'lora_B'}")
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise ValueError(
+            raise UserError(
                 f"lora: adapters for {name} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
                 "need A (r, in) and B (out, r)"
             )
@@ -263,7 +264,7 @@ def _pairs(adapters: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
 
 def _settings(lora: dict) -> tuple[int, float]:
     if not isinstance(lora, dict) or "r" not in lora or "alpha" not in lora:
-        raise ValueError(f"lora: settings {lora!r} must be a dict with r and alpha")
+        raise UserError(f"lora: settings {lora!r} must be a dict with r and alpha")
     r, alpha = lora["r"], lora["alpha"]
     _check_settings(r, alpha, lora.get("dropout", 0.0) or 0.0)
     return r, alpha
@@ -292,16 +293,16 @@ def merge_state(state: dict[str, Tensor], adapters: dict[str, Tensor], lora: dic
     for name, (a, b) in _pairs(adapters).items():
         key = f"{name}.weight"
         if key not in state:
-            raise ValueError(f"lora: adapters for {name} but the state dict has no {key}")
+            raise UserError(f"lora: adapters for {name} but the state dict has no {key}")
         weight = state[key]
         if tuple(weight.shape) != (b.shape[0], a.shape[1]):
-            raise ValueError(
+            raise UserError(
                 f"lora: adapters for {name} give a ({b.shape[0]}, {a.shape[1]}) update; {key} is {tuple(weight.shape)}"
             )
         if weight.device.type != "meta":
             tied = [k for k in storages.get(_where(weight), []) if k != key]
             if tied:
-                raise ValueError(f"lora: {key} is tied to {tied[0]}; a LoRA on a tied weight cannot be merged")
+                raise UserError(f"lora: {key} is tied to {tied[0]}; a LoRA on a tied weight cannot be merged")
         delta = (b.float() @ a.float()) * scaling
         out[key] = (weight.float() + delta.to(weight.device)).to(weight.dtype)
     return out
@@ -416,10 +417,10 @@ def save_peft_adapter(
 
     out_dir = Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f"adapter folder {out_dir} already exists; remove it or choose another")
+        raise ExistingPathError(f"adapter folder {out_dir} already exists; remove it or choose another")
     r, alpha = _settings(lora)
     if not adapters:
-        raise ValueError("lora: no adapters to save")
+        raise UserError("lora: no adapters to save")
     fused, family = peft_adapter_tensors(adapters, config, r)
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
@@ -431,7 +432,7 @@ def save_peft_adapter(
     module_names: list[str] = []
     for key, tensor in (modules_to_save or {}).items():
         if "." not in key:
-            raise ValueError(f"lora: modules_to_save key {key!r} must be a tensor name such as score.weight")
+            raise UserError(f"lora: modules_to_save key {key!r} must be a tensor name such as score.weight")
         module_names.append(key.rsplit(".", 1)[0])
         tensors[f"{_PEFT_PREFIX}{key}"] = tensor.detach().cpu().contiguous()
     module_names = list(dict.fromkeys(module_names))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge import ops
+from lmforge.errors import UserError
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -61,8 +62,8 @@ class GPTConfig:
     """Loss implementation: auto (best available), triton (fused linear + cross-entropy) or torch."""
 
     def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"model config: {key}={getattr(self, key)!r} {why}")
+        def bad(key: str, why: str) -> UserError:
+            return UserError(f"model config: {key}={getattr(self, key)!r} {why}")
 
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -377,7 +378,7 @@ class GPT(nn.Module):
             return self._cached_hidden_states(idx, kv_cache, key_padding_mask, segment_ids, position_ids)
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+            raise UserError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device) if position_ids is None else position_ids)
@@ -404,7 +405,7 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = (real.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
         if T and int(position_ids.max()) >= self.config.block_size:
-            raise ValueError(
+            raise UserError(
                 f"position {int(position_ids.max())} is beyond block_size={self.config.block_size}: "
                 f"the model has no position for more than {self.config.block_size} tokens"
             )

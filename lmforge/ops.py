@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.errors import UserError
+
 log = logging.getLogger(__name__)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -62,7 +64,7 @@ def triton_available() -> bool:
 def check_backend(op: str, backend: str) -> None:
     """Raise a one-line error when ``backend`` cannot serve ``op`` in this installation."""
     if backend == "triton" and not triton_available():
-        raise ValueError(f"model config: {op}='triton' needs the triton package (Linux); use {op}: auto or torch")
+        raise UserError(f"model config: {op}='triton' needs the triton package (Linux); use {op}: auto or torch")
 
 
 def _attention_kernel_refusal(q: Tensor, dropout_p: float) -> str | None:
@@ -125,7 +127,7 @@ def attention(
                     raise
                 refusal = _build_failed(case, "attention", err)
         if backend == "triton":
-            raise ValueError(f"attention='triton' cannot run here: {refusal}; use attention: auto or torch")
+            raise UserError(f"attention='triton' cannot run here: {refusal}; use attention: auto or torch")
         _tell_once(f"attention: using torch scaled_dot_product_attention because {refusal}")
     return _sdpa(q, k, v, causal, dropout_p, scale, key_padding_mask, segment_ids)
 
@@ -180,7 +182,7 @@ def linear_cross_entropy(
 
     use_triton = backend == "triton" or (_on_cuda(hidden) and triton_available())
     if use_triton and not (_on_cuda(hidden) or _interpreting()):
-        raise ValueError(f"loss='triton' cannot run here: inputs are on {hidden.device.type}, not CUDA; use loss: auto")
+        raise UserError(f"loss='triton' cannot run here: inputs are on {hidden.device.type}, not CUDA; use loss: auto")
     if backend == "auto" and not use_triton:
         _tell_once(f"loss: chunked torch cross-entropy because inputs are on {hidden.device.type}, not CUDA")
     case = ("loss", str(hidden.device), hidden.dtype)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+from lmforge.errors import UserError
+
 HOST_DISTRIBUTION = "lmforge"
 AUTOLOAD_ENV = "LMFORGE_DISABLE_PLUGIN_AUTOLOAD"
 
@@ -34,7 +36,7 @@ AUTOLOAD_ENV = "LMFORGE_DISABLE_PLUGIN_AUTOLOAD"
 autoload_override: bool | None = None
 
 
-class PluginError(ValueError):
+class PluginError(UserError):
     """A plugin that cannot be found, loaded, validated or called with the given arguments."""
 
 

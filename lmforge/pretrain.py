@@ -12,12 +12,21 @@ from torchmetrics import MeanMetric
 
 import lmforge
 from lmforge import callbacks, plugins
+from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
+from lmforge.tokenizers import tokenizer_to_dict
 
 
 class LMForgeModule(L.LightningModule):
     """What every lmforge task shares: optimizer and LR-schedule plugins (from ``hparams.optimizer``
-    and ``hparams.scheduler``), train/eval modes of schedule-free optimizers, and the data module."""
+    and ``hparams.scheduler``), train/eval modes of schedule-free optimizers, the data module, and
+    resuming with the config's settings.
+
+    On ``--ckpt_path`` the config is what the run uses, never silently the checkpoint's: a model shape that
+    differs is an error naming the key (subclasses check it); a different optimizer is refused (its state
+    cannot be restored into another); changed optimizer arguments (lr, betas, weight decay, ...) and
+    schedule arguments are applied from the resumed step, and the run prints each difference.
+    """
 
     def _optimized_module(self) -> torch.nn.Module:
         """The module whose trainable parameters the optimizer plugin groups."""
@@ -29,6 +38,9 @@ class LMForgeModule(L.LightningModule):
         if total is None or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
         scheduler = plugins.build("scheduler", self.hparams.scheduler, optimizer, total)
+        self._schedule_steps = total
+        # what the config asks of each group, kept to re-apply after a checkpoint's optimizer state replaces it
+        self._configured_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # Optimizers with train()/eval() modes (schedule-free ones) follow the module's mode.
@@ -39,6 +51,8 @@ class LMForgeModule(L.LightningModule):
                 switch()
 
     def on_train_start(self) -> None:
+        if self.trainer.ckpt_path and getattr(self, "_configured_groups", None):
+            self._apply_configured_settings()
         self._optimizer_mode("train")
 
     def on_validation_start(self) -> None:
@@ -52,6 +66,98 @@ class LMForgeModule(L.LightningModule):
     def _datamodule(self):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    # -- resuming ----------------------------------------------------------------------------------
+    def _model_config_dict(self) -> dict:
+        return self.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Compare the config with the checkpoint's: refuse what cannot apply, note what will."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        meta = checkpoint.get("lmforge") or {}
+        notes: list[str] = []
+        for key in ("optimizer", "scheduler"):
+            old, new = saved.get(key), self.hparams.get(key)
+            if not isinstance(old, dict) or not isinstance(new, dict) or old == new:
+                continue
+            if key == "optimizer" and old.get("name") != new.get("name"):
+                raise UserError(
+                    f"--ckpt_path: the checkpoint was trained with optimizer {old.get('name')!r}, whose state cannot "
+                    f"be restored into {new.get('name')!r}; resume with model.optimizer.name: {old.get('name')} "
+                    "or start without --ckpt_path"
+                )
+            for arg in dict.fromkeys([*old, *new]):
+                if old.get(arg) != new.get(arg):
+                    notes.append(f"model.{key}.{arg}={new.get(arg)!r} (checkpoint: {old.get(arg)!r})")
+        config = meta.get("model_config")
+        if isinstance(config, dict):
+            now = self._model_config_dict()
+            shape = set(self.config.shape())
+            notes += [
+                f"model.config.{k}={now[k]!r} (checkpoint: {config[k]!r})"
+                for k in now
+                if k not in shape and k in config and config[k] != now[k]
+            ]
+        steps = meta.get("schedule_steps")
+        if steps is not None and self._trainer is not None and self.trainer.max_steps not in (None, -1, steps):
+            notes.append(
+                f"trainer.max_steps={self.trainer.max_steps} (checkpoint's run: {steps}): the schedule now spans "
+                f"{self.trainer.max_steps} steps"
+            )
+        self._resume_notes = notes
+
+    def _apply_configured_settings(self) -> None:
+        """After Lightning restored the optimizer and scheduler state: put back what the config changed."""
+        optimizer = self.trainer.optimizers[0]
+        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
+        if len(optimizer.param_groups) != len(self._configured_groups):
+            return
+        for i, (group, wanted) in enumerate(zip(optimizer.param_groups, self._configured_groups)):
+            for key, value in wanted.items():
+                if key not in ("lr", "initial_lr") and key in group and not _same(group[key], value):
+                    group[key] = value
+            if "initial_lr" in wanted and "initial_lr" in group and not _same(group["initial_lr"], wanted["initial_lr"]):
+                scale = group["lr"] / group["initial_lr"] if group["initial_lr"] else 1.0  # where the schedule is
+                group["initial_lr"] = wanted["initial_lr"]
+                group["lr"] = wanted["initial_lr"] * scale
+                for scheduler in schedulers:
+                    if hasattr(scheduler, "base_lrs") and i < len(scheduler.base_lrs):
+                        scheduler.base_lrs[i] = wanted["initial_lr"]
+        for scheduler in schedulers:  # a LambdaLR now follows the configured schedule at the resumed step
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * fn(scheduler.last_epoch)
+                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        notes = getattr(self, "_resume_notes", [])
+        if notes and self.trainer.is_global_zero:
+            print(
+                f"lmforge: resuming at step {self.trainer.global_step} with the config's settings where they differ "
+                f"from the checkpoint's, applied from this step: {'; '.join(notes)}",
+                flush=True,
+            )
+
+    def _run_metadata(self) -> dict:
+        """What every lmforge checkpoint records about its run (beside the task's own entries)."""
+        return {
+            "version": lmforge.__version__,
+            "run": callbacks.run_facts(self._trainer),
+            "schedule_steps": getattr(self, "_schedule_steps", None),
+            "data": _data_facts(self._datamodule()),
+        }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _data_facts(datamodule) -> dict:
+    """What the run trained on, for model cards: the data module's own description, when it gives one."""
+    describe = getattr(datamodule, "describe_data", None)
+    return describe() if callable(describe) else {}
 
 
 class PretrainModule(LMForgeModule):
@@ -79,13 +185,12 @@ class PretrainModule(LMForgeModule):
             top_k: For predict: sample among the k most likely tokens only.
         """
         super().__init__()
-        if isinstance(config, dict):
-            config = GPTConfig(**config)
+        self.config = GPTConfig(**config) if isinstance(config, dict) else config
+        config = self.config.to_dict()  # hyperparameters hold plain values: checkpoints load with weights_only=True
         self.save_hyperparameters()
-        self.config = config
         plugins.validate("optimizer", optimizer)
         plugins.validate("scheduler", scheduler)
-        self.model = GPT(config)
+        self.model = GPT(self.config)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
@@ -159,7 +264,7 @@ class PretrainModule(LMForgeModule):
     def on_fit_start(self) -> None:
         tokenizer = self._tokenizer()
         if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"model.config.vocab_size={self.config.vocab_size} is smaller than the tokenizer's "
                 f"{tokenizer.vocab_size} tokens; raise it (a multiple of 64 at least {tokenizer.vocab_size})"
             )
@@ -174,21 +279,20 @@ class PretrainModule(LMForgeModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         tokenizer = self._tokenizer()
         checkpoint["lmforge"] = {
-            "version": lmforge.__version__,
+            **self._run_metadata(),
             "model_config": self.config.to_dict(),
-            "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
-            "run": callbacks.run_facts(self._trainer),
+            "tokenizer": tokenizer_to_dict(tokenizer) if tokenizer is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = (checkpoint.get("lmforge") or {}).get("model_config")
-        if saved is None:
-            return
-        before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
-        diffs = [f"{k}={before[k]!r} (config: {now[k]!r})" for k in now if before[k] != now[k]]
-        if diffs:
-            raise ValueError(
-                "checkpoint was trained with a different model shape: "
-                + ", ".join(diffs)
-                + "; use the model config it was trained with or start without --ckpt_path"
-            )
+        if saved is not None:
+            before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
+            diffs = [f"model.config.{k}={now[k]!r} (checkpoint: {before[k]!r})" for k in now if before[k] != now[k]]
+            if diffs:
+                raise UserError(
+                    "--ckpt_path: the config's model shape differs from the checkpoint's: "
+                    + ", ".join(diffs)
+                    + "; use the model config it was trained with, or start without --ckpt_path"
+                )
+        super().on_load_checkpoint(checkpoint)

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from lmforge.atomic import write_json, write_text
+from lmforge.errors import MissingFileError, UserError
 
 EOS_TOKEN = "<|endoftext|>"
 META_FILE = "lmforge_tokenizer.json"
@@ -80,16 +81,16 @@ class HFTokenizer:
         self._tok = tokenizer
         eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
-            raise ValueError(f"tokenizer has no end-of-text token {eos_token!r}; set tokenizer.eos_token to one it has")
+            raise UserError(f"tokenizer has no end-of-text token {eos_token!r}; set tokenizer.eos_token to one it has")
         self.eos_token = eos_token
         self.eos_id = eos_id
         self.bos_token = bos_token
         """When set, fine-tuning data starts every sequence with this token (as Llama tokenizers do)."""
         self.bos_id = None if bos_token is None else tokenizer.token_to_id(bos_token)
         if bos_token is not None and self.bos_id is None:
-            raise ValueError(f"tokenizer has no beginning-of-text token {bos_token!r}")
+            raise UserError(f"tokenizer has no beginning-of-text token {bos_token!r}")
         if chat_template is not None and not isinstance(chat_template, str):
-            raise ValueError(f"tokenizer: chat_template must be a Jinja template string, not {type(chat_template)}")
+            raise UserError(f"tokenizer: chat_template must be a Jinja template string, not {type(chat_template)}")
         self.chat_template = chat_template
         """The model's Jinja chat template (as in tokenizer_config.json), or None."""
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -101,11 +102,11 @@ class HFTokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"tokenizer: no tokenizer.json at {path}; give a folder holding one or the file")
+            raise MissingFileError(f"tokenizer: no tokenizer.json at {path}; give a folder holding one or the file")
         try:
             return cls(_Tok.from_file(str(file)), eos_token)
         except Exception as err:  # the Rust error type is not importable
-            raise ValueError(f"tokenizer: {file} is not a valid tokenizer.json: {err}") from None
+            raise UserError(f"tokenizer: {file} is not a valid tokenizer.json: {err}") from None
 
     @classmethod
     def from_pretrained_folder(cls, folder: str | Path) -> HFTokenizer | None:
@@ -146,7 +147,7 @@ class HFTokenizer:
 
         eos = token("eos_token", "eos_token_id")
         if eos is None:
-            raise ValueError(f"tokenizer in {folder}: no end-of-text token (eos_token) in its files")
+            raise UserError(f"tokenizer in {folder}: no end-of-text token (eos_token) in its files")
         bos = token("bos_token", "bos_token_id")
         bos_id = tok.token_to_id(bos) if bos is not None else None
         probe = tok.encode("a", add_special_tokens=True).ids
@@ -160,7 +161,7 @@ class HFTokenizer:
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if vocab_size < 257:
-            raise ValueError(f"tokenizer: vocab_size={vocab_size} is too small for byte-level BPE (at least 257)")
+            raise UserError(f"tokenizer: vocab_size={vocab_size} is too small for byte-level BPE (at least 257)")
         tok = _Tok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -251,6 +252,11 @@ def hf(corpus, cache_dir: Path, path: str, eos_token: str = EOS_TOKEN) -> HFToke
     return HFTokenizer.from_file(path, eos_token)
 
 
+def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
+    """What a checkpoint stores of ``tokenizer`` (:func:`tokenizer_from_dict` rebuilds it)."""
+    return tokenizer.to_dict()
+
+
 def tokenizer_from_dict(values: dict) -> Tokenizer:
     """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` (as stored in checkpoints)."""
     if values.get("type") == "bytes":
@@ -264,7 +270,12 @@ def tokenizer_from_dict(values: dict) -> Tokenizer:
             values.get("bos_token"),
             values.get("chat_template"),
         )
-    raise ValueError(f"unknown tokenizer type {values.get('type')!r} in checkpoint")
+    raise UserError(f"unknown tokenizer type {values.get('type')!r} in checkpoint")
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
+    """Save ``tokenizer`` into ``directory`` so that :func:`load_tokenizer` restores it."""
+    tokenizer.save(Path(directory))
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -274,7 +285,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if not meta_path.is_file():
         if (directory / "tokenizer.json").is_file():
             return HFTokenizer.from_file(directory)
-        raise FileNotFoundError(f"tokenizer: {directory} has neither {META_FILE} nor tokenizer.json")
+        raise MissingFileError(f"tokenizer: {directory} has neither {META_FILE} nor tokenizer.json")
     meta = json.loads(meta_path.read_text())
     if meta.get("type") == "bytes":
         return ByteTokenizer()

@@ -101,7 +101,7 @@ def test_fit_validate_test_predict_and_files_beside_the_checkpoint(run_cli, tmp_
     ckpt_dir = tmp_path / "runs/gpt-tiny/checkpoints"
     assert (ckpt_dir / "last.ckpt").is_file()
     assert (ckpt_dir / "tokenizer" / "lmforge_tokenizer.json").is_file()
-    ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 12
     assert ckpt["lmforge"]["tokenizer"] == {"type": "bytes"}
     assert ckpt["lmforge"]["model_config"]["n_layer"] == 1
@@ -165,8 +165,8 @@ def test_resume_continues_step_and_schedule(run_cli, tmp_path):
     run_cli("fit", "-c", TINY, *common, *part, "--trainer.max_steps", "20", check=True)
     proc = run_cli("fit", "-c", TINY, *common, *part, "--trainer.max_steps", "30", "--ckpt_path", "last", check=True)
     assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
-    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    resumed = torch.load(tmp_path / "part/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    resumed = torch.load(tmp_path / "part/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == full["global_step"] == 30
     assert resumed["lr_schedulers"][0]["last_epoch"] == full["lr_schedulers"][0]["last_epoch"] == 30
     lr = lambda ckpt: ckpt["optimizer_states"][0]["param_groups"][0]["lr"]  # noqa: E731
@@ -186,7 +186,7 @@ def test_resume_with_another_model_shape_is_refused(run_cli, tmp_path):
         "fit", "-c", TINY, *FAST, "--model.config.n_layer", "2", "--trainer.max_steps", "4", "--ckpt_path", "last"
     )
     msg = one_line_error(proc)
-    assert "different model shape" in msg and "n_layer=1 (config: 2)" in msg
+    assert "model shape differs" in msg and "model.config.n_layer=2 (checkpoint: 1)" in msg
 
 
 @pytest.mark.slow

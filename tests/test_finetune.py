@@ -177,7 +177,7 @@ def test_lora_trains_only_adapters_and_checkpoints_them_alone(tmp_path):
     assert all(torch.equal(now[k], v) for k, v in frozen.items()), "a base weight changed"
     assert all(now[k].abs().sum() > 0 for k in now if k.endswith("lora_B")), "an adapter did not train"
     trainer.save_checkpoint(tmp_path / "lora.ckpt")
-    raw = torch.load(tmp_path / "lora.ckpt", weights_only=False)
+    raw = torch.load(tmp_path / "lora.ckpt", weights_only=True)
     assert raw["state_dict"] and all("lora_" in k for k in raw["state_dict"])
     # The merged export equals the LoRA model, and so does a module restored from the adapters.
     ckpt = load_checkpoint(tmp_path / "lora.ckpt")
@@ -281,9 +281,9 @@ def test_cli_fine_tunes_classifies_and_refuses_another_architecture(run_cli, tmp
     assert "trainable parameters 128,768 of 128,768 (100.00%)" in out.stdout
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run_cli("validate", "-c", sft, "--model.base", "base.ckpt", *data, "--ckpt_path", str(ckpt), check=True)
-    # The checkpoint's hyperparameters name its base; if that base is now another architecture: one line.
+    # The config names the base (the checkpoint never overrides it); another architecture there: one line.
     save_base(tmp_path / "base.ckpt", **LLAMA_LIKE)
-    msg = one_line_error(run_cli("validate", "-c", sft, *data, "--ckpt_path", str(ckpt)))
+    msg = one_line_error(run_cli("validate", "-c", sft, "--model.base", "base.ckpt", *data, "--ckpt_path", str(ckpt)))
     assert "another architecture" in msg
     # Classification through the CLI, then test: a per-class table and a results file.
     cls = str(ROOT / "configs" / "finetune-classify.yaml")
@@ -347,7 +347,7 @@ def test_classifier_lora_exports_merged_and_as_a_peft_adapter(tmp_path):
     trainer = quiet_trainer(tmp_path, max_steps=4)
     trainer.fit(module, ClassificationDataModule(train=str(tmp_path / "c.csv"), val_fraction=0.25, batch_size=8))
     trainer.save_checkpoint(tmp_path / "cls.ckpt")
-    raw = torch.load(tmp_path / "cls.ckpt", weights_only=False)
+    raw = torch.load(tmp_path / "cls.ckpt", weights_only=True)
     assert set(raw["state_dict"]) == {k for k, p in module.named_parameters() if p.requires_grad}
     assert "score.weight" in raw["state_dict"]
 

@@ -38,6 +38,7 @@ from lmforge.data.sft import (
     split_off,
 )
 from lmforge.data.sources import CorpusError
+from lmforge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
             duplicates = sorted(x for x, n in Counter(names).items() if n > 1)
             if not names or duplicates or "" in names:
                 why = f"repeats {', '.join(map(repr, duplicates))}" if duplicates else "has an empty name"
-                raise ValueError(f"classify: data.labels {why if names else 'is empty'}; give distinct label names")
+                raise UserError(f"classify: data.labels {why if names else 'is empty'}; give distinct label names")
             labels = names
         self.train_path, self.val_path, self.test_path = train, val, test
         self.val_fraction = val_fraction

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lmforge import plugins
 from lmforge.data.cache import TokenDType, TokenFile, build_token_file, default_cache_dir
-from lmforge.data.sources import Corpus, CorpusError
-from lmforge.tokenizers import ByteTokenizer, Tokenizer
+from lmforge.data.sources import Corpus, CorpusError, public_spec
+from lmforge.errors import UserError
+from lmforge.tokenizers import ByteTokenizer, Tokenizer, tokenizer_to_dict
 
 
 class TokenWindowDataset(Dataset):
@@ -78,11 +79,11 @@ class PretrainDataModule(L.LightningDataModule):
         """
         super().__init__()
         if seq_len < 1:
-            raise ValueError(f"data.seq_len={seq_len} must be positive")
+            raise UserError(f"data.seq_len={seq_len} must be positive")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be positive")
+            raise UserError(f"data.batch_size={batch_size} must be positive")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={val_fraction} must be between 0 and 1")
+            raise UserError(f"data.val_fraction={val_fraction} must be between 0 and 1")
         plugins.validate("dataset", dataset)
         plugins.validate("tokenizer", tokenizer)
         self.dataset_spec = dataset
@@ -153,5 +154,16 @@ class PretrainDataModule(L.LightningDataModule):
         prompts = [torch.tensor(self.tokenizer.encode(p) or [self.tokenizer.eos_id]) for p in self.predict_prompts]
         return DataLoader(prompts, batch_size=1)
 
+    def describe_data(self) -> dict:
+        """What the run trains on, for the checkpoint and the model card (local paths reduced to file names)."""
+        facts: dict[str, Any] = {"dataset": public_spec(self.dataset_spec)}
+        hub = getattr(self.corpus, "hub_dataset", None)
+        if isinstance(hub, str) and hub:
+            facts["hub_datasets"] = [hub]
+        describe = getattr(self.corpus, "describe", None)
+        if callable(describe):
+            facts["description"] = str(describe())
+        return facts
+
     def state_dict(self) -> dict:
-        return {"tokenizer": self.tokenizer.to_dict()} if self.tokenizer is not None else {}
+        return {"tokenizer": tokenizer_to_dict(self.tokenizer)} if self.tokenizer is not None else {}

@@ -81,6 +81,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lmforge.data.sources import CorpusError
+from lmforge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -330,16 +331,16 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def check_choice(prefix: str, name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"{prefix}: data.{name}={value!r} must be one of {', '.join(choices)}")
+        raise UserError(f"{prefix}: data.{name}={value!r} must be one of {', '.join(choices)}")
 
 
 def check_common(prefix: str, val_fraction: float, batch_size: int, max_length: int | None, bad_lines: str) -> None:
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"{prefix}: data.val_fraction={val_fraction} must be between 0 and 1")
+        raise UserError(f"{prefix}: data.val_fraction={val_fraction} must be between 0 and 1")
     if batch_size < 1:
-        raise ValueError(f"{prefix}: data.batch_size={batch_size} must be positive")
+        raise UserError(f"{prefix}: data.batch_size={batch_size} must be positive")
     if max_length is not None and max_length < 2:
-        raise ValueError(f"{prefix}: data.max_length={max_length} must be at least 2")
+        raise UserError(f"{prefix}: data.max_length={max_length} must be at least 2")
     check_choice(prefix, "bad_lines", bad_lines, ("error", "skip"))
 
 
@@ -628,6 +629,11 @@ class ExampleLoaders:
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
+    def describe_data(self) -> dict:
+        """What the run trains on, for the checkpoint and the model card (file names, not local paths)."""
+        files = {k: Path(v).name for k, v in (("train", self.train_path), ("val", self.val_path)) if v}
+        return {"files": files}
+
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
@@ -700,7 +706,7 @@ class SFTDataModule(ExampleLoaders, L.LightningDataModule):
         self.prompt_field = prompt_field
         self.completion_field = completion_field
         if not isinstance(chat_template, str) or not chat_template.strip():
-            raise ValueError(
+            raise UserError(
                 f"sft: data.chat_template={chat_template!r} must be lmforge, tokenizer or the path of a .jinja file"
             )
         self.chat_template = chat_template

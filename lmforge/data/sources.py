@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from lmforge.data.synthetic import SyntheticGrammar
+from lmforge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".jsonl"}
 DecodeErrors = Literal["replace", "strict"]
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus that cannot be read; the message names the file (and line) and what to do."""
 
 
@@ -152,9 +153,30 @@ class EmbeddedCorpus:
         text, _ = self.grammar.generate(self.size_bytes)
         yield text
 
+    def describe(self) -> str:
+        return (
+            f"lmforge's embedded synthetic corpus: {self.size_bytes:,} bytes of English-like sentences from a seeded "
+            f"grammar (seed {self.seed}, branching {self.branching}), entropy {self.entropy_nats_per_byte():.3f} "
+            "nats per byte"
+        )
+
     def entropy_nats_per_byte(self) -> float:
         """The exact entropy of the text: the lowest loss per byte any model can reach."""
         return self.grammar.entropy_nats_per_byte()
+
+
+def public_spec(value):
+    """A plugin spec as a model card may show it: every local path reduced to its file name (a card is
+    shared; the folders of the machine that trained are nobody's business)."""
+    if isinstance(value, dict):
+        return {k: public_spec(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_spec(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        path = Path(value).expanduser()
+        if value.startswith(("/", ".", "~")) or glob.has_magic(value) or path.exists():  # not a Hub id
+            return path.name or value
+    return value
 
 
 class Corpus(Protocol):

@@ -17,6 +17,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from lmforge.errors import UserError
+
 WORDS: dict[str, tuple[str, ...]] = {
     "DET": ("the", "one", "every", "some", "this", "that", "no", "my"),
     "ADJ": (
@@ -144,7 +146,7 @@ class SyntheticGrammar:
 
     def __post_init__(self) -> None:
         if self.branching < 1:
-            raise ValueError(f"synthetic corpus: branching={self.branching} must be at least 1")
+            raise UserError(f"synthetic corpus: branching={self.branching} must be at least 1")
         rng = random.Random(self.seed)
         contexts = [START_CONTEXT] + [w for cat in CONTENT for w in WORDS[cat]]
         table: dict[tuple[str, str], tuple[tuple[str, ...], tuple[float, ...]]] = {}

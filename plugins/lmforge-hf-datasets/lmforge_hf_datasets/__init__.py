@@ -52,6 +52,11 @@ class HFDatasetCorpus:
             )
         return ds
 
+    @property
+    def hub_dataset(self) -> str | None:
+        """The Hub dataset id (for model cards' ``datasets:``), or None for local files."""
+        return None if self.path in BUILDERS else self.path
+
     def key(self) -> str:
         """Local files: their content. Hub datasets: id, config, split and revision (pin it for a stable cache)."""
         digest = hashlib.sha256(

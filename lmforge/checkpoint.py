@@ -1,0 +1,257 @@
+"""Reading checkpoints and base models, without running code from any file.
+
+- :func:`torch_load` is the one place lmforge unpickles a file: ``torch.load(weights_only=True)``, with
+  only the few classes lmforge's own checkpoints hold allowed (:data:`SAFE_GLOBALS`). A file that would
+  import anything else (a pickle whose ``__reduce__`` calls ``os.system``, say) is refused before any of
+  it runs, and every other failure (a folder, an empty, truncated or random file) is one
+  :class:`~lmforge.errors.CheckpointError` line naming the file.
+- :func:`load_checkpoint` reads a ``.ckpt`` written by ``lmforge fit`` into a :class:`Checkpoint`: the
+  model config, the GPT's weights with any LoRA merged, the tokenizer, the task and what the run recorded.
+  Exporter plugins read checkpoints with it.
+- :func:`load_base` loads any model lmforge can start from: a ``.ckpt``, a folder written by
+  ``lmforge export``, or a Hugging Face folder or Hub id (safetensors, or ``.bin`` with weights_only).
+- :func:`previous_good` finds the newest other readable checkpoint beside a damaged one.
+
+Nothing here imports Lightning, so ``lmforge generate`` and ``lmforge export`` start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import CheckpointError, MissingFileError, UserError
+from lmforge.model import GPT, GPTConfig
+from lmforge.tokenizers import Tokenizer, tokenizer_from_dict
+
+log = logging.getLogger("lmforge")
+
+# What lmforge's checkpoints may hold beyond tensors and plain containers: hyperparameters given as objects
+# (a GPTConfig, a path) by code that builds the modules itself rather than through the command line.
+SAFE_GLOBALS: list[Any] = [GPTConfig, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath]
+
+
+def torch_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear line for every way it can fail.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap: for checking a file before a run).
+    """
+    path = Path(path)
+    if path.is_dir():
+        last = path / "last.ckpt"
+        hint = f"; did you mean {last}?" if last.is_file() else "; give the path of a .ckpt file"
+        raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise MissingFileError(f"{what} {path} not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes: a write that failed?); use another checkpoint")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(_unpickling_problem(path, what, str(err))) from None
+    except Exception as err:  # zip, EOF and format errors of a damaged or foreign file
+        raise CheckpointError(f"{what} {path} {_damage(err)}") from None
+
+
+def _unpickling_problem(path: Path, what: str, message: str) -> str:
+    if "Weights only load failed" not in message:
+        return f"{what} {path} is not a PyTorch checkpoint ({_first_line(message)})"
+    found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported global: ([\w.]+)", message)
+    reason = f"it would call {found.group(1)}" if found else _first_line(message.split("Please file an issue")[0])
+    return (
+        f"{what} {path} was refused: loading it would run code ({reason}), which an lmforge checkpoint never "
+        "does; lmforge only loads weights (torch.load weights_only=True). Do not use this file"
+    )
+
+
+def _damage(err: BaseException) -> str:
+    text = _first_line(str(err)) or type(err).__name__
+    if isinstance(err, (zipfile.BadZipFile, EOFError)) or re.search(r"central directory|zip archive|EOF", text, re.I):
+        return f"is truncated or corrupt ({text}); use another checkpoint"
+    if re.search(r"magic number|invalid load key|could not find|mmap can only", text, re.I):
+        return f"is not a PyTorch checkpoint ({text})"
+    return f"cannot be read ({type(err).__name__}: {text})"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:200] if lines else ""
+
+
+def read_lmforge_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The raw dict of a checkpoint written by ``lmforge fit``; CheckpointError for anything else."""
+    ckpt = torch_load(path, mmap=mmap)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        kind = type(ckpt).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not a Lightning checkpoint (a plain torch.save file holding a {kind}?); "
+            "give a .ckpt written by lmforge fit"
+        )
+    meta = ckpt.get("lmforge")
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise CheckpointError(f"checkpoint {path} was not written by lmforge fit (no model config in it)")
+    return ckpt
+
+
+def previous_good(path: str | Path) -> Path | None:
+    """The newest other checkpoint in ``path``'s folder that reads as an lmforge checkpoint, or None."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        return None
+    others = [p for p in folder.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()]
+    for candidate in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            read_lmforge_checkpoint(candidate, mmap=True)
+        except UserError:
+            continue
+        return candidate
+    return None
+
+
+def refuse_damaged(path: str | Path, err: CheckpointError) -> CheckpointError:
+    """``err`` with the previous good checkpoint beside ``path`` offered (for a resume that cannot start)."""
+    good = previous_good(path)
+    if good is None:
+        return err
+    return CheckpointError(f"{err}; the newest readable checkpoint beside it is {good}: pass --ckpt_path {good}")
+
+
+# -- lmforge checkpoints --------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """What an lmforge checkpoint holds, ready to export: the GPT's weights with any LoRA merged."""
+
+    path: Path
+    config: GPTConfig
+    state: dict[str, torch.Tensor]
+    """The GPT state dict (lmforge names), LoRA adapters merged into the weights."""
+    tokenizer: Tokenizer | None
+    task: str = "lm"
+    """lm (pretraining), sft or classify."""
+    labels: list[str] | None = None
+    """Class names in id order (classify)."""
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors outside the GPT: a classifier's ``score.weight``."""
+    lora: dict | None = None
+    """LoRA settings (r, alpha, dropout, targets) when the run trained adapters."""
+    adapters: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The LoRA tensors (lmforge names, e.g. ``blocks.0.attn.q_proj.lora_A``), unmerged."""
+    base: dict | None = None
+    """Where a fine-tune started: source (path or Hub id), family, kind (hf or lmforge)."""
+    metrics: dict = field(default_factory=dict)
+    """The last logged metrics (val/test loss, ppl, accuracy, ...)."""
+    global_step: int = 0
+    hparams: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)
+    """What the run recorded about itself: hardware, devices, precision, tokens_seen."""
+    data: dict = field(default_factory=dict)
+    """What the run trained on: ``dataset`` (the dataset plugin and its arguments, local paths reduced to file
+    names) or ``train_file``, and ``hub_datasets`` (Hugging Face dataset ids, when the data came from the Hub)."""
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by ``lmforge fit`` (pretraining or fine-tuning); one-line errors."""
+    path = Path(path)
+    ckpt = read_lmforge_checkpoint(path)
+    meta = ckpt["lmforge"]
+    try:
+        config = GPTConfig.from_dict(meta["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: its model config is not valid ({err})") from None
+    raw = {k.replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items()}
+    state = {k.removeprefix("model."): v for k, v in raw.items() if k.startswith("model.")}
+    head = {k: v for k, v in raw.items() if not k.startswith("model.")}
+    adapters = {k: state.pop(k) for k in list(state) if k.endswith((".lora_A", ".lora_B"))}
+    tokenizer = tokenizer_from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+    lora = meta.get("lora")
+    if lora:
+        from lmforge.lora import merge_state
+
+        if meta.get("lora_base_saved") is False:  # only the adapters were saved: rebuild the base
+            base_model, _, _ = load_base(meta["base"]["source"], meta["base"].get("revision"))
+            base_state = base_model.state_dict()
+            if "wpe.weight" in base_state:  # the fine-tune may have used a shorter context
+                base_state["wpe.weight"] = base_state["wpe.weight"][: config.block_size]
+            base_state.update(state)
+            state = base_state
+        state = merge_state(state, adapters, lora)
+    return Checkpoint(
+        path=path,
+        config=config,
+        state=state,
+        tokenizer=tokenizer,
+        task=meta.get("task", "lm"),
+        labels=meta.get("labels"),
+        head=head,
+        lora=lora,
+        adapters=adapters,
+        base=meta.get("base"),
+        metrics=meta.get("metrics") or {},
+        global_step=int(ckpt.get("global_step", 0)),
+        hparams=dict(ckpt.get("hyper_parameters") or {}),
+        run=dict(meta.get("run") or {}),
+        data=dict(meta.get("data") or {}),
+    )
+
+
+def read_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer | None]:
+    """(model config, GPT state dict, tokenizer) of a checkpoint written by ``lmforge fit``."""
+    ckpt = load_checkpoint(path)
+    return ckpt.config, ckpt.state, ckpt.tokenizer
+
+
+# -- base models ----------------------------------------------------------------------------------------
+
+
+def load_base(source: str, revision: str | None = None) -> tuple[GPT, Any, dict]:
+    """(GPT, tokenizer, info) from an lmforge checkpoint or export, or a Hugging Face folder or Hub id.
+
+    info: ``source``, ``kind`` (lmforge or hf), ``family`` (gpt2, llama or None) and, for Hugging
+    Face models, ``revision``.
+    """
+    from lmforge import export, hf
+
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        ckpt = load_checkpoint(path)
+        model = GPT(ckpt.config)
+        missing, unexpected = model.load_state_dict(ckpt.state, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise CheckpointError(f"model.base={source!r}: checkpoint weights do not fit its model config")
+        if missing:
+            log.warning("base %s is a classifier without an LM head; lm_head starts from random values", source)
+        tokenizer = ckpt.tokenizer
+        info = {"source": str(source), "kind": "lmforge"}
+    elif path.is_dir() and (path / "config.json").is_file() and not hf.is_hf_folder(path):
+        model, tokenizer = export.load_exported(path)
+        info = {"source": str(source), "kind": "lmforge"}
+    else:
+        model, tokenizer, hf_info = hf.load_model(str(source), revision)
+        info = {"source": str(source), "kind": "hf", "revision": revision}
+        info["architectures"] = hf_info["architectures"]
+    try:
+        info["family"] = hf.family_of(model.config)
+    except hf.HFError:
+        info["family"] = None
+    if tokenizer is None:
+        raise UserError(
+            f"model.base={source!r} has no tokenizer files; fine-tuning needs the tokenizer it was trained with"
+        )
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"model.base={source!r}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size} embeddings; the checkpoint and tokenizer do not belong together"
+        )
+    return model, tokenizer, info
