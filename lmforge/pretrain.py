@@ -14,7 +14,7 @@ import lmforge
 from lmforge import callbacks, plugins
 from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
-from lmforge.tokenizers import tokenizer_to_dict
+from lmforge.tokenizers import save_tokenizer, tokenizer_to_dict
 
 
 class LMForgeModule(L.LightningModule):
@@ -273,7 +273,7 @@ class PretrainModule(LMForgeModule):
             print(f"lmforge: model has {n:,} parameters ({n / 1e6:.1f}M)", flush=True)
         ckpt = self.trainer.checkpoint_callback
         if tokenizer is not None and ckpt is not None and ckpt.dirpath and self.trainer.is_global_zero:
-            tokenizer.save(Path(ckpt.dirpath) / "tokenizer")
+            save_tokenizer(tokenizer, Path(ckpt.dirpath) / "tokenizer")
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
