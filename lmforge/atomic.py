@@ -11,6 +11,7 @@ removes those whose process is gone (:func:`clean_stale`). Saved files get the u
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lmforge.errors import ExistingPathError
+from lmforge.errors import ExistingPathError, UserError
 
 log = logging.getLogger("lmforge")
 
@@ -33,7 +34,8 @@ _TEMP = re.compile(r"^\..+\.lmtmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[A-Za-z0-
 _LEGACY_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.(bin\.|json\.)?tmp$")
 STALE_AFTER_S = 24 * 3600
 """A temporary of another host (a shared filesystem), or of an older lmforge, untouched this long is stale."""
-_mine: set[str] = set()  # temporaries this process created: a stale one may carry a recycled pid
+_mine: set[str] = set()
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # temporaries this process created: a stale one may carry a recycled pid
 
 
 def _umask() -> int:
@@ -110,6 +112,16 @@ def clean_stale(folder: str | Path) -> list[Path]:
     return removed
 
 
+def _out_of_space(err: OSError, path: Path) -> UserError | None:
+    """A full disk or quota as the one-line error it is (not a bug), or None for other OS errors."""
+    if err.errno not in _NO_SPACE:
+        return None
+    return UserError(
+        f"cannot write {path}: {os.strerror(err.errno)}; nothing was left under that name. "
+        "Free some space (or raise the quota) and run again"
+    )
+
+
 @contextmanager
 def staged_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is flushed to disk and renamed to
@@ -127,6 +139,11 @@ def staged_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        full = _out_of_space(err, path)
+        if full is None:
+            raise
+        raise full from None
     finally:
         tmp.unlink(missing_ok=True)
         _mine.discard(str(tmp))
@@ -175,6 +192,11 @@ def staged_folder(out_dir: str | Path, keep_name: bool = False) -> Iterator[Path
             raise ExistingPathError(f"folder {out_dir} appeared while writing; nothing was written there")
         _normal_modes(target)
         target.rename(out_dir)
+    except OSError as err:
+        full = _out_of_space(err, out_dir)
+        if full is None:
+            raise
+        raise full from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _mine.discard(str(tmp))

@@ -131,8 +131,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with staged_file(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with staged_file(path) as tmp, open(tmp, "wb") as f:
+            try:
+                torch.save(checkpoint, f)
+            except RuntimeError as err:  # torch's writer reports a failed write (a full disk) as its own error
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from None
+                raise
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if "://" in str(path):

@@ -53,18 +53,19 @@ def torch_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) -
         raise MissingFileError(f"{what} {path} not found")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes: a write that failed?); use another checkpoint")
+    mmap = mmap and zipfile.is_zipfile(path)  # an old-format (plain pickle) file cannot be mapped: read it
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(_unpickling_problem(path, what, str(err))) from None
+        if re.search(r"global|reduce|call", str(err), re.I):
+            raise CheckpointError(_refusal(path, what, str(err))) from None
+        raise CheckpointError(f"{what} {path} {_damage(err, path)}") from None
     except Exception as err:  # zip, EOF and format errors of a damaged or foreign file
-        raise CheckpointError(f"{what} {path} {_damage(err)}") from None
+        raise CheckpointError(f"{what} {path} {_damage(err, path)}") from None
 
 
-def _unpickling_problem(path: Path, what: str, message: str) -> str:
-    if "Weights only load failed" not in message:
-        return f"{what} {path} is not a PyTorch checkpoint ({_first_line(message)})"
+def _refusal(path: Path, what: str, message: str) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported global: ([\w.]+)", message)
     reason = f"it would call {found.group(1)}" if found else _first_line(message.split("Please file an issue")[0])
     return (
@@ -73,18 +74,21 @@ def _unpickling_problem(path: Path, what: str, message: str) -> str:
     )
 
 
-def _damage(err: BaseException) -> str:
+def _damage(err: BaseException, path: Path) -> str:
     text = _first_line(str(err)) or type(err).__name__
-    if isinstance(err, (zipfile.BadZipFile, EOFError)) or re.search(r"central directory|zip archive|EOF", text, re.I):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # the start of a zip or a pickle: the rest is damaged
         return f"is truncated or corrupt ({text}); use another checkpoint"
-    if re.search(r"magic number|invalid load key|could not find|mmap can only", text, re.I):
-        return f"is not a PyTorch checkpoint ({text})"
-    return f"cannot be read ({type(err).__name__}: {text})"
+    return f"is not a PyTorch checkpoint ({text})"
 
 
 def _first_line(text: str) -> str:
+    """The first sentence of an error message (torch's go on for lines)."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0][:200] if lines else ""
+    first = lines[0] if lines else ""
+    end = first.find(". ", 20)
+    return (first[:end] if end > 0 else first)[:200]
 
 
 def read_lmforge_checkpoint(path: str | Path, mmap: bool = False) -> dict:

@@ -56,12 +56,20 @@ def parse_arg_values(items: list[str], command: str) -> dict:
 
 
 def plugins_command(argv: list[str]) -> None:
-    """``lmforge plugins [--json]``: every plugin group, name, distribution, version and load status."""
+    """``lmforge plugins [--load] [--json]``: every plugin group, name, distribution, version and target, read
+    from the entry-point metadata without importing any plugin (name clashes flagged); ``--load`` (and
+    ``--json``) also imports each and reports ok or its error. ``lmforge plugins check DIST [-v]``: run every
+    plugin of the installed distribution DIST through its protocol (lmforge.testing), one PASS/FAIL line
+    each; exit code 1 when any fails."""
     from lmforge import plugins
 
+    if argv[:1] == ["check"]:
+        return _plugins_check(argv[1:])
     parser = OneLineParser(prog="lmforge plugins", description=plugins_command.__doc__)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--load", action="store_true", help="import every plugin and report ok or its error")
+    parser.add_argument("--json", action="store_true", help="print JSON (plugins loaded, as with --load)")
     args = parser.parse_args(argv)
+    load = args.load or args.json
     rows = [
         {
             "group": plugins.GROUPS[st.info.kind].name,
@@ -72,15 +80,43 @@ def plugins_command(argv: list[str]) -> None:
             "status": st.status,
             "target": st.info.value,
         }
-        for st in plugins.inspect_all()
+        for st in plugins.inspect_all(load_plugins=load)
     ]
     if args.json:
         print(json.dumps({"autoload": plugins.autoload_enabled(), "plugins": rows}, indent=2))
         return
-    headers = ["group", "name", "distribution", "version", "status", "target"]
+    if load:
+        headers = ["group", "name", "distribution", "version", "status", "target"]
+    else:
+        headers = ["group", "name", "distribution", "version", "target", "status"]
+        if not any(r["status"] for r in rows):
+            headers.pop()
     print(format_table(headers, [[r[h] for h in headers] for r in rows]))
+    if not load:
+        print("(not imported: `lmforge plugins --load` imports each plugin; `lmforge plugins check DIST` tests one)")
     if not plugins.autoload_enabled():
         print(f"(third-party plugins hidden: {plugins.AUTOLOAD_ENV} is set)")
+
+
+def _plugins_check(argv: list[str]) -> None:
+    parser = OneLineParser(prog="lmforge plugins check", description=plugins_command.__doc__)
+    parser.add_argument("distribution", help="an installed distribution (lmforge for the built-ins)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="one line per check, not per plugin")
+    args = parser.parse_args(argv)
+    from lmforge import testing
+
+    name, version, infos = testing.distribution_plugins(args.distribution)
+    failed = 0
+    for info in infos:
+        results = testing.check_plugin(info.kind, info.name)
+        failed += any(not r.ok for r in results)
+        if args.verbose:
+            for result in results:
+                print(f"  {result.line()}")
+        print(testing.summary_line(info, results), flush=True)
+    print(f"{name} {version}: {len(infos) - failed} of {len(infos)} plugins passed")
+    if failed:
+        raise SystemExit(1)
 
 
 def export_command(argv: list[str]) -> None:

@@ -49,6 +49,7 @@ GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation l
 # Buffers that old GPT-2 checkpoints carry; they hold no weights.
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
 HUB_FILES = [
+    "README.md",  # the model card: its licence carries over to exports of a fine-tune
     "config.json",
     "generation_config.json",
     "model*.safetensors",

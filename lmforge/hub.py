@@ -10,7 +10,7 @@ printed, and every failure (no token, a refused token, no network) ends in one l
 :func:`write_space` writes a folder that is a complete Gradio Space for a transformers model
 folder: ``app.py`` (a text-generation demo with streaming, or a classifier showing the label
 probabilities for ``*ForSequenceClassification`` models), ``requirements.txt`` and a ``README.md``
-with the Spaces header. Push it with ``push_folder(space_dir, "owner/name", repo_type="space")``.
+with the Spaces header (the model card's licence, or none when the card names none). Push it with ``push_folder(space_dir, "owner/name", repo_type="space")``.
 """
 
 from __future__ import annotations
@@ -335,22 +335,29 @@ if __name__ == "__main__":
 '''
 
 
-def _card_license(model_dir: Path) -> str | None:
-    """The ``license`` of the model card (README.md YAML header) in ``model_dir``, if any."""
-    card = model_dir / "README.md"
-    if not card.is_file():
-        return None
-    match = re.match(r"---\s*\n(.*?)\n---\s*(\n|$)", card.read_text(encoding="utf-8", errors="replace"), re.S)
+def card_metadata(card: str | Path) -> dict:
+    """The YAML front matter of a model card (a README.md), or {} when it has none or cannot be read."""
+    card = Path(card)
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    match = re.match(r"---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
     if not match:
-        return None
+        return {}
     import yaml
 
     try:
         meta = yaml.safe_load(match.group(1))
     except yaml.YAMLError:
-        return None
-    value = meta.get("license") if isinstance(meta, dict) else None
-    return value if isinstance(value, str) and value.strip() else None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def card_license(card: str | Path | dict) -> str | None:
+    """The ``license`` a model card (README.md, or its front matter as read by :func:`card_metadata`) names."""
+    value = (card if isinstance(card, dict) else card_metadata(card)).get("license")
+    return value.strip() if isinstance(value, str) and value.strip() else None
 
 
 def _yaml_str(value: str) -> str:
@@ -368,7 +375,8 @@ def write_space(
 
     With ``model_repo_id`` the demo loads the model from that Hub repository; without, the model
     folder is copied to ``space_dir/model`` and loaded from there. A ``*ForSequenceClassification``
-    model gets a classifier demo, any other a text-generation demo.
+    model gets a classifier demo, any other a text-generation demo. The Space's ``license`` is the one
+    the model card (``model_dir/README.md``) names; without one the Space names none.
     """
     model_dir, space_dir = Path(model_dir), Path(space_dir)
     if space_dir.exists():
@@ -393,7 +401,11 @@ def write_space(
     classify = any(a.endswith("ForSequenceClassification") for a in architectures)
     name = model_repo_id.split("/")[1] if model_repo_id else model_dir.resolve().name
     title = " ".join((title or name).split()) or "lmforge model"
-    license_id = _card_license(model_dir) or "apache-2.0"
+    card = card_metadata(model_dir / "README.md")
+    license_id = card_license(card)  # the model's, or none: never one nobody chose
+    license_lines = [f"license: {_yaml_str(license_id)}"] if license_id else []
+    if license_id == "other":  # a custom licence: its name and link travel with it
+        license_lines += [f"{k}: {_yaml_str(str(card[k]))}" for k in ("license_name", "license_link") if card.get(k)]
 
     app = (_APP_HEADER + (_APP_CLASSIFY if classify else _APP_GENERATE)).replace("@TITLE@", repr(title))
     app = app.replace("@MODEL@", repr(model_repo_id or "model")).replace("@LOCAL@", repr(model_repo_id is None))
@@ -413,7 +425,7 @@ def write_space(
         f'sdk_version: "{GRADIO_SDK_VERSION}"',
         "app_file: app.py",
         "pinned: false",
-        f"license: {_yaml_str(license_id)}",
+        *license_lines,
         f"short_description: {_yaml_str(description)}",
         *(["models:", f"  - {model_repo_id}"] if model_repo_id else []),
         "---",

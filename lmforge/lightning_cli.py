@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -179,11 +180,13 @@ class LmforgeCLI(LightningCLI):
         from lmforge.checkpoint import read_lmforge_checkpoint, refuse_damaged
         from lmforge.errors import CheckpointError
 
-        if ckpt_path == "last":
+        if ckpt_path == "last":  # as Lightning resolves it: the newest last*.ckpt in the checkpoint folder
             root = config.trainer.default_root_dir or "."
-            path = Path(config.checkpoint.dirpath or os.path.join(root, "checkpoints")) / "last.ckpt"
-            if not path.exists():
+            folder = Path(config.checkpoint.dirpath or os.path.join(root, "checkpoints"))
+            candidates = [p for p in folder.glob("*last*.ckpt") if p.is_file()] if folder.is_dir() else []
+            if not candidates:
                 return  # Lightning says there is no last checkpoint and starts from scratch
+            path = max(candidates, key=lambda p: p.stat().st_mtime)
         else:
             path = Path(ckpt_path)
         try:
@@ -248,5 +251,5 @@ def run(args: list[str], started: float | None = None) -> None:
             "lmforge generate MODEL --prompt TEXT, lmforge evaluate MODEL --task TASK --data FILE.",
         },
         save_config_kwargs={"overwrite": True},
-        args=ARGS,
+        args=None if ARGS == sys.argv[1:] else ARGS,  # LightningCLI warns when given the process's own argv
     )

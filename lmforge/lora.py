@@ -7,9 +7,10 @@ and adds ``lora_A`` (r, in) and ``lora_B`` (out, r)::
     y = x W^T + b + dropout(x) A^T B^T * (alpha / r)
 
 :func:`merge_lora` (modules) and :func:`merge_state` (state dicts) fold ``(alpha / r) B A`` into
-``W``. :func:`save_peft_adapter` writes the adapters as a PEFT LoRA adapter folder
+``W``. :func:`save_peft_adapter` writes the adapters as a new PEFT LoRA adapter folder
 (``adapter_config.json`` + ``adapter_model.safetensors``) for the matching transformers model,
-loadable with ``peft.PeftModel.from_pretrained``; GPT-2's fused ``c_attn`` gets one LoRA of rank
+loadable with ``peft.PeftModel.from_pretrained`` (:func:`write_peft_adapter` writes the same files into
+an existing folder, as the ``hf`` exporter does); GPT-2's fused ``c_attn`` gets one LoRA of rank
 ``r * parts`` with a block-diagonal ``B``, which is exactly the per-part LoRAs.
 
 Targets use PEFT's list semantics: a target matches a module whose qualified name equals it or
@@ -403,21 +404,63 @@ def save_peft_adapter(
     task_type: str = "CAUSAL_LM",
     modules_to_save: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``adapters`` (lmforge names) as a PEFT LoRA adapter folder for the transformers model.
+    """Write ``adapters`` (lmforge names) as a new PEFT LoRA adapter folder ``out_dir`` (which must not exist).
 
-    ``out_dir`` gets ``adapter_config.json`` and ``adapter_model.safetensors`` (keys
-    ``base_model.model.<HF module>.lora_A.weight``), written to a temporary folder renamed at the
-    end; it must not exist. ``modules_to_save`` (e.g. ``{"score.weight": tensor}``) are saved whole,
-    as PEFT does for a classifier head. GPT-2's q/k/v adapters become one ``c_attn`` LoRA of rank
-    ``r * parts`` with ``rank_pattern`` / ``alpha_pattern`` keeping the scaling ``alpha / r``.
+    What :func:`write_peft_adapter` writes, into a temporary folder renamed to ``out_dir`` at the end, so
+    that a failure leaves nothing; the files get the usual permissions (0644 under umask 022).
     """
-    from safetensors.torch import save_file
-
-    from lmforge.hf import linear_module_map
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ExistingPathError(f"adapter folder {out_dir} already exists; remove it or choose another")
+    settings, tensors = _peft_adapter(adapters, config, lora, base_model_name_or_path, task_type, modules_to_save)
+    with staged_folder(out_dir) as tmp:
+        _write_peft_files(tmp, settings, tensors)
+    return out_dir
+
+
+def write_peft_adapter(
+    adapters: dict[str, Tensor],
+    config: GPTConfig,
+    lora: dict,
+    folder: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: dict[str, Tensor] | None = None,
+) -> list[str]:
+    """Write ``adapters`` (lmforge names) as a PEFT LoRA adapter into the existing ``folder`` (an exporter's
+    folder, made atomic by lmforge); returns the names of the files written.
+
+    ``folder`` gets ``adapter_config.json`` and ``adapter_model.safetensors`` (keys
+    ``base_model.model.<HF module>.lora_A.weight``). Everything is checked before either is written.
+    ``modules_to_save`` (e.g. ``{"score.weight": tensor}``) are saved whole, as PEFT does for a classifier
+    head. GPT-2's q/k/v adapters become one ``c_attn`` LoRA of rank ``r * parts`` with ``rank_pattern`` /
+    ``alpha_pattern`` keeping the scaling ``alpha / r``. ``base_model_name_or_path`` is written as given: pass
+    a Hub id or a folder name, never a machine's absolute path (the file is shared with the adapter).
+    """
+    settings, tensors = _peft_adapter(adapters, config, lora, base_model_name_or_path, task_type, modules_to_save)
+    return _write_peft_files(Path(folder), settings, tensors)
+
+
+def _write_peft_files(folder: Path, settings: dict, tensors: dict[str, Tensor]) -> list[str]:
+    from safetensors.torch import save_file
+
+    (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def _peft_adapter(
+    adapters: dict[str, Tensor],
+    config: GPTConfig,
+    lora: dict,
+    base_model_name_or_path: str | None,
+    task_type: str,
+    modules_to_save: dict[str, Tensor] | None,
+) -> tuple[dict, dict[str, Tensor]]:
+    """(adapter_config.json values, adapter_model.safetensors tensors) of a PEFT LoRA adapter."""
+    from lmforge.hf import linear_module_map
+
     r, alpha = _settings(lora)
     if not adapters:
         raise UserError("lora: no adapters to save")
@@ -469,7 +512,4 @@ def save_peft_adapter(
         "use_dora": False,
         "use_rslora": False,
     }
-    with staged_folder(out_dir) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out_dir
+    return settings, tensors

@@ -6,14 +6,22 @@ A distribution adds a plugin by declaring an entry point in one of the groups be
     lion = "lmforge_lion:build_lion"
 
 and every lmforge user can then write ``optimizer: {name: lion, lr: 3e-4}`` in a config. lmforge's
-built-ins are declared the same way in its own pyproject.toml: there is no private side door.
+built-ins are declared the same way in its own pyproject.toml: there is no private side door. What
+each group's factory takes and returns is written out in plugins/README.md (and :data:`GROUPS`);
+``lmforge plugins check DIST`` (:mod:`lmforge.testing`) runs a distribution's plugins through it.
 
-Discovery is lazy: reading the entry-point table imports nothing; a plugin's module is imported
-only when the plugin is used or ``lmforge plugins`` lists it. A plugin that fails to import or
-breaks its group's protocol is reported with its name, distribution, version and error, and
-never breaks the rest of lmforge. Two distributions claiming one name is an error naming both.
-``LMFORGE_DISABLE_PLUGIN_AUTOLOAD=1`` (or the config key ``plugin_autoload: false``) hides every
+Discovery is lazy: reading the entry-point table imports nothing (``lmforge plugins`` lists it from
+the metadata alone); a plugin's module is imported only when the plugin is used, checked, or
+``lmforge plugins --load`` loads it. A plugin that fails to import, whatever it raises (``sys.exit()``
+included), or that breaks its group's protocol is reported with its name, distribution, version and
+error, and never breaks the rest of lmforge. Two distributions claiming one name is an error naming
+both. ``LMFORGE_DISABLE_PLUGIN_AUTOLOAD=1`` (or the config key ``plugin_autoload: false``) hides every
 plugin that lmforge itself does not ship.
+
+Arguments are checked before anything runs: by name against the factory's signature, and by type against
+its annotations (:func:`check_kwargs`), so ``lr: [1, 2]`` is one line naming the key, not a TypeError
+deep in training. What a factory returns is checked when it is built (:func:`build`): the group's
+members, a dataset's ``key()`` (it names cache files), a tokenizer's round trip through checkpoints.
 """
 
 from __future__ import annotations
@@ -22,9 +30,13 @@ import difflib
 import importlib
 import inspect
 import os
+import re
+import types
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import PurePath
 from typing import Any
 
 from lmforge.errors import UserError
@@ -57,15 +69,17 @@ GROUPS: dict[str, Group] = {
         Group(
             "lmforge.datasets",
             "dataset",
-            "a callable (**kwargs) -> Corpus: an object with key() -> str (changes when the content does), "
-            "documents() -> Iterator[str] and num_bytes() -> int (an estimate, for progress bars)",
+            "a callable (**kwargs) -> Corpus: an object with key() -> str (letters, digits, '.', '_' and '-', "
+            "at most 128; it changes when the content does), documents() -> Iterator[str] and "
+            "num_bytes() -> int (an estimate, for progress bars)",
             (),
         ),
         Group(
             "lmforge.tokenizers",
             "tokenizer",
             "a callable (corpus, cache_dir, **kwargs) -> Tokenizer: vocab_size, eos_id, encode, encode_batch, "
-            "decode, fingerprint, to_dict and save (see lmforge.tokenizers.Tokenizer)",
+            "decode, fingerprint, to_dict and save, and a from_dict classmethod on its class "
+            "(see lmforge.tokenizers.Tokenizer)",
             ("corpus", "cache_dir"),
         ),
         Group(
@@ -85,8 +99,9 @@ GROUPS: dict[str, Group] = {
         Group(
             "lmforge.exporters",
             "exporter",
-            "a callable (checkpoint, out_dir, **kwargs) -> pathlib.Path: reads an lmforge checkpoint file and "
-            "writes the export into the folder out_dir, returning it",
+            "a callable (checkpoint, out_dir, **kwargs): reads the lmforge checkpoint file (with "
+            "lmforge.checkpoint.load_checkpoint) and writes the export into out_dir, an empty folder lmforge "
+            "created and renames when the exporter returns",
             ("checkpoint", "out_dir"),
         ),
     )
@@ -95,6 +110,8 @@ GROUPS: dict[str, Group] = {
 # Checks of what a factory returned, per kind: (test, what is missing when it fails).
 TOKENIZER_MEMBERS = ("vocab_size", "eos_id", "encode", "encode_batch", "decode", "fingerprint", "to_dict", "save")
 CORPUS_MEMBERS = ("key", "documents", "num_bytes")
+CORPUS_KEY = re.compile(r"[A-Za-z0-9._-]{1,128}")
+"""What a corpus key may be: it ends up in cache file and folder names (``bpe-{key}-...``)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,11 @@ class PluginInfo:
     @property
     def builtin(self) -> bool:
         return self.distribution == HOST_DISTRIBUTION
+
+    @property
+    def package(self) -> str:
+        """The top-level package of the entry point's target (``lmforge_lion`` for ``lmforge_lion.opt:lion``)."""
+        return self.value.partition(":")[0].strip().split(".")[0]
 
     def describe(self) -> str:
         return f"{self.kind} plugin {self.name!r} ({self.value}) from {self.distribution} {self.version}"
@@ -132,7 +154,7 @@ def discover(kind: str) -> dict[str, list[PluginInfo]]:
     found: dict[str, list[PluginInfo]] = {}
     include_third_party = autoload_enabled()
     for ep in entry_points(group=_group(kind).name):
-        dist = ep.dist
+        dist = getattr(ep, "dist", None)
         info = PluginInfo(kind, ep.name, ep.value, dist.name if dist else "?", dist.version if dist else "?")
         if info.builtin or include_third_party:
             entries = found.setdefault(ep.name, [])
@@ -143,6 +165,12 @@ def discover(kind: str) -> dict[str, list[PluginInfo]]:
 
 def names(kind: str) -> list[str]:
     return sorted(discover(kind))
+
+
+def packages(kind: str) -> dict[str, PluginInfo]:
+    """The top-level packages of the installed (and allowed) plugins of ``kind``, each with one of its entry
+    points: what a checkpoint may name a class from (a plugin tokenizer's, :func:`lmforge.tokenizers.tokenizer_from_dict`)."""
+    return {info.package: info for claims in discover(kind).values() for info in claims}
 
 
 def find(kind: str, name: str) -> PluginInfo:
@@ -161,15 +189,35 @@ def find(kind: str, name: str) -> PluginInfo:
     return claims[0]
 
 
-def _import(info: PluginInfo) -> Any:
-    module_name, _, attr = info.value.partition(":")
-    try:
-        obj = importlib.import_module(module_name.strip())
-        for part in attr.strip().split(".") if attr else ():
-            obj = getattr(obj, part)
-    except Exception as err:
-        raise PluginError(f"{info.describe()} failed to load: {type(err).__name__}: {err}") from err
+def error_text(err: BaseException) -> str:
+    """An exception raised by plugin code as one short line: ``Type: message`` (``sys.exit(3)`` for SystemExit)."""
+    if isinstance(err, SystemExit):
+        return f"SystemExit: it called sys.exit({err.code!r})"
+    message = " ".join(str(err).split())
+    if len(message) > 300:
+        message = message[:297] + "..."
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def import_target(value: str) -> Any:
+    """The object an entry point (``module:attr.attr``) names. Whatever importing it raises propagates."""
+    module_name, _, attr = value.partition(":")
+    obj = importlib.import_module(module_name.strip())
+    for part in attr.strip().split(".") if attr.strip() else ():
+        obj = getattr(obj, part)
     return obj
+
+
+def load(info: PluginInfo) -> Any:
+    """Import the factory of ``info``. Anything its import raises, ``SystemExit`` from a ``sys.exit()`` at import
+    time included, becomes one PluginError naming the plugin: a broken plugin never ends lmforge. Ctrl-C
+    (KeyboardInterrupt) still stops it."""
+    try:
+        return import_target(info.value)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001 (a plugin's SystemExit or odd BaseException must not end lmforge)
+        raise PluginError(f"{info.describe()} failed to load: {error_text(err)}") from err
 
 
 def check_factory(info: PluginInfo, obj: Any) -> None:
@@ -195,7 +243,8 @@ def check_factory(info: PluginInfo, obj: Any) -> None:
 
 
 def check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-    """Raise PluginError when ``kwargs`` do not fit the factory's signature, before anything runs."""
+    """Raise PluginError when ``kwargs`` do not fit the factory's signature, before anything runs: an unknown
+    or missing argument, or a value that does not fit the parameter's annotation (:func:`type_problem`)."""
     try:
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):
@@ -211,6 +260,136 @@ def check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: dict
     for param in named.values():
         if param.default is param.empty and param.name not in kwargs:
             raise PluginError(f"{kind} {name!r} needs the argument {param.name!r}")
+    hints = _annotations(factory, [p for p in named.values() if p.name in kwargs])
+    for key, annotation in hints.items():
+        value = kwargs[key]
+        if value is None and named[key].default is None:
+            continue  # ``x: int = None``: None is the default, so it is a value the factory takes
+        expected = type_problem(value, annotation)
+        if expected:
+            raise PluginError(f"{kind} {name!r}: {key}={value!r} is not {expected}{_yaml_hint(value, annotation)}")
+
+
+def _annotations(factory: Callable[..., Any], params: list[inspect.Parameter]) -> dict[str, Any]:
+    """The resolved annotations of ``params`` (string annotations of ``from __future__ import annotations``
+    evaluated as typing.get_type_hints does); unannotated or unresolvable parameters are left out."""
+    target: Any = factory
+    if isinstance(factory, type):
+        target = factory.__init__
+    elif not (inspect.isfunction(factory) or inspect.ismethod(factory)):
+        target = getattr(factory, "func", None) or type(factory).__call__  # a functools.partial, a callable object
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # one name that does not resolve: resolve the others one by one
+        hints = {}
+        namespace = getattr(inspect.unwrap(target), "__globals__", {})
+        for p in params:
+            annotation = p.annotation
+            if isinstance(annotation, str):
+                try:
+                    annotation = eval(annotation, dict(namespace))  # what get_type_hints does, per name
+                except Exception:
+                    continue
+            hints[p.name] = annotation
+    wanted = {p.name for p in params if p.annotation is not p.empty}
+    return {k: v for k, v in hints.items() if k in wanted and not isinstance(v, str)}
+
+
+_UNION_TYPES = (typing.Union, types.UnionType) if hasattr(types, "UnionType") else (typing.Union,)
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def type_problem(value: Any, annotation: Any) -> str | None:
+    """None when ``value`` (as YAML or Python gives it) fits ``annotation``, else what was expected ("an int").
+
+    Understood: int, float (an int is accepted), bool (never taken for a number), str, pathlib paths (a str is
+    accepted), None, Optional/Union/``X | None``, Literal, list[X], tuple[X, ...] and tuple[X, Y] (a list is
+    accepted, as YAML has no tuples), dict[K, V] and Any. Anything else passes: the factory checks it itself.
+    """
+    return None if _fits(value, annotation) else describe_type(annotation)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    if tp is Any or tp is object or tp is inspect.Parameter.empty:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in _UNION_TYPES:
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is typing.Annotated:
+        return _fits(value, args[0])
+    if tp is list or origin is list:
+        return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if not args:
+            return True
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        if args == ((),):
+            return len(value) == 0
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False
+        return not args or all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if origin is not None:
+        return True  # another generic (Sequence[int], ...): the factory checks the value itself
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        return isinstance(value, (str, PurePath))
+    return True  # an annotation lmforge does not know: the factory checks the value itself
+
+
+def describe_type(tp: Any) -> str:
+    """``tp`` as the words of an error message: "an int", "a float or null", "one of 'a', 'b'", "a list of str"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in _UNION_TYPES:
+        parts = [describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(parts + (["null"] if type(None) in args else []))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is typing.Annotated:
+        return describe_type(args[0])
+    if origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+        return f"a list of {_type_name(args[0])}"
+    if origin is tuple:
+        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict and args:
+        return f"a dict of {_type_name(args[0])} to {_type_name(args[1])}"
+    words = {int: "an int", float: "a float", bool: "a bool", str: "a str", list: "a list", tuple: "a list",
+             dict: "a dict", type(None): "null", None: "null"}  # fmt: skip
+    if origin is None and tp in words:
+        return words[tp]
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        return "a path"
+    return f"a {_type_name(tp)}"
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None) or tp is None:
+        return "null"
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
+
+
+def _yaml_hint(value: Any, annotation: Any) -> str:
+    """YAML (1.1, as PyYAML reads ``--arg``) takes ``3e-4`` for a string: say so when a number was meant."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) and _fits(1.5, annotation):
+        return f" (YAML reads {value} as a string: write it with a dot and a signed exponent, e.g. 3.0e-4)"
+    return ""
 
 
 def split_spec(kind: str, spec: dict[str, Any] | str) -> tuple[str, dict[str, Any]]:
@@ -224,14 +403,27 @@ def split_spec(kind: str, spec: dict[str, Any] | str) -> tuple[str, dict[str, An
 
 
 def build(kind: str, spec: dict[str, Any] | str, *args: Any) -> Any:
-    """Build the plugin named in ``spec`` with the group's positional ``args`` and the spec's arguments."""
+    """Build the plugin named in ``spec`` with the group's positional ``args`` and the spec's arguments.
+
+    What the factory returns is checked before lmforge uses it: the group's members; a dataset's key()
+    (:data:`CORPUS_KEY`); that a tokenizer comes back from a checkpoint exactly as it is (its class's
+    ``from_dict`` on its ``to_dict()``), so a run cannot train for hours and leave an unusable checkpoint.
+    """
     name, kwargs = split_spec(kind, spec)
     info = find(kind, name)
-    factory = _import(info)
+    factory = load(info)
     check_factory(info, factory)
     check_kwargs(kind, name, factory, kwargs)
     result = factory(*args, **kwargs)
     _check_result(info, result)
+    if kind == "dataset":
+        _check_corpus_key(info, result)
+    if kind == "tokenizer":
+        from lmforge.tokenizers import round_trip_problem
+
+        problem = round_trip_problem(result)
+        if problem:
+            raise PluginError(f"{info.describe()} cannot be saved in checkpoints: {problem}")
     return result
 
 
@@ -239,7 +431,7 @@ def validate(kind: str, spec: dict[str, Any] | str) -> None:
     """Check that ``spec`` names a loadable plugin and fits its arguments, without building it."""
     name, kwargs = split_spec(kind, spec)
     info = find(kind, name)
-    factory = _import(info)
+    factory = load(info)
     check_factory(info, factory)
     check_kwargs(kind, name, factory, kwargs)
 
@@ -259,24 +451,49 @@ def _check_result(info: PluginInfo, result: Any) -> None:
         )
 
 
+def corpus_key_problem(key: Any) -> str | None:
+    """None when ``key`` is a valid corpus key (:data:`CORPUS_KEY`), else what is wrong with it."""
+    if isinstance(key, str) and CORPUS_KEY.fullmatch(key):
+        return None
+    shown = repr(key) if len(repr(key)) <= 60 else repr(key)[:57] + "..."
+    if isinstance(key, str) and len(key) > 128:
+        shown += f" ({len(key)} characters)"
+    return (
+        f"key() returned {shown}; a corpus key names cache files, so it must be a non-empty str of letters, "
+        "digits, '.', '_' and '-', at most 128 characters (e.g. the first 32 hex digits of a sha256 of the content)"
+    )
+
+
+def _check_corpus_key(info: PluginInfo, corpus: Any) -> None:
+    problem = corpus_key_problem(corpus.key())
+    if problem:
+        raise PluginError(f"{info.describe()} breaks the protocol: {problem}")
+
+
 @dataclass(frozen=True)
 class PluginStatus:
     info: PluginInfo
     status: str
-    """ok, or the error that loading it gave."""
+    """ok, or the error that loading it gave (with ``load=False``: empty, or the name clash)."""
 
 
-def inspect_all() -> Iterator[PluginStatus]:
-    """Load every discovered plugin (for ``lmforge plugins``), reporting instead of raising."""
+def inspect_all(load_plugins: bool = True) -> Iterator[PluginStatus]:
+    """Every discovered plugin (for ``lmforge plugins``), reporting instead of raising.
+
+    ``load_plugins=False`` reads the entry-point metadata only (nothing is imported; status is empty, or the
+    name clash); otherwise each plugin is imported and its factory checked (status ok or ``error: ...``)."""
     for kind in GROUPS:
         for _, claims in sorted(discover(kind).items()):
             for info in claims:
                 if len(claims) > 1:
                     others = ", ".join(c.distribution for c in claims if c is not info)
-                    yield PluginStatus(info, f"error: name also claimed by {others}")
+                    yield PluginStatus(info, f"{'error: ' if load_plugins else ''}name also claimed by {others}")
+                    continue
+                if not load_plugins:
+                    yield PluginStatus(info, "")
                     continue
                 try:
-                    check_factory(info, _import(info))
+                    check_factory(info, load(info))
                     yield PluginStatus(info, "ok")
                 except PluginError as err:
                     yield PluginStatus(info, "error: " + str(err).split(": ", 1)[-1])

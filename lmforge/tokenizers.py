@@ -1,10 +1,16 @@
 """Tokenizers: exact byte-level (the default) and Hugging Face ``tokenizers`` (loaded or trained BPE).
 
 A tokenizer is saved beside every checkpoint and inside it, so a checkpoint is self-describing:
-:func:`load_tokenizer` reads a folder back, :func:`tokenizer_from_dict` a checkpoint entry. A Hugging Face
-tokenizer also carries the model's Jinja chat template when its folder has one (``chat_template`` in
-tokenizer_config.json, or ``chat_template.jinja``), for fine-tuning on chat records with
-``data.chat_template: tokenizer``.
+:func:`save_tokenizer` / :func:`load_tokenizer` write and read a folder, :func:`tokenizer_to_dict` /
+:func:`tokenizer_from_dict` a checkpoint entry. A Hugging Face tokenizer also carries the model's Jinja chat
+template when its folder has one (``chat_template`` in tokenizer_config.json, or ``chat_template.jinja``),
+for fine-tuning on chat records with ``data.chat_template: tokenizer``.
+
+Tokenizer plugins come back from checkpoints and folders too, without letting a checkpoint run code of its
+choosing: lmforge records the tokenizer's class (``module:qualname``) beside its ``to_dict()``, and restores it
+through that class's ``from_dict(values)`` classmethod only when the class belongs to the package of an
+installed ``lmforge.tokenizers`` plugin (and third-party plugins are not switched off). The built-in ``bytes``
+and ``hf`` entries keep their own format, so every checkpoint and folder written before still loads.
 """
 
 from __future__ import annotations
@@ -22,11 +28,28 @@ from lmforge.errors import MissingFileError, UserError
 
 EOS_TOKEN = "<|endoftext|>"
 META_FILE = "lmforge_tokenizer.json"
+PLUGIN_TYPE = "plugin"
+"""The ``type`` of a checkpoint (or folder) entry of a plugin's tokenizer: ``{type, class, values, ...}``."""
+SAMPLE_TEXTS = (
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "numbers 0 1 2 3 42 3.14 and punctuation: ;-) [x] {y} <z>",
+    "  leading spaces, tabs\tand\nnew lines\n\n",
+    "accents: café naïve Größe; CJK: 東京 北京; emoji: 😀 🎉",
+    "",
+    EOS_TOKEN,
+)
+"""Texts a tokenizer must encode the same way after a round trip through a checkpoint."""
 
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What lmforge needs from a tokenizer."""
+    """What lmforge needs from a tokenizer (plugins/README.md says what each member must do).
+
+    Its class also needs a ``from_dict(values) -> Tokenizer`` classmethod, rebuilding the tokenizer from what
+    ``to_dict()`` returned (plain JSON values), so that checkpoints and export folders restore it. Optional
+    members that fine-tuning and exporters use when present: ``bos_id`` / ``bos_token``, ``eos_token``,
+    ``chat_template`` and ``special_tokens() -> dict[str, int]``.
+    """
 
     vocab_size: int
     eos_id: int
@@ -62,6 +85,10 @@ class ByteTokenizer:
 
     def to_dict(self) -> dict:
         return {"type": "bytes"}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ByteTokenizer:
+        return cls()
 
     def save(self, directory: str | Path) -> None:
         write_json(Path(directory) / META_FILE, self.to_dict())
@@ -199,6 +226,17 @@ class HFTokenizer:
         values = {"type": "hf", "eos_token": self.eos_token, "tokenizer_json": self._tok.to_str()}
         return self._optional(values)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> HFTokenizer:
+        from tokenizers import Tokenizer as _Tok
+
+        return cls(
+            _Tok.from_str(values["tokenizer_json"]),
+            values.get("eos_token", EOS_TOKEN),
+            values.get("bos_token"),
+            values.get("chat_template"),
+        )
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         write_text(directory / "tokenizer.json", self._tok.to_str(pretty=True))
@@ -252,43 +290,206 @@ def hf(corpus, cache_dir: Path, path: str, eos_token: str = EOS_TOKEN) -> HFToke
     return HFTokenizer.from_file(path, eos_token)
 
 
+def _builtin(tokenizer: Tokenizer) -> bool:
+    """lmforge's own tokenizers, stored in their own format (``{"type": "bytes"}``, ``{"type": "hf", ...}``)."""
+    return type(tokenizer) in (ByteTokenizer, HFTokenizer)
+
+
+def class_path(cls: type) -> str:
+    """``module:qualname``, as a plugin tokenizer's class is recorded."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
-    """What a checkpoint stores of ``tokenizer`` (:func:`tokenizer_from_dict` rebuilds it)."""
-    return tokenizer.to_dict()
+    """What a checkpoint stores of ``tokenizer`` (:func:`tokenizer_from_dict` rebuilds it).
+
+    lmforge's tokenizers: their ``to_dict()``. A plugin's: ``{"type": "plugin", "class": "module:qualname",
+    "values": to_dict(), "distribution": ..., "version": ...}`` (the distribution only for messages).
+    """
+    if _builtin(tokenizer):
+        return tokenizer.to_dict()
+    from lmforge import plugins
+
+    cls = type(tokenizer)
+    record = {"type": PLUGIN_TYPE, "class": class_path(cls), "values": tokenizer.to_dict()}
+    info = plugins.packages("tokenizer").get(cls.__module__.split(".")[0])
+    if info is not None:
+        record.update(distribution=info.distribution, version=info.version)
+    return record
 
 
 def tokenizer_from_dict(values: dict) -> Tokenizer:
-    """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` (as stored in checkpoints)."""
-    if values.get("type") == "bytes":
-        return ByteTokenizer()
-    if values.get("type") == "hf":
-        from tokenizers import Tokenizer as _Tok
+    """Rebuild a tokenizer from :func:`tokenizer_to_dict` (as stored in checkpoints and folders).
 
-        return HFTokenizer(
-            _Tok.from_str(values["tokenizer_json"]),
-            values.get("eos_token", EOS_TOKEN),
-            values.get("bos_token"),
-            values.get("chat_template"),
+    A plugin's class is imported only from the package of an installed ``lmforge.tokenizers`` plugin, and
+    rebuilt only through its ``from_dict`` classmethod: a checkpoint cannot name any other code to run.
+    """
+    kind = values.get("type") if isinstance(values, dict) else None
+    if kind == "bytes":
+        return ByteTokenizer.from_dict(values)
+    if kind == "hf":
+        return HFTokenizer.from_dict(values)
+    if kind == PLUGIN_TYPE:
+        return _plugin_from_dict(values)
+    raise UserError(
+        f"unknown tokenizer type {kind!r} in checkpoint; lmforge restores bytes, hf and tokenizer plugins' "
+        "entries (type 'plugin', written since lmforge recorded a plugin's class): retrain with the plugin installed"
+    )
+
+
+def _plugin_from_dict(record: dict) -> Tokenizer:
+    from lmforge import plugins
+
+    target = record.get("class")
+    module_name, _, qualname = target.partition(":") if isinstance(target, str) else ("", "", "")
+    if not module_name or not qualname or "<" in qualname or any(p.startswith("__") for p in qualname.split(".")):
+        raise UserError(f"checkpoint tokenizer: class {target!r} is not a 'module:qualname' of a tokenizer plugin")
+    package = module_name.split(".")[0]
+    allowed = plugins.packages("tokenizer")
+    origin = " ".join(str(record[k]) for k in ("distribution", "version") if record.get(k)) or f"package {package}"
+    if package not in allowed or package == plugins.HOST_DISTRIBUTION:  # lmforge's own are stored by type
+        off = (
+            ""
+            if plugins.autoload_enabled()
+            else f" (third-party plugins are off: {plugins.AUTOLOAD_ENV} or plugin_autoload)"
         )
-    raise UserError(f"unknown tokenizer type {values.get('type')!r} in checkpoint")
+        raise UserError(
+            f"checkpoint tokenizer {target} comes from {origin}, which is not an installed lmforge.tokenizers "
+            f"plugin{off}; install the plugin it was trained with to use this checkpoint"
+        )
+    info = allowed[package]
+    try:
+        cls = plugins.import_target(target)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001 (a broken plugin is a one-line error, as in plugins.load)
+        raise UserError(
+            f"checkpoint tokenizer {target} ({info.distribution} {info.version}) cannot be imported: "
+            f"{plugins.error_text(err)}"
+        ) from err
+    if not isinstance(cls, type) or cls.__module__.split(".")[0] != package:
+        raise UserError(f"checkpoint tokenizer {target} is not a tokenizer class of {info.distribution}")
+    from_dict = getattr(cls, "from_dict", None)
+    if not callable(from_dict):
+        raise UserError(
+            f"checkpoint tokenizer {target} ({info.distribution} {info.version}) has no from_dict classmethod; "
+            "upgrade the plugin to one that restores its tokenizers"
+        )
+    values = record.get("values")
+    try:
+        tokenizer = from_dict(values)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(
+            f"checkpoint tokenizer: {cls.__qualname__}.from_dict failed: {plugins.error_text(err)}"
+        ) from err
+    missing = [m for m in plugins.TOKENIZER_MEMBERS if not hasattr(tokenizer, m)]
+    if missing:
+        raise UserError(
+            f"checkpoint tokenizer: {cls.__qualname__}.from_dict returned an object without {', '.join(missing)}"
+        )
+    return tokenizer
+
+
+def round_trip_problem(tokenizer: Tokenizer) -> str | None:
+    """None when ``tokenizer`` comes back from a checkpoint as it is, else what its plugin must implement.
+
+    Called when a tokenizer plugin is built (:func:`lmforge.plugins.build`), so a run that could not be used
+    after training fails before it starts: the class needs a ``from_dict`` classmethod, ``to_dict()`` plain JSON
+    values (what a folder's lmforge_tokenizer.json holds), and the rebuilt tokenizer must encode
+    :data:`SAMPLE_TEXTS` the same way, with the same vocab_size, eos_id and fingerprint.
+    """
+    if _builtin(tokenizer):
+        return None
+    cls = type(tokenizer)
+    name = cls.__qualname__
+    if "<" in name or cls.__module__ == "__main__":
+        return (
+            f"its class {class_path(cls)} is not importable by name; define it at the top level of the plugin's package"
+        )
+    if not callable(getattr(cls, "from_dict", None)):
+        return (
+            f"its class {name} has no from_dict classmethod; add `@classmethod def from_dict(cls, values: dict)` "
+            "that rebuilds the tokenizer from what to_dict() returns"
+        )
+    try:
+        values = tokenizer.to_dict()
+        if not isinstance(values, dict):
+            return f"{name}.to_dict() returned {type(values).__name__}, not a dict"
+        text = json.dumps(values, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        return (
+            f"{name}.to_dict() is not JSON-serialisable ({err}); return only str, int, float, bool, None, "
+            "lists and dicts with str keys"
+        )
+    if json.loads(text) != values:
+        return (
+            f"{name}.to_dict() changes through JSON (tuples become lists, non-str keys become str); "
+            "return only str, int, float, bool, None, lists and dicts with str keys"
+        )
+    try:
+        record = json.loads(json.dumps(tokenizer_to_dict(tokenizer)))
+        rebuilt = tokenizer_from_dict(record)
+    except UserError as err:
+        return str(err)
+    return tokenizers_differ(tokenizer, rebuilt, f"{name}.from_dict({name}.to_dict())")
+
+
+def tokenizers_differ(
+    tokenizer: Tokenizer, rebuilt: Tokenizer, what: str, texts: Iterable[str] = SAMPLE_TEXTS
+) -> str | None:
+    """None when ``rebuilt`` is ``tokenizer`` again (class, vocab_size, eos_id, fingerprint, encodings of ``texts``),
+    else the first difference, as "``what`` ..."."""
+    if type(rebuilt) is not type(tokenizer):
+        return f"{what} returned a {type(rebuilt).__name__}, not a {type(tokenizer).__name__}"
+    for member in ("vocab_size", "eos_id"):
+        if getattr(rebuilt, member) != getattr(tokenizer, member):
+            return f"{what} has {member}={getattr(rebuilt, member)!r}, not {getattr(tokenizer, member)!r}"
+    for text in texts:
+        before, after = [int(i) for i in tokenizer.encode(text)], [int(i) for i in rebuilt.encode(text)]
+        if before != after:
+            return (
+                f"{what} encodes {text[:40]!r} as {after[:12]} instead of {before[:12]}; from_dict must rebuild "
+                "the same vocabulary and settings"
+            )
+    if rebuilt.fingerprint() != tokenizer.fingerprint():
+        return f"{what} has the fingerprint {rebuilt.fingerprint()!r}, not {tokenizer.fingerprint()!r}"
+    return None
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
-    """Save ``tokenizer`` into ``directory`` so that :func:`load_tokenizer` restores it."""
-    tokenizer.save(Path(directory))
+    """Save ``tokenizer`` into ``directory`` so that :func:`load_tokenizer` restores it.
+
+    lmforge's tokenizers write their own files. A plugin's ``save`` runs first (its files, for people and
+    other tools), then lmforge writes its record (lmforge_tokenizer.json: the class and ``to_dict()``), from
+    which :func:`load_tokenizer` restores it.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(directory)
+    if not _builtin(tokenizer):
+        write_json(directory / META_FILE, tokenizer_to_dict(tokenizer))
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load the tokenizer saved in ``directory`` by :meth:`Tokenizer.save`."""
+    """Load the tokenizer saved in ``directory`` by :func:`save_tokenizer` (or a folder holding a tokenizer.json)."""
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         if (directory / "tokenizer.json").is_file():
             return HFTokenizer.from_file(directory)
         raise MissingFileError(f"tokenizer: {directory} has neither {META_FILE} nor tokenizer.json")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"tokenizer: {meta_path} is not valid JSON ({err}); save the tokenizer again") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"tokenizer: {meta_path} does not hold an lmforge tokenizer record")
     if meta.get("type") == "bytes":
         return ByteTokenizer()
+    if meta.get("type") == PLUGIN_TYPE:
+        return tokenizer_from_dict(meta)
     tokenizer = HFTokenizer.from_file(directory, meta.get("eos_token", EOS_TOKEN))
     if meta.get("bos_token") or meta.get("chat_template"):
         tokenizer = HFTokenizer(tokenizer._tok, tokenizer.eos_token, meta.get("bos_token"), meta.get("chat_template"))

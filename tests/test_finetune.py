@@ -332,7 +332,7 @@ def test_classifier_lora_exports_merged_and_as_a_peft_adapter(tmp_path):
     loaded by transformers (merged) and by peft (adapter on the exported base) with equal logits."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lmforge.hf_export import export_hf
+    from lmforge.export import export
 
     base = save_base(tmp_path / "base.ckpt", **LLAMA_LIKE)
     (tmp_path / "c.csv").write_text(
@@ -356,12 +356,12 @@ def test_classifier_lora_exports_merged_and_as_a_peft_adapter(tmp_path):
     with torch.no_grad():
         want = module(ids)
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(
-        export_hf(tmp_path / "cls.ckpt", tmp_path / "merged")
+        export(tmp_path / "cls.ckpt", tmp_path / "merged", "hf")
     )
     assert merged.config.id2label == {0: "0", 1: "1"}
     torch.testing.assert_close(merged.eval()(ids).logits, want, rtol=1e-4, atol=1e-4)
-    base_dir = export_hf(base, tmp_path / "base-hf")
-    adapter = export_hf(tmp_path / "cls.ckpt", tmp_path / "adapter", adapter_only=True, base_model=str(base_dir))
+    base_dir = export(base, tmp_path / "base-hf", "hf")
+    adapter = export(tmp_path / "cls.ckpt", tmp_path / "adapter", "hf", adapter_only=True, base_model=str(base_dir))
     ref = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
     ref = peft.PeftModel.from_pretrained(ref, adapter).eval()
     with torch.no_grad():
@@ -369,7 +369,8 @@ def test_classifier_lora_exports_merged_and_as_a_peft_adapter(tmp_path):
 
 
 def test_lora_train_also_unfreezes_named_base_weights(tmp_path):
-    from lmforge.hf_export import ExportError, export_hf
+    from lmforge.export import export
+    from lmforge.hf_export import ExportError
 
     base = save_base(tmp_path / "base.ckpt")
     settings = {"r": 2, "alpha": 4, "targets": ["q_proj"], "train_also": ["wte", "ln_f"]}
@@ -387,7 +388,7 @@ def test_lora_train_also_unfreezes_named_base_weights(tmp_path):
     ckpt = load_checkpoint(tmp_path / "lora.ckpt")
     torch.testing.assert_close(ckpt.state["wte.weight"], module.model.wte.weight.detach())
     with pytest.raises(ExportError, match="train_also"):
-        export_hf(tmp_path / "lora.ckpt", tmp_path / "adapter", adapter_only=True)
+        export(tmp_path / "lora.ckpt", tmp_path / "adapter", "hf", adapter_only=True)
     assert not (tmp_path / "adapter").exists()
     with pytest.raises(ValueError, match="matches no parameter"):
         SFTModule(base=str(base), lora={"targets": ["q_proj"], "train_also": ["embeddings"]})

@@ -278,14 +278,14 @@ def test_bos_and_empty_prompt():
 @ARCHS
 def test_greedy_ids_match_transformers(tmp_path, arch):
     transformers = pytest.importorskip("transformers")
+    from lmforge.export import export
     from lmforge.finetune import load_base
-    from lmforge.hf_export import export_hf
 
     model = random_gpt(arch)
     with torch.no_grad():  # no end-of-text from this random model, so both run all 20 steps
         model.lm_head.weight[ByteTokenizer.eos_id] = 0.0
     tok = ByteTokenizer()
-    out = export_hf(save_ckpt(tmp_path / "last.ckpt", model, tok), tmp_path / "hf")
+    out = export(save_ckpt(tmp_path / "last.ckpt", model, tok), tmp_path / "hf", "hf")
     ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     rows = [tok.encode(p) for p in PROMPTS]
     for ids in rows:

@@ -1,6 +1,7 @@
 """The ``hf`` exporter: lmforge checkpoints (made without training) loaded back by transformers."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 import lmforge  # noqa: E402
 from lmforge import hf, plugins  # noqa: E402
+from lmforge.errors import UserError  # noqa: E402
+from lmforge.export import export  # noqa: E402
 from lmforge.hf import HFError  # noqa: E402
 from lmforge.hf_export import ExportError, bytes_to_unicode, export_hf, parse_size  # noqa: E402
 from lmforge.model import GPT, GPTConfig  # noqa: E402
@@ -112,7 +115,7 @@ def check_causal_lm(out, model: GPT):
 def test_gpt2_like_with_byte_tokenizer(tmp_path):
     model = random_gpt(tiny_config(**GPT2_LIKE))
     ckpt = save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer())
-    out = export_hf(ckpt, tmp_path / "out")
+    out = export(ckpt, tmp_path / "out", "hf")
     assert out == tmp_path / "out"
     names = {p.name for p in out.iterdir()}
     assert names == {
@@ -125,7 +128,7 @@ def test_gpt2_like_with_byte_tokenizer(tmp_path):
     assert config["dtype"] == "float32" and config["transformers_version"] == transformers.__version__
     assert "lmforge_version" not in config  # that key marks lmforge's own export format
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["max_length"] == 32 and generation["eos_token_id"] == 256
+    assert "max_length" not in generation and generation["eos_token_id"] == 256  # see test_generate_does_not_warn
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -137,7 +140,7 @@ def test_gpt2_like_with_byte_tokenizer(tmp_path):
 
 def test_byte_tokenizer_is_exact(tmp_path):
     model = random_gpt(tiny_config(**GPT2_LIKE))
-    out = export_hf(save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer()), tmp_path / "out")
+    out = export(save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer()), tmp_path / "out", "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     ours = ByteTokenizer()
     assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token_id) == ("<|endoftext|>", 256, 256)
@@ -157,7 +160,7 @@ def test_byte_tokenizer_is_exact(tmp_path):
 
 def test_llama_like_with_bpe_tokenizer(tmp_path, bpe):
     model = random_gpt(tiny_config(**LLAMA_LIKE))
-    out = export_hf(save_ckpt(tmp_path / "last.ckpt", model, bpe), tmp_path / "out")
+    out = export(save_ckpt(tmp_path / "last.ckpt", model, bpe), tmp_path / "out", "hf")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 2
     eos = bpe.eos_id
@@ -179,7 +182,7 @@ def test_llama_like_with_bpe_tokenizer(tmp_path, bpe):
 
 def test_llama_tokenizer_with_bos(tmp_path, llama_bpe):
     model = random_gpt(tiny_config(**{**LLAMA_LIKE, "tie_embeddings": True, "bias": True, "n_kv_head": 1}))
-    out = export_hf(save_ckpt(tmp_path / "last.ckpt", model, llama_bpe), tmp_path / "out")
+    out = export(save_ckpt(tmp_path / "last.ckpt", model, llama_bpe), tmp_path / "out", "hf")
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
     assert config["attention_bias"] and config["mlp_bias"] and config["tie_word_embeddings"]
@@ -195,7 +198,9 @@ def test_llama_tokenizer_with_bos(tmp_path, llama_bpe):
 
 def test_sharded(tmp_path):
     model = random_gpt(tiny_config(**LLAMA_LIKE))
-    out = export_hf(save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer()), tmp_path / "out", max_shard_size="30KB")
+    out = export(
+        save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer()), tmp_path / "out", "hf", max_shard_size="30KB"
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     n = len(shards)
@@ -210,7 +215,7 @@ def test_sharded(tmp_path):
 
 def test_bfloat16(tmp_path):
     model = random_gpt(tiny_config(**GPT2_LIKE))
-    out = export_hf(save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer()), tmp_path / "out", dtype="bfloat16")
+    out = export(save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer()), tmp_path / "out", "hf", dtype="bfloat16")
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
@@ -222,7 +227,7 @@ def test_bfloat16(tmp_path):
 
 def test_without_tokenizer(tmp_path):
     model = random_gpt(tiny_config(**LLAMA_LIKE))
-    out = export_hf(save_ckpt(tmp_path / "last.ckpt", model), tmp_path / "out")
+    out = export(save_ckpt(tmp_path / "last.ckpt", model), tmp_path / "out", "hf")
     assert not (out / "tokenizer.json").exists()
     config = json.loads((out / "config.json").read_text())
     assert "eos_token_id" not in config and "pad_token_id" not in config
@@ -258,7 +263,7 @@ def test_model_card(tmp_path):
     ckpt = save_ckpt(
         tmp_path / "last.ckpt", model, ByteTokenizer(), meta={"metrics": metrics}, hparams=hparams, step=100
     )
-    out = export_hf(ckpt, tmp_path / "tiny-llama", datasets="owner/corpus", tags=["tiny"], license="mit")
+    out = export(ckpt, tmp_path / "tiny-llama", "hf", datasets="owner/corpus", tags=["tiny"], license="mit")
     card = ModelCard.load(out / "README.md")
     data = card.data
     assert data.library_name == "transformers" and data.license == "mit"
@@ -275,21 +280,22 @@ def test_model_card(tmp_path):
         "| context length | 32 |", "| vocabulary | 320 |", f"| parameters | {num_params:,} |", "| steps | 100 |",
         "adamw (lr=0.0003, weight_decay=0.1)", "cosine (warmup_steps=10)", "| batch size | 8 |",
         "| sequence length | 32 |", "estimate", f"{6 * num_params * 100 * 8 * 32:.2e} FLOPs",
-        "AutoModelForCausalLM.from_pretrained", "| validation | loss | 2.5000 |", "| train | loss | 2.4000 |",
-        "byte tokenizer",
+        "AutoModelForCausalLM.from_pretrained", "| validation | loss | 2.5000 |", "byte tokenizer",
+        "`mit`, as chosen at export.",
     ):  # fmt: skip
         assert needle in text, needle
+    assert "| train |" not in text  # training metrics are not evaluations (test_model_card.py checks more)
 
 
 def test_model_card_fine_tune_names_base(tmp_path, bpe):
     model = random_gpt(tiny_config(**GPT2_LIKE))
     meta = {"task": "sft", "base": {"source": "owner/base-model", "kind": "hf", "family": "gpt2"}}
-    out = export_hf(save_ckpt(tmp_path / "last.ckpt", model, bpe, meta=meta), tmp_path / "out")
+    out = export(save_ckpt(tmp_path / "last.ckpt", model, bpe, meta=meta), tmp_path / "out", "hf")
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == "owner/base-model"
-    assert "fine-tuned (full, task `sft`) from `owner/base-model`" in card.text
+    assert "language model: `owner/base-model` after supervised fine-tuning (SFT, all weights)" in card.text
     assert "Not estimated" in card.text and "not recorded" in card.text
 
 
@@ -307,7 +313,7 @@ def test_model_card_reads_the_run_config(tmp_path):
     )
     hparams = {"optimizer": {"name": "muon", "lr": 0.02}, "scheduler": {"name": "constant"}}
     ckpt = save_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", model, ByteTokenizer(), hparams=hparams, step=10)
-    text = ModelCard.load(export_hf(ckpt, tmp_path / "out") / "README.md").text
+    text = ModelCard.load(export(ckpt, tmp_path / "out", "hf") / "README.md").text
     n = sum(p.numel() for p in model.parameters())
     for needle in (
         "| batch size | 16 |", "| sequence length | 32 |", "| gradient accumulation | 4 |", "| precision | bf16-mixed |",
@@ -328,15 +334,15 @@ def test_classifier(tmp_path, arch):
     ckpt = save_ckpt(
         tmp_path / "last.ckpt", model, ByteTokenizer(), meta=meta, extra={"score.weight": score}, drop=drop
     )
-    out = export_hf(ckpt, tmp_path / "out")
+    out = export(ckpt, tmp_path / "out", "hf")
     config = json.loads((out / "config.json").read_text())
     family = "GPT2" if arch is GPT2_LIKE else "Llama"
     assert config["architectures"] == [f"{family}ForSequenceClassification"]
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
-    assert config["num_labels"] == 2 and config["pad_token_id"] == 256
+    assert config["num_labels"] == 2 and config["pad_token_id"] == 257  # a padding token of its own
     assert not (out / "generation_config.json").exists()
     ref = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
-    x = ids(vocab=256)  # no end-of-text token in the batch: it is the padding id
+    x = ids(vocab=257)  # end-of-text tokens too: they are not padding (test_classifier_pads_with_its_own_token)
     with torch.no_grad():
         expected = model.hidden_states(x)[:, -1] @ score.T
         torch.testing.assert_close(ref(x).logits, expected, atol=1e-4, rtol=0)
@@ -346,6 +352,108 @@ def test_classifier(tmp_path, arch):
     assert card.data.pipeline_tag == "text-classification"
     assert {(r.metric_type, r.metric_value) for r in card.data.eval_results} == {("accuracy", 0.75), ("f1", 0.7)}
     assert "`neg`" in card.text and 'pipeline("text-classification"' in card.text
+
+
+@pytest.mark.parametrize(
+    "arch, vocab_size", [(GPT2_LIKE, 320), (LLAMA_LIKE, 300)], ids=["gpt2-spare-row", "llama-new-row"]
+)
+def test_classifier_pads_with_its_own_token(tmp_path, bpe, arch, vocab_size):
+    """A text that ends in the end-of-text token gets the same class logits from transformers as from lmforge's
+    ClassifierModule, alone and in a padded batch: the export pads with a token of its own, in the first unused
+    embedding row (320 rows, 300 tokens) or in a row added for it (300 rows, 300 tokens)."""
+    from lmforge.finetune import ClassifierModule
+
+    base = save_ckpt(tmp_path / "base.ckpt", random_gpt(tiny_config(**{**arch, "vocab_size": vocab_size})), bpe)
+    module = ClassifierModule(base=str(base), labels=["neg", "pos", "mixed"]).eval()
+    with torch.no_grad():
+        module.score.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(6))
+    meta = {"task": "classify", "labels": module.labels}
+    ckpt = save_ckpt(tmp_path / "cls.ckpt", module.model, bpe, meta=meta, extra={"score.weight": module.score.weight})
+    out = export(ckpt, tmp_path / "out", "hf")
+
+    pad_id = 300  # the tokenizer's 300 tokens are ids 0..299
+    config = json.loads((out / "config.json").read_text())
+    assert config["pad_token_id"] == pad_id != config["eos_token_id"] == bpe.eos_id
+    assert config["vocab_size"] == max(vocab_size, pad_id + 1)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        assert json.loads((out / name).read_text())["pad_token"] == "<|pad|>", name
+    added = {t["content"]: t for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
+    assert added["<|pad|>"]["id"] == pad_id and added["<|pad|>"]["special"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tokenizer.pad_token, tokenizer.pad_token_id, len(tokenizer)) == ("<|pad|>", pad_id, pad_id + 1)
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+
+    texts = ["a quick test<|endoftext|>", "The quick brown fox jumps over the lazy dog.<|endoftext|>", "héllo wörld"]
+    with torch.no_grad():
+        for text in texts:
+            single = tokenizer(text, return_tensors="pt")
+            assert single["input_ids"][0].tolist() == bpe.encode(text)
+            torch.testing.assert_close(ref(**single).logits, module(single["input_ids"]), atol=1e-4, rtol=0)
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        assert batch["input_ids"][0, -1] == pad_id  # right-padded with the new token
+        ours = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, bpe.eos_id)  # lmforge pads with EOS
+        want = module(ours, batch["attention_mask"].bool())
+        torch.testing.assert_close(ref(**batch).logits, want, atol=1e-4, rtol=0)
+        # what the old export (pad = eos) computed: pooled one token early on a text ending in EOS
+        ref.config.pad_token_id = bpe.eos_id
+        assert (ref(**tokenizer(texts[0], return_tensors="pt")).logits - want[0]).abs().max() > 1e-3
+    if vocab_size > pad_id + 1:  # a classifier fine-tuned from this export keeps its padding token, once
+        again = HFTokenizer.from_pretrained_folder(out)
+        ckpt = save_ckpt(
+            tmp_path / "again.ckpt", module.model, again, meta=meta, extra={"score.weight": module.score.weight}
+        )
+        tokens = json.loads((export(ckpt, tmp_path / "again", "hf") / "tokenizer.json").read_text())["added_tokens"]
+        assert [t["id"] for t in tokens if t["content"] == "<|pad|>"] == [pad_id]
+
+
+def test_generate_does_not_warn(tmp_path):
+    """generation_config.json has no max_length, so generate(max_new_tokens=...) warns about nothing of it."""
+    import logging
+
+    model = random_gpt(tiny_config(**LLAMA_LIKE))
+    out = export(save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer()), tmp_path / "out", "hf")
+    assert "max_length" not in json.loads((out / "generation_config.json").read_text())
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+            tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+            inputs = tokenizer("Once upon a time", return_tensors="pt")
+            generated = ref.generate(**inputs, max_new_tokens=5, do_sample=False)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert generated.shape[1] <= inputs["input_ids"].shape[1] + 5
+    messages = [str(w.message) for w in caught] + logged
+    assert not [m for m in messages if "max_length" in m], messages
+
+
+def test_exported_files_have_the_usual_permissions(tmp_path):
+    """hf, safetensors and adapter exports: 0644 files in a 0755 folder under umask 022 (not mkstemp's 0600
+    nor mkdtemp's 0700), so that a shared model folder is readable by others."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    base, _, lora = lora_ckpt(tmp_path, GPT2_LIKE, ["attn.q_proj", "attn.v_proj"])
+    ckpt = save_ckpt(tmp_path / "plain.ckpt", base, ByteTokenizer())
+    folders = [
+        export(ckpt, tmp_path / "hf", "hf"),
+        export(ckpt, tmp_path / "st", "safetensors"),
+        export(lora, tmp_path / "adapter", "hf", adapter_only=True),
+    ]
+    assert {"model.safetensors", "adapter_model.safetensors"} <= {p.name for f in folders for p in f.iterdir()}
+    for folder in folders:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask, folder
+        for file in folder.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file
+    if mask == 0o022:
+        assert stat.S_IMODE((tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode) == 0o644
 
 
 # -- LoRA ------------------------------------------------------------------------------------------------
@@ -382,16 +490,16 @@ def lora_ckpt(tmp_path, arch, targets):
 )
 def test_lora_merged_and_adapter_only(tmp_path, arch, targets):
     base, merged, ckpt = lora_ckpt(tmp_path, arch, targets)
-    out = export_hf(ckpt, tmp_path / "merged")
+    out = export(ckpt, tmp_path / "merged", "hf")
     check_causal_lm(out, merged)
 
-    base_out = export_hf(save_ckpt(tmp_path / "base.ckpt", base, ByteTokenizer()), tmp_path / "base")
-    adapter = export_hf(ckpt, tmp_path / "adapter", adapter_only=True, base_model=str(base_out))
+    base_out = export(save_ckpt(tmp_path / "base.ckpt", base, ByteTokenizer()), tmp_path / "base", "hf")
+    adapter = export(ckpt, tmp_path / "adapter", "hf", adapter_only=True, base_model=str(base_out))
     names = {p.name for p in adapter.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json"} <= names
     assert "model.safetensors" not in names and "config.json" not in names
     settings = json.loads((adapter / "adapter_config.json").read_text())
-    assert settings["base_model_name_or_path"] == str(base_out) and settings["task_type"] == "CAUSAL_LM"
+    assert settings["base_model_name_or_path"] == "base" and settings["task_type"] == "CAUSAL_LM"  # no local path
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(adapter / "README.md")
@@ -415,11 +523,11 @@ def test_unexpressible_model_is_one_line_error(tmp_path):
     model = random_gpt(tiny_config(pos_encoding="rope", norm="layernorm", mlp="gelu"))
     ckpt = save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer())
     with pytest.raises(HFError) as err:
-        export_hf(ckpt, tmp_path / "out")
+        export(ckpt, tmp_path / "out", "hf")
     assert "\n" not in str(err.value) and "pos_encoding=rope, norm=layernorm" in str(err.value)
     model = random_gpt(tiny_config(**{**GPT2_LIKE, "n_kv_head": 2}))
     with pytest.raises(HFError, match="grouped-query"):
-        export_hf(save_ckpt(tmp_path / "gqa.ckpt", model, ByteTokenizer()), tmp_path / "out")
+        export(save_ckpt(tmp_path / "gqa.ckpt", model, ByteTokenizer()), tmp_path / "out", "hf")
     assert leftovers(tmp_path) == []
 
 
@@ -428,18 +536,26 @@ def test_errors(tmp_path, monkeypatch):
     ckpt = save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer())
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="exists"):
-        export_hf(ckpt, tmp_path / "exists")
+        export(ckpt, tmp_path / "exists", "hf")
     with pytest.raises(ExportError, match="dtype='float8'"):
-        export_hf(ckpt, tmp_path / "out", dtype="float8")
+        export(ckpt, tmp_path / "out", "hf", dtype="float8")
     with pytest.raises(ExportError, match="adapter_only=true but .* has no LoRA adapters"):
-        export_hf(ckpt, tmp_path / "out", adapter_only=True)
+        export(ckpt, tmp_path / "out", "hf", adapter_only=True)
+    with pytest.raises(UserError, match="tags=3"):  # lmforge's argument check, or the exporter's own
+        export(ckpt, tmp_path / "out", "hf", tags=3)
     with pytest.raises(ExportError, match="tags=3"):
-        export_hf(ckpt, tmp_path / "out", tags=3)
+        export_hf(ckpt, tmp_path / "exists", tags=3)
+    with pytest.raises(ExportError, match="datasets='data/train.jsonl' is not a Hub dataset id"):
+        export(ckpt, tmp_path / "out", "hf", datasets="data/train.jsonl")
+    with pytest.raises(ExportError, match="license='MIT licence' is not a Hub licence id"):
+        export(ckpt, tmp_path / "out", "hf", license="MIT licence")
+    with pytest.raises(ExportError, match="base_model='/no/such/base' is neither a Hub id"):
+        export(ckpt, tmp_path / "out", "hf", base_model="/no/such/base")
     classifier = save_ckpt(tmp_path / "cls.ckpt", model, ByteTokenizer(), meta={"task": "classify", "labels": ["a"]})
     with pytest.raises(ExportError, match="without score.weight"):
-        export_hf(classifier, tmp_path / "out")
+        export(classifier, tmp_path / "out", "hf")
     with pytest.raises(FileNotFoundError):
-        export_hf(tmp_path / "missing.ckpt", tmp_path / "out")
+        export(tmp_path / "missing.ckpt", tmp_path / "out", "hf")
     assert leftovers(tmp_path) == ["exists"]
 
     # a failure half-way through leaves no folder, temporary or final
@@ -450,7 +566,7 @@ def test_errors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_export, "model_card", broken)
     with pytest.raises(OSError, match="disk full"):
-        export_hf(ckpt, tmp_path / "out")
+        export(ckpt, tmp_path / "out", "hf")
     assert leftovers(tmp_path) == ["exists"]
 
 
@@ -459,7 +575,10 @@ def test_entry_point_and_cli(tmp_path, capsys):
     assert info.builtin and info.value == "lmforge.hf_export:export_hf"
     model = random_gpt(tiny_config(**GPT2_LIKE))
     ckpt = save_ckpt(tmp_path / "last.ckpt", model, ByteTokenizer())
-    out = plugins.build("exporter", {"name": "hf", "dtype": "float32"}, str(ckpt), str(tmp_path / "a"))
+    with pytest.raises(ExportError, match="is not an empty folder; run the exporter through lmforge export"):
+        plugins.build("exporter", {"name": "hf"}, str(ckpt), str(tmp_path / "a"))
+    (tmp_path / "a").mkdir()  # the protocol: the exporter fills the empty folder lmforge made
+    out = plugins.build("exporter", {"name": "hf", "dtype": "float32"}, str(ckpt), tmp_path / "a")
     assert (out / "model.safetensors").is_file()
     from lmforge.cli import main
 
@@ -474,7 +593,7 @@ def test_chat_template_travels_with_the_export(tmp_path, bpe):
     template = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}"
     tokenizer = HFTokenizer(bpe._tok, bpe.eos_token, chat_template=template)
     ckpt = save_ckpt(tmp_path / "c.ckpt", random_gpt(tiny_config(**GPT2_LIKE)), tokenizer)
-    out = export_hf(ckpt, tmp_path / "out")
+    out = export(ckpt, tmp_path / "out", "hf")
     assert (out / "chat_template.jinja").read_text() == template
     loaded = transformers.AutoTokenizer.from_pretrained(out)
     text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

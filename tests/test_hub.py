@@ -6,6 +6,7 @@ import base64
 import importlib.util
 import json
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -474,7 +475,8 @@ def test_write_space_classifier(classifier_dir, tmp_path, monkeypatch):
     source = (space / "app.py").read_text()
     assert "AutoModelForSequenceClassification" in source
     meta = _front_matter(space / "README.md")
-    assert meta["title"] == "tiny-classifier" and meta["license"] == "apache-2.0"
+    assert meta["title"] == "tiny-classifier"
+    assert "license" not in meta  # the model names no licence (no model card): the Space claims none either
     app = _import_app(space, monkeypatch)
     assert any(fn is app.classify for c in _Component.created for _, fn in c.events)
     assert any(type(c).__name__ == "Label" for c in _Component.created)
@@ -482,6 +484,21 @@ def test_write_space_classifier(classifier_dir, tmp_path, monkeypatch):
     assert set(probs) == {"negative", "positive", "neutral"}
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
     assert app.classify("   ") == {}
+
+
+def test_write_space_carries_a_custom_licence(lm_dir, tmp_path):
+    model = tmp_path / "custom"
+    shutil.copytree(lm_dir, model)
+    (model / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: tiny-licence\nlicense_link: https://example.com/licence\n---\n# m\n"
+    )
+    meta = _front_matter(write_space(model, tmp_path / "space") / "README.md")
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == (
+        "other",
+        "tiny-licence",
+        "https://example.com/licence",
+    )
+    assert hub.card_license(model / "README.md") == "other" and hub.card_license(tmp_path / "nowhere.md") is None
 
 
 def test_write_space_from_a_hub_repo(lm_dir, tmp_path):

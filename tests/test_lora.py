@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
 import warnings
 
 import pytest
@@ -273,6 +275,10 @@ def test_peft_round_trip(hf_folders, tmp_path, family, targets, hf_targets, c_at
     )  # fmt: skip
     assert out == tmp_path / "adapter"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folder left
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in out.iterdir():  # the usual permissions (0644 under umask 022), not a temporary file's 0600
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file
     settings = json.loads((out / "adapter_config.json").read_text())
     assert settings["peft_type"] == "LORA" and settings["task_type"] == "CAUSAL_LM"
     assert settings["r"] == 4 and settings["lora_alpha"] == 8

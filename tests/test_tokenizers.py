@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
 from lmforge import plugins, tokenizers
+from lmforge.errors import UserError
 from lmforge.tokenizers import (
     EOS_TOKEN,
     META_FILE,
@@ -349,3 +351,238 @@ def test_special_tokens_in_text_are_single_ids(tmp_path):
     ids = tokenizer.encode("<|im_start|>user\nThe fox.<|im_end|>\n")
     assert ids[0] == start and ids.count(start) == 1 and ids.count(end) == 1
     assert ids[1:] == [*tokenizer.encode("user\nThe fox."), end, *tokenizer.encode("\n")]
+
+
+# -- tokenizer plugins: restored from checkpoints and folders by their class, and nothing else ---------------------
+
+WORDTOK = '''
+import json, os
+from pathlib import Path
+
+
+class WordTok:
+    """Whitespace-separated words; ids 0 (unknown) and 1 (EOS), then the corpus's words."""
+
+    eos_id = 1
+
+    def __init__(self, words):
+        self.words = ["<unk>", "<eos>", *words]
+        self.vocab_size = len(self.words)
+
+    def encode(self, text):
+        index = {w: i for i, w in enumerate(self.words)}
+        return [index.get(w, 0) for w in text.split()]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids if 1 < i < self.vocab_size)
+
+    def fingerprint(self):
+        return "wordtok-" + str(len(self.words)) + "-" + self.words[-1]
+
+    def to_dict(self):
+        return {"words": self.words[2:]}
+
+    @classmethod
+    def from_dict(cls, values):
+        return cls(values["words"])
+
+    def save(self, directory):
+        (Path(directory) / "words.txt").write_text("\\n".join(self.words))
+
+
+class NoFromDict(WordTok):
+    from_dict = None
+
+
+class NotJSON(WordTok):
+    def to_dict(self):
+        return {"words": set(self.words[2:])}
+
+
+class Tuples(WordTok):
+    def to_dict(self):
+        return {"words": tuple(self.words[2:])}
+
+
+class Forgetful(WordTok):
+    @classmethod
+    def from_dict(cls, values):
+        return cls(sorted(values["words"])[:3])
+
+
+def words_of(corpus):
+    return sorted({w for doc in corpus.documents() for w in doc.split()})
+
+
+def build(corpus, cache_dir, kind="WordTok"):
+    return globals()[kind](words_of(corpus))
+
+
+def broken(corpus, cache_dir, kind="NoFromDict"):
+    return globals()[kind](words_of(corpus))
+'''
+
+EVIL = """
+import os
+open(os.environ["LMFORGE_TEST_MARK"], "w").close()
+class Anything:
+    @classmethod
+    def from_dict(cls, values):
+        return cls()
+"""
+
+
+@pytest.fixture
+def plugin_site(tmp_path, monkeypatch):
+    """An installed tokenizer plugin distribution (lmforge-wordtok 0.2, module wordtok) and, beside it on sys.path,
+    a module that is no plugin (evil_module: it leaves a mark file when imported)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "wordtok.py").write_text(WORDTOK)
+    (site / "evil_module.py").write_text(EVIL)
+    info = site / "lmforge_wordtok-0.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lmforge-wordtok\nVersion: 0.2\n")
+    (info / "entry_points.txt").write_text(
+        "[lmforge.tokenizers]\nwords = wordtok:build\nbroken_words = wordtok:broken\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("LMFORGE_TEST_MARK", str(tmp_path / "evil-imported"))
+    monkeypatch.delenv(plugins.AUTOLOAD_ENV, raising=False)
+    monkeypatch.setattr(plugins, "autoload_override", None)
+    yield site
+    for name in ("wordtok", "evil_module"):
+        sys.modules.pop(name, None)
+
+
+WORDS = ListCorpus(["the fox jumps over the dog", "a dog sleeps"])
+TEXTS = ["the dog jumps", "a fox sleeps over the cat", ""]
+
+
+def test_plugin_tokenizer_round_trips_through_a_checkpoint(plugin_site, tmp_path):
+    import torch
+
+    from lmforge.checkpoint import torch_load
+
+    tok = plugins.build("tokenizer", {"name": "words"}, WORDS, tmp_path)
+    record = tokenizers.tokenizer_to_dict(tok)
+    assert record == {
+        "type": "plugin", "class": "wordtok:WordTok", "values": {"words": tok.words[2:]},
+        "distribution": "lmforge-wordtok", "version": "0.2",
+    }  # fmt: skip
+    torch.save({"lmforge": {"tokenizer": record}}, tmp_path / "t.ckpt")  # as lmforge fit saves it
+    rebuilt = tokenizer_from_dict(torch_load(tmp_path / "t.ckpt")["lmforge"]["tokenizer"])
+    assert type(rebuilt).__name__ == "WordTok" and rebuilt.fingerprint() == tok.fingerprint()
+    assert [rebuilt.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+
+
+def test_plugin_tokenizer_round_trips_through_a_folder(plugin_site, tmp_path):
+    tok = plugins.build("tokenizer", {"name": "words"}, WORDS, tmp_path)
+    tokenizers.save_tokenizer(tok, tmp_path / "saved")
+    assert (tmp_path / "saved" / "words.txt").is_file()  # the plugin's own save ran
+    meta = json.loads((tmp_path / "saved" / META_FILE).read_text())
+    assert meta["type"] == "plugin" and meta["class"] == "wordtok:WordTok"  # lmforge's record, written after it
+    loaded = load_tokenizer(tmp_path / "saved")
+    assert loaded.fingerprint() == tok.fingerprint() and loaded.encode(TEXTS[1]) == tok.encode(TEXTS[1])
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        ("evil_module:Anything", "comes from package evil_module, which is not an installed lmforge.tokenizers plugin"),
+        ("os:system", "comes from package os, which is not an installed lmforge.tokenizers plugin"),
+        ("lmforge.tokenizers:ByteTokenizer", "comes from package lmforge, which is not an installed"),
+        ("wordtok:Path", "is not a tokenizer class of lmforge-wordtok"),  # imported there, from pathlib
+        ("wordtok:os.system", "is not a tokenizer class of lmforge-wordtok"),
+        ("wordtok:words_of.<locals>", "is not a 'module:qualname' of a tokenizer plugin"),
+        ("wordtok", "is not a 'module:qualname' of a tokenizer plugin"),
+        ("wordtok:WordTok.__class__", "is not a 'module:qualname' of a tokenizer plugin"),
+    ],
+)
+def test_a_checkpoint_cannot_name_other_code(plugin_site, tmp_path, target, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        tokenizer_from_dict({"type": "plugin", "class": target, "values": {}})
+    assert not (tmp_path / "evil-imported").exists()  # refused before importing anything outside the plugins
+
+
+def test_plugin_tokenizer_of_an_uninstalled_or_disabled_plugin(plugin_site, monkeypatch):
+    record = {
+        "type": "plugin",
+        "class": "gone_pkg.tok:Tok",
+        "values": {},
+        "distribution": "lmforge-gone",
+        "version": "1.0",
+    }
+    with pytest.raises(
+        UserError, match=r"comes from lmforge-gone 1\.0, which is not an installed .*install the plugin"
+    ):
+        tokenizer_from_dict(record)
+    monkeypatch.setenv(plugins.AUTOLOAD_ENV, "1")
+    with pytest.raises(UserError, match="third-party plugins are off"):
+        tokenizer_from_dict({"type": "plugin", "class": "wordtok:WordTok", "values": {"words": []}})
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("NoFromDict", "its class NoFromDict has no from_dict classmethod; add `@classmethod def from_dict"),
+        ("NotJSON", "NotJSON.to_dict() is not JSON-serialisable (Object of type set is not JSON serializable)"),
+        ("Tuples", "Tuples.to_dict() changes through JSON (tuples become lists"),
+        ("Forgetful", "Forgetful.from_dict(Forgetful.to_dict()) has vocab_size=5, not 9"),
+    ],
+)
+def test_plugin_tokenizer_that_cannot_round_trip_fails_when_built(plugin_site, tmp_path, kind, message):
+    with pytest.raises(plugins.PluginError) as err:
+        plugins.build("tokenizer", {"name": "broken_words", "kind": kind}, WORDS, tmp_path)
+    text = str(err.value)
+    assert text.startswith("tokenizer plugin 'broken_words' (wordtok:broken) from lmforge-wordtok 0.2 cannot be saved")
+    assert message in text and "\n" not in text
+
+
+def test_fit_with_a_tokenizer_that_cannot_round_trip_stops_before_training(plugin_site, tmp_path):
+    import os
+    import subprocess
+    import sys as _sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(plugin_site), "LMFORGE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [_sys.executable, "-m", "lmforge", "fit", "-c", str(root / "configs" / "gpt-tiny.yaml"),
+         "--data.tokenizer", "{name: broken_words}", "--data.dataset.size_bytes", "20000", "--data.num_workers", "0",
+         "--trainer.default_root_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "lmforge: error: tokenizer plugin 'broken_words' (wordtok:broken) from lmforge-wordtok 0.2 cannot be saved "
+            "in checkpoints: its class NoFromDict has no from_dict classmethod"
+        )
+    )
+    assert "Traceback" not in proc.stderr and not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_builtin_entries_keep_their_format(bpe, tmp_path):
+    """Checkpoints and folders written before plugin records existed still load, and lmforge's own tokenizers are
+    still written the old way."""
+    assert tokenizers.tokenizer_to_dict(ByteTokenizer()) == {"type": "bytes"}
+    assert tokenizers.tokenizer_to_dict(bpe) == bpe.to_dict()
+    assert tokenizers.round_trip_problem(bpe) is None and tokenizers.round_trip_problem(ByteTokenizer()) is None
+    old = {"type": "hf", "eos_token": EOS_TOKEN, "tokenizer_json": bpe._tok.to_str()}
+    assert tokenizer_from_dict(old).fingerprint() == bpe.fingerprint()
+    tokenizers.save_tokenizer(bpe, tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / META_FILE).read_text()) == {"type": "hf", "eos_token": EOS_TOKEN}
+    tokenizers.save_tokenizer(ByteTokenizer(), tmp_path / "bytes")
+    assert json.loads((tmp_path / "bytes" / META_FILE).read_text()) == {"type": "bytes"}
+    assert isinstance(load_tokenizer(tmp_path / "bytes"), ByteTokenizer)
+
+
+def test_entry_of_a_plugin_from_before_records_is_explained():
+    with pytest.raises(UserError, match=r"unknown tokenizer type 'wordlevel' in checkpoint; .*retrain with the plugin"):
+        tokenizer_from_dict({"type": "wordlevel", "pieces": ["a"]})

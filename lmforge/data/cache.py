@@ -3,7 +3,13 @@
 Layout in the cache folder: ``<key>.bin`` (raw little-endian uint16 or uint32 tokens, documents
 separated by the end-of-text token) and ``<key>.json`` (what it holds). Both are written to
 temporary names and renamed into place, the metadata last, so a killed run never leaves a file
-that looks complete; a token file whose size disagrees with its metadata is rebuilt.
+that looks complete, and the temporaries a killed run leaves are removed by the next build.
+
+A cached file is checked before it is reused: its size against the metadata, and its content against
+the CRC-32 of every 64 MiB block recorded when it was written (all blocks up to
+``VERIFY_ALL_BYTES``; beyond that the first, the last and 16 random ones, about 1 GiB read). A file that
+fails is rebuilt. Training windows also refuse token ids beyond the vocabulary, so damage in a block
+the sample skipped stops the run with one line instead of training on garbage.
 """
 
 from __future__ import annotations
@@ -12,20 +18,25 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import random
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from lmforge.atomic import staged_file, write_json
 from lmforge.data.sources import Corpus, CorpusError
 from lmforge.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: block checksums in the metadata
+BLOCK_BYTES = 64 << 20
+VERIFY_ALL_BYTES = 4 << 30
+SAMPLED_BLOCKS = 16
 TokenDType = Literal["auto", "uint16", "uint32"]
 
 
@@ -67,8 +78,48 @@ def cache_key(corpus_key: str, tokenizer: Tokenizer, dtype: np.dtype) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:32]
 
 
+class BlockChecksums:
+    """CRC-32 of each ``BLOCK_BYTES`` block of a stream, fed as it is written."""
+
+    def __init__(self) -> None:
+        self.crcs: list[int] = []
+        self._crc = 0
+        self._filled = 0
+
+    def update(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), BLOCK_BYTES - self._filled)
+            self._crc = zlib.crc32(view[:take], self._crc)
+            self._filled += take
+            view = view[take:]
+            if self._filled == BLOCK_BYTES:
+                self.crcs.append(self._crc)
+                self._crc, self._filled = 0, 0
+
+    def finish(self) -> list[int]:
+        if self._filled:
+            self.crcs.append(self._crc)
+            self._crc, self._filled = 0, 0
+        return self.crcs
+
+
+def _damaged_block(path: Path, crcs: list[int], size: int) -> int | None:
+    """The first block (of those checked) whose CRC-32 differs from the recorded one, or None."""
+    blocks = list(range(len(crcs)))
+    if size > VERIFY_ALL_BYTES:
+        middle = blocks[1:-1]
+        blocks = sorted({blocks[0], blocks[-1], *random.sample(middle, min(SAMPLED_BLOCKS, len(middle)))})
+    with open(path, "rb") as f:
+        for i in blocks:
+            f.seek(i * BLOCK_BYTES)
+            if zlib.crc32(f.read(BLOCK_BYTES)) != crcs[i]:
+                return i
+    return None
+
+
 def _load_valid(bin_path: Path, meta_path: Path) -> TokenFile | None:
-    """The cached token file if it is complete; None if absent; None with a warning if damaged."""
+    """The cached token file if it is complete and intact; None if absent; None with a warning if damaged."""
     if not meta_path.exists():
         if bin_path.exists():
             log.warning("token cache: %s has no metadata (an interrupted run?); rebuilding it", bin_path)
@@ -77,8 +128,9 @@ def _load_valid(bin_path: Path, meta_path: Path) -> TokenFile | None:
         meta = json.loads(meta_path.read_text())
         dtype = np.dtype(meta["dtype"])
         expected = int(meta["num_tokens"]) * dtype.itemsize
+        crcs = [int(c) for c in meta["block_crc32"]]
     except (ValueError, KeyError, TypeError):
-        log.warning("token cache: %s is unreadable; rebuilding", meta_path)
+        log.warning("token cache: %s is unreadable or from an older lmforge; rebuilding", meta_path)
         return None
     actual = bin_path.stat().st_size if bin_path.exists() else -1
     if actual != expected:
@@ -87,6 +139,18 @@ def _load_valid(bin_path: Path, meta_path: Path) -> TokenFile | None:
             bin_path,
             max(actual, 0),
             expected,
+        )
+        return None
+    if len(crcs) != -(-expected // BLOCK_BYTES):
+        log.warning("token cache: %s has a damaged checksum list; rebuilding", meta_path)
+        return None
+    damaged = _damaged_block(bin_path, crcs, expected)
+    if damaged is not None:
+        log.warning(
+            "token cache: %s is corrupt (its content at bytes %d-%d differs from when it was written); rebuilding",
+            bin_path,
+            damaged * BLOCK_BYTES,
+            min(expected, (damaged + 1) * BLOCK_BYTES) - 1,
         )
         return None
     return TokenFile(bin_path, dtype, int(meta["num_tokens"]), meta)
@@ -112,30 +176,25 @@ def build_token_file(
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".bin.tmp")
-    tmp = Path(tmp_name)
     num_tokens = num_docs = 0
     limit = np.iinfo(dtype).max
-    try:
-        with os.fdopen(fd, "wb") as out, _progress(corpus.num_bytes(), progress) as bar:
+    checksums = BlockChecksums()
+    with staged_file(bin_path) as tmp:
+        with open(tmp, "wb") as out, _progress(corpus.num_bytes(), progress) as bar:
             for batch in _batches(corpus.documents(), 256):
                 encoded = tokenizer.encode_batch(batch)
                 for ids in encoded:
                     arr = np.append(np.asarray(ids, dtype=np.int64), tokenizer.eos_id)
-                    if arr.max() > limit:
-                        raise CorpusError(f"data: token id {arr.max()} does not fit in {dtype.name}")
-                    out.write(arr.astype(dtype).tobytes())
+                    if arr.max() > limit or arr.min() < 0:
+                        raise CorpusError(f"data: the tokenizer returned token id {arr.max()}, outside {dtype.name}")
+                    data = arr.astype(dtype).tobytes()
+                    out.write(data)
+                    checksums.update(data)
                     num_tokens += arr.size
                 num_docs += len(batch)
                 bar.update(sum(len(doc.encode("utf-8")) for doc in batch))
-            out.flush()
-            os.fsync(out.fileno())
         if num_docs == 0:
-            raise CorpusError("corpus: no text found (every file or record is empty); point data.corpus at real text")
-        os.replace(tmp, bin_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            raise CorpusError("corpus: no text found (every file or record is empty); point data.dataset at real text")
     meta = {
         "format": FORMAT_VERSION,
         "dtype": dtype.name,
@@ -144,16 +203,11 @@ def build_token_file(
         "corpus_key": corpus_key,
         "tokenizer": tokenizer.fingerprint(),
         "vocab_size": tokenizer.vocab_size,
+        "block_bytes": BLOCK_BYTES,
+        "block_crc32": checksums.finish(),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    fd, tmp_meta = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp_meta, meta_path)
-    except BaseException:
-        Path(tmp_meta).unlink(missing_ok=True)
-        raise
+    write_json(meta_path, meta)
     log.info("token cache: wrote %s (%d tokens, %d documents, %.1f s)", bin_path, num_tokens, num_docs, meta["seconds"])
     return TokenFile(bin_path, dtype, num_tokens, meta)
 

@@ -35,7 +35,15 @@ class TokenWindowDataset(Dataset):
         if self._tokens is None:
             self._tokens = self.token_file.open()
         offset = self.start + i * self.stride
-        window = torch.from_numpy(self._tokens[offset : offset + self.seq_len + 1].astype(np.int64))
+        window = self._tokens[offset : offset + self.seq_len + 1].astype(np.int64)
+        vocab = self.token_file.meta.get("vocab_size")
+        if vocab is not None and window.max() >= vocab:  # damage the reuse check did not sample
+            self.token_file.path.with_suffix(".json").unlink(missing_ok=True)  # the next run rebuilds it
+            raise CorpusError(
+                f"token cache: {self.token_file.path} is corrupt (token id {int(window.max())} at offset "
+                f"{offset + int(window.argmax())} is beyond the vocabulary of {vocab}); run again to rebuild it"
+            )
+        window = torch.from_numpy(window)
         return window[:-1], window[1:]
 
     def __getstate__(self) -> dict:

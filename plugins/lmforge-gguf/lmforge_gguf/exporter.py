@@ -12,8 +12,11 @@ It writes what llama.cpp's convert_hf_to_gguf.py writes for the same model in Hu
 Tensor types follow convert_hf_to_gguf.py: norms, biases, other 1-D tensors and the position
 embedding stay F32; 2-D weights take the requested type, and for q8_0 a matrix whose rows do not
 split into 32-value blocks falls back to F16. A tied output head is not stored (llama.cpp reuses
-``token_embd``). The file is written into a temporary folder beside ``out_dir`` that is renamed to
-``out_dir`` at the end, so a failed export leaves nothing behind.
+``token_embd``).
+
+The exporter writes the file into ``out_dir``, an empty folder that lmforge (``lmforge export``, or
+``lmforge.export.export``) created beside ``--to`` and renames to it once the exporter returns, so a failed
+export leaves nothing behind. Everything that can be refused is checked before the file is opened.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from gguf import MODEL_TENSOR as T
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 
-from lmforge.atomic import staged_folder
 from lmforge.export import read_checkpoint
 from lmforge.model import GPTConfig
+from lmforge_gguf.errors import GGUFError
 from lmforge_gguf.vocab import Vocab, vocab_for
 
 DTYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
@@ -51,21 +54,27 @@ ARCHS: dict[gguf.MODEL_ARCH, dict[str, str]] = {
 
 
 def export_gguf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f16", filename: str | None = None) -> Path:
-    """Write the model of ``checkpoint`` as ``out_dir/<name>.gguf`` (``out_dir`` must not exist yet).
+    """Write the model of ``checkpoint`` as ``out_dir/<name>.gguf``, into the existing empty folder ``out_dir``.
+
+    Run it through ``lmforge.export.export`` (``lmforge export --format gguf``), which checks the checkpoint,
+    creates the folder beside the final one and renames it into place when this returns.
 
     Args:
         checkpoint: A .ckpt written by ``lmforge fit``.
-        out_dir: The folder to create.
+        out_dir: The (empty) folder to write into.
         dtype: Type of the 2-D weight matrices: f32, f16, bf16 or q8_0 (norms and biases stay f32).
         filename: Name of the file in ``out_dir``; default ``<run>-<dtype>.gguf``, where <run> is the run
             folder of ``runs/<run>/checkpoints/*.ckpt`` (else the checkpoint's file name).
     """
     key = dtype.lower() if isinstance(dtype, str) else dtype
     if key not in DTYPES:
-        raise ValueError(f"exporter gguf: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        raise GGUFError(f"exporter gguf: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"export folder {out_dir} already exists; remove it or choose another --to")
+    if not out_dir.is_dir() or any(out_dir.iterdir()):
+        raise GGUFError(
+            f"exporter gguf: {out_dir} is not an empty folder; run the exporter through lmforge export "
+            "(lmforge.export.export), which creates the folder and renames it into place"
+        )
     name = model_name(checkpoint)
     file = _file_name(filename if filename is not None else f"{name}-{key}")
     file_type, matrix_type = DTYPES[key]
@@ -76,17 +85,16 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f16",
     vocab = vocab_for(tokenizer, config.vocab_size)
     tensors = [(n, *encode(n, data, matrix_type)) for n, data in gguf_tensors(config, state, arch)]
 
-    with staged_folder(out_dir) as tmp:
-        writer = _Writer(tmp / file, gguf.MODEL_ARCH_NAMES[arch])
-        try:
-            _add_metadata(writer, arch, config, name, file_type, vocab)
-            for tensor_name, data, qtype in tensors:
-                writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    writer = _Writer(out_dir / file, gguf.MODEL_ARCH_NAMES[arch])
+    try:
+        _add_metadata(writer, arch, config, name, file_type, vocab)
+        for tensor_name, data, qtype in tensors:
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
     return out_dir
 
 
@@ -100,12 +108,12 @@ def model_name(checkpoint: str | Path) -> str:
 
 def _file_name(filename: Any) -> str:
     if not isinstance(filename, str) or filename in ("", ".", "..") or "/" in filename or os.sep in filename:
-        raise ValueError(f"exporter gguf: filename={filename!r} must be a plain file name (it goes inside out_dir)")
+        raise GGUFError(f"exporter gguf: filename={filename!r} must be a plain file name (it goes inside out_dir)")
     return filename if filename.endswith(".gguf") else filename + ".gguf"
 
 
 def choose_arch(config: GPTConfig) -> gguf.MODEL_ARCH:
-    """gpt2 or llama, whichever computes exactly this model; a ValueError naming what neither can express."""
+    """gpt2 or llama, whichever computes exactly this model; a GGUFError naming what neither can express."""
     refusals = []
     for arch, needs in ARCHS.items():
         off = [f"{key}={getattr(config, key)}" for key, value in needs.items() if getattr(config, key) != value]
@@ -113,7 +121,7 @@ def choose_arch(config: GPTConfig) -> gguf.MODEL_ARCH:
             return arch
         wants = ", ".join(f"{key}={value}" for key, value in needs.items())
         refusals.append(f"{gguf.MODEL_ARCH_NAMES[arch]} ({wants}) cannot express {', '.join(off)}")
-    raise ValueError(f"exporter gguf: no llama.cpp architecture computes this model: {'; '.join(refusals)}")
+    raise GGUFError(f"exporter gguf: no llama.cpp architecture computes this model: {'; '.join(refusals)}")
 
 
 def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -139,7 +147,7 @@ def gguf_tensors(
 
     def get(key: str) -> np.ndarray:
         if key not in state:
-            raise ValueError(f"exporter gguf: the checkpoint has no tensor {key!r} although its model config needs it")
+            raise GGUFError(f"exporter gguf: the checkpoint has no tensor {key!r} although its model config needs it")
         return state[key].detach().to(torch.float32).cpu().numpy()
 
     def bias(key: str, size: int) -> np.ndarray | None:

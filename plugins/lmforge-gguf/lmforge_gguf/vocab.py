@@ -21,6 +21,7 @@ from typing import Any
 from gguf import TokenType
 
 from lmforge.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer
+from lmforge_gguf.errors import GGUFError
 
 GPT2_PRE = "gpt-2"
 """llama.cpp's name (tokenizer.ggml.pre) for GPT-2's pre-tokenizer regex."""
@@ -54,7 +55,7 @@ def bytes_to_unicode() -> dict[int, str]:
 def vocab_for(tokenizer: Any, vocab_size: int) -> Vocab:
     """The GGUF vocabulary of ``tokenizer``, padded with unused ``[PAD{i}]`` tokens to ``vocab_size``."""
     if tokenizer is None:
-        raise ValueError(
+        raise GGUFError(
             "exporter gguf: the checkpoint holds no tokenizer, and llama.cpp needs one; "
             "export a checkpoint trained with a bytes, bpe or hf tokenizer"
         )
@@ -66,12 +67,12 @@ def vocab_for(tokenizer: Any, vocab_size: int) -> Vocab:
     elif isinstance(tokenizer, HFTokenizer):
         vocab = _hf_vocab(tokenizer)
     else:
-        raise ValueError(
+        raise GGUFError(
             f"exporter gguf: cannot express a {type(tokenizer).__name__} tokenizer in GGUF; "
             "only lmforge's ByteTokenizer and byte-level BPE HFTokenizers (bytes, bpe, hf) are supported"
         )
     if len(vocab.tokens) > vocab_size:
-        raise ValueError(
+        raise GGUFError(
             f"exporter gguf: the tokenizer has {len(vocab.tokens)} tokens but the model's embedding only "
             f"{vocab_size} rows (model config vocab_size)"
         )
@@ -85,8 +86,8 @@ def _hf_vocab(tokenizer: HFTokenizer) -> Vocab:
     spec = json.loads(tokenizer.to_dict()["tokenizer_json"])
     model = spec.get("model") or {}
 
-    def refuse(why: str) -> ValueError:
-        return ValueError(
+    def refuse(why: str) -> GGUFError:
+        return GGUFError(
             f"exporter gguf: the tokenizer is not a GPT-2 style byte-level BPE ({why}); "
             "llama.cpp would tokenize text differently, so it cannot be exported"
         )

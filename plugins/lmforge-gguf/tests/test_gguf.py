@@ -2,12 +2,16 @@
 follows llama.cpp's gpt2 and llama graphs on the file, the error cases, atomic output, and discovery.
 
 The checkpoints are built without training: a GPT with randomised weights (norm weights and biases
-included, so that a swapped or dropped tensor shows) saved the way ``lmforge fit`` saves one.
+included, so that a swapped or dropped tensor shows) saved the way ``lmforge fit`` saves one. Exports
+run the way users run them: through ``lmforge.export.export`` (what ``lmforge export`` calls), which
+hands the exporter an empty folder and renames it to ``--to``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import gguf
@@ -17,11 +21,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 from gguf import TokenType
-from lmforge_gguf import bytes_to_unicode, export_gguf, permute_rope
+from lmforge_gguf import GGUFError, bytes_to_unicode, export_gguf, permute_rope
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import lmforge
 from lmforge import cli, plugins
+from lmforge.errors import UserError
+from lmforge.export import export
 from lmforge.model import GPT, GPTConfig
 from lmforge.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer
 
@@ -247,7 +253,7 @@ def check_metadata(reader: gguf.GGUFReader, expected: dict[str, tuple[V, object]
 def test_gpt2_like_every_tensor_and_key(tmp_path, dtype):
     config = GPTConfig(**GPT2_LIKE)
     model = save_checkpoint(tmp_path / "tiny-gpt2" / "checkpoints" / "last.ckpt", config, ByteTokenizer())
-    out = export_gguf(tmp_path / "tiny-gpt2" / "checkpoints" / "last.ckpt", tmp_path / "out", dtype=dtype)
+    out = export(tmp_path / "tiny-gpt2" / "checkpoints" / "last.ckpt", tmp_path / "out", "gguf", dtype=dtype)
     assert out == tmp_path / "out"
     file = only_file(out)
     assert file.name == f"tiny-gpt2-{dtype}.gguf"
@@ -261,7 +267,9 @@ def test_gpt2_like_every_tensor_and_key(tmp_path, dtype):
 def test_llama_like_every_tensor_and_key(tmp_path, bpe, dtype):
     config = GPTConfig(**LLAMA_LIKE)
     model = save_checkpoint(tmp_path / "ckpt" / "step-7.ckpt", config, bpe)
-    out = export_gguf(tmp_path / "ckpt" / "step-7.ckpt", tmp_path / "deep" / "er" / "out", dtype, "model")
+    out = export(
+        tmp_path / "ckpt" / "step-7.ckpt", tmp_path / "deep" / "er" / "out", "gguf", dtype=dtype, filename="model"
+    )
     file = only_file(out)
     assert file.name == "model.gguf"
     reader = gguf.GGUFReader(file)
@@ -373,7 +381,7 @@ def gguf_logits(reader: gguf.GGUFReader, ids: list[int]) -> np.ndarray:
 def test_file_computes_the_lmforge_model(tmp_path, options):
     config = GPTConfig(**options)
     model = save_checkpoint(tmp_path / "m.ckpt", config, ByteTokenizer(), seed=1)
-    reader = gguf.GGUFReader(only_file(export_gguf(tmp_path / "m.ckpt", tmp_path / "out", dtype="f32")))
+    reader = gguf.GGUFReader(only_file(export(tmp_path / "m.ckpt", tmp_path / "out", "gguf", dtype="f32")))
     ids = [3, 200, 17, 256, 42, 99, 311, 5, 77, 128, 64]
     with torch.no_grad():
         want = model(torch.tensor([ids]))[0].double().numpy()
@@ -389,8 +397,8 @@ def assert_nothing_written(parent: Path, before: set[str]) -> None:
 
 def test_unknown_dtype_lists_the_choices(tmp_path):
     save_checkpoint(tmp_path / "m.ckpt", GPTConfig(**GPT2_LIKE), ByteTokenizer())
-    with pytest.raises(ValueError, match=r"dtype='q4_0' is not one of f32, f16, bf16, q8_0"):
-        export_gguf(tmp_path / "m.ckpt", tmp_path / "out", dtype="q4_0")
+    with pytest.raises(GGUFError, match=r"dtype='q4_0' is not one of f32, f16, bf16, q8_0"):
+        export(tmp_path / "m.ckpt", tmp_path / "out", "gguf", dtype="q4_0")
     assert_nothing_written(tmp_path, {"m.ckpt"})
 
 
@@ -399,7 +407,12 @@ def test_existing_out_dir_is_refused_and_kept(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="already exists"):
+        export(tmp_path / "m.ckpt", tmp_path / "out", "gguf")
+    # called directly, the exporter writes only into an empty folder (lmforge export makes one)
+    with pytest.raises(GGUFError, match="is not an empty folder; run the exporter through lmforge export"):
         export_gguf(tmp_path / "m.ckpt", tmp_path / "out")
+    with pytest.raises(GGUFError, match="is not an empty folder"):
+        export_gguf(tmp_path / "m.ckpt", tmp_path / "missing")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert_nothing_written(tmp_path, {"m.ckpt", "out"})
 
@@ -417,8 +430,8 @@ def test_existing_out_dir_is_refused_and_kept(tmp_path):
 )  # fmt: skip
 def test_model_neither_architecture_computes(tmp_path, options, message):
     save_checkpoint(tmp_path / "m.ckpt", GPTConfig(**{**GPT2_LIKE, **options}), ByteTokenizer())
-    with pytest.raises(ValueError, match=message) as err:
-        export_gguf(tmp_path / "m.ckpt", tmp_path / "out")
+    with pytest.raises(GGUFError, match=message) as err:
+        export(tmp_path / "m.ckpt", tmp_path / "out", "gguf")
     assert str(err.value).startswith("exporter gguf: no llama.cpp architecture computes this model: gpt2 (")
     assert_nothing_written(tmp_path, {"m.ckpt"})
 
@@ -448,23 +461,29 @@ def whitespace_bpe() -> HFTokenizer:
 )
 def test_tokenizer_llama_cpp_cannot_reproduce(tmp_path, tokenizer, message):
     save_checkpoint(tmp_path / "m.ckpt", GPTConfig(**GPT2_LIKE), tokenizer() if tokenizer else None)
-    with pytest.raises(ValueError, match=message):
-        export_gguf(tmp_path / "m.ckpt", tmp_path / "out")
+    with pytest.raises(GGUFError, match=message):
+        export(tmp_path / "m.ckpt", tmp_path / "out", "gguf")
     assert_nothing_written(tmp_path, {"m.ckpt"})
 
 
 def test_tokenizer_larger_than_the_embedding(tmp_path):
     save_checkpoint(tmp_path / "m.ckpt", GPTConfig(**{**GPT2_LIKE, "vocab_size": 200}), ByteTokenizer())
-    with pytest.raises(ValueError, match="257 tokens but the model's embedding only 200 rows"):
-        export_gguf(tmp_path / "m.ckpt", tmp_path / "out")
+    with pytest.raises(GGUFError, match="257 tokens but the model's embedding only 200 rows"):
+        export(tmp_path / "m.ckpt", tmp_path / "out", "gguf")
+    assert_nothing_written(tmp_path, {"m.ckpt"})
 
 
 @pytest.mark.parametrize("filename", ["a/b.gguf", "..", "", 7])
 def test_filename_must_be_a_plain_name(tmp_path, filename):
     save_checkpoint(tmp_path / "m.ckpt", GPTConfig(**GPT2_LIKE), ByteTokenizer())
-    with pytest.raises(ValueError, match="must be a plain file name"):
-        export_gguf(tmp_path / "m.ckpt", tmp_path / "out", filename=filename)
+    refused = GGUFError if isinstance(filename, str) else UserError  # lmforge may refuse a non-string first
+    with pytest.raises(refused, match="filename"):
+        export(tmp_path / "m.ckpt", tmp_path / "out", "gguf", filename=filename)
     assert_nothing_written(tmp_path, {"m.ckpt"})
+    (tmp_path / "empty").mkdir()  # the exporter's own check, whoever calls it
+    with pytest.raises(GGUFError, match="must be a plain file name"):
+        export_gguf(tmp_path / "m.ckpt", tmp_path / "empty", filename=filename)
+    assert not any((tmp_path / "empty").iterdir())
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -478,7 +497,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch, exc):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
     with pytest.raises(type(exc)):
-        export_gguf(tmp_path / "m.ckpt", tmp_path / "sub" / "out")
+        export(tmp_path / "m.ckpt", tmp_path / "sub" / "out", "gguf")
     assert written and written[0] > 0
     assert_nothing_written(tmp_path / "sub", set())
     assert_nothing_written(tmp_path, {"m.ckpt", "sub"})
@@ -495,6 +514,7 @@ def test_found_as_the_gguf_exporter_and_run_by_lmforge_export(tmp_path, capsys):
 
     ckpt = tmp_path / "runs" / "gpt-tiny" / "checkpoints" / "last.ckpt"
     save_checkpoint(ckpt, GPTConfig(**GPT2_LIKE), ByteTokenizer())
+    (tmp_path / "a").mkdir()  # the protocol: the exporter fills the empty folder it is given
     out = plugins.build("exporter", {"name": "gguf", "filename": "tiny"}, ckpt, tmp_path / "a")
     assert only_file(out).name == "tiny.gguf"
     assert gguf.GGUFReader(only_file(out)).fields["general.file_type"].contents() == 1  # f16 by default
@@ -503,3 +523,21 @@ def test_found_as_the_gguf_exporter_and_run_by_lmforge_export(tmp_path, capsys):
     assert f"as gguf to {tmp_path / 'b'}" in capsys.readouterr().out
     reader = gguf.GGUFReader(tmp_path / "b" / "gpt-tiny-q8_0.gguf")
     assert reader.fields["general.name"].contents() == "gpt-tiny"
+    # the folder and the file get the usual permissions (0755 and 0644 under umask 022), not mkdtemp's 0700
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "b" / "gpt-tiny-q8_0.gguf").stat().st_mode) == 0o666 & ~mask
+
+
+def test_refusal_on_the_command_line_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """A user error of the exporter (here a dtype llama.cpp has no writer for) is exit 2 and one line, not a
+    traceback, and no folder is left, final or temporary."""
+    save_checkpoint(tmp_path / "m.ckpt", GPTConfig(**GPT2_LIKE), ByteTokenizer())
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["export", str(tmp_path / "m.ckpt"), "--to", str(tmp_path / "out"), "--format", "gguf",
+                  "--arg", "dtype=q4_k"])  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmforge: error: exporter gguf: dtype='q4_k'") and "\n" not in err
+    assert_nothing_written(tmp_path, {"m.ckpt"})

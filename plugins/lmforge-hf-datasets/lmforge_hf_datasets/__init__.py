@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.errors import MissingFileError, UserError
+
 __version__ = "0.1.0"
 
 BUILDERS = ("json", "csv", "parquet", "text", "arrow")
@@ -43,10 +45,10 @@ class HFDatasetCorpus:
         try:
             ds = datasets.load_dataset(self.path, self.config_name, **kwargs)
         except Exception as err:
-            raise ValueError(f"dataset hf_datasets: cannot load {self.path!r} ({type(err).__name__}: {err})") from None
+            raise UserError(f"dataset hf_datasets: cannot load {self.path!r} ({type(err).__name__}: {err})") from None
         columns = ds.column_names
         if columns is not None and self.text_field not in columns:
-            raise ValueError(
+            raise UserError(
                 f"dataset hf_datasets: {self.path!r} split {self.split!r} has no column {self.text_field!r} "
                 f"(columns: {', '.join(columns)}); set text_field"
             )
@@ -79,7 +81,7 @@ class HFDatasetCorpus:
                 return
             text = row.get(self.text_field)
             if text is None:
-                raise ValueError(f"dataset hf_datasets: row {i} has no {self.text_field!r}; set text_field")
+                raise UserError(f"dataset hf_datasets: row {i} has no {self.text_field!r}; set text_field")
             if text:
                 yield str(text)
 
@@ -108,8 +110,22 @@ def hf_datasets(
     """
     files = [data_files] if isinstance(data_files, str) else list(data_files or [])
     if path in BUILDERS and not files:
-        raise ValueError(f"dataset hf_datasets: path={path!r} reads local files; give data_files")
+        raise UserError(f"dataset hf_datasets: path={path!r} reads local files; give data_files")
     for name in files:
         if not any(ch in name for ch in "*?[") and not Path(name).is_file():
-            raise FileNotFoundError(f"dataset hf_datasets: data file {name} does not exist")
+            raise MissingFileError(f"dataset hf_datasets: data file {name} does not exist")
     return HFDatasetCorpus(path, split, text_field, config_name, files, revision, streaming, max_documents)
+
+
+def _example_args(folder: Path) -> dict:
+    """Sample arguments for ``lmforge plugins check`` (lmforge.testing): a small local JSON Lines file, written
+    into ``folder`` and read offline through the ``json`` builder."""
+    import json
+
+    file = Path(folder) / "sample.jsonl"
+    rows = [{"text": f"Story {i}: the fox jumps over the fence, {i} times."} for i in range(20)]
+    file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return {"path": "json", "data_files": [str(file)]}
+
+
+hf_datasets.example_args = _example_args

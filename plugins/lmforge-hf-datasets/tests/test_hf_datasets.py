@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import plugins
+from lmforge.testing import assert_plugin_ok
 
 HERE = Path(__file__).resolve().parents[1]
 REPO = HERE.parents[1]
@@ -30,6 +31,15 @@ def expected_texts() -> list[str]:
 def test_registered_as_an_lmforge_dataset():
     (info,) = plugins.discover("dataset")["hf_datasets"]
     assert info.distribution == "lmforge-hf-datasets"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_follows_the_lmforge_dataset_protocol(streaming):
+    """lmforge's protocol checks (what `lmforge plugins check lmforge-hf-datasets` runs): key rule and stability,
+    documents, num_bytes, hub_dataset; with the factory's example_args, and with the shipped stories."""
+    if not streaming:
+        assert_plugin_ok("dataset", "hf_datasets")
+    assert_plugin_ok("dataset", "hf_datasets", path="json", data_files=[str(STORIES)], streaming=streaming)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lmforge import plugins
 from lmforge.model import GPTConfig
 from lmforge.pretrain import PretrainModule
+from lmforge.testing import assert_plugin_ok
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -24,6 +25,13 @@ def test_registered_and_built_with_lmforge_decay_groups():
     opt = plugins.build("optimizer", {"name": "adamw_schedulefree", "lr": 1e-3, "weight_decay": 0.2}, module.model)
     assert type(opt).__name__ == "AdamWScheduleFree"
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+
+
+def test_follows_the_lmforge_optimizer_protocol():
+    """lmforge's protocol checks (what `lmforge plugins check lmforge-schedulefree` runs): steps through
+    step(closure) in train mode, a state_dict that loads weights-only, and resumed steps equal to uninterrupted ones."""
+    assert_plugin_ok("optimizer", "adamw_schedulefree")
+    assert_plugin_ok("optimizer", "adamw_schedulefree", lr=1e-3, warmup_steps=2, betas=[0.9, 0.99])
 
 
 class ModeSpy(L.Callback):
