@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -202,6 +203,12 @@ class Checkpointing(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        resumed = trainer.ckpt_path
+        if resumed and self.dirpath and not self.last_model_path and self.CHECKPOINT_NAME_LAST in Path(resumed).name:
+            if Path(resumed).resolve().parent == Path(self.dirpath).resolve():
+                # resuming from this folder's last.ckpt: it is the one to replace (not keep beside a last-v1.ckpt),
+                # also when the callback's own state did not restore (other every_n_* settings give another key)
+                self.last_model_path = str(resumed)
         self._trainer = trainer
         self._signal = None
         self._install_handlers()  # after Lightning's own, which it registers before the loop starts

@@ -19,6 +19,7 @@ from lmforge.data.cache import build_token_file, token_dtype
 from lmforge.data.pretrain import PretrainDataModule, TokenWindowDataset
 from lmforge.data.sources import CorpusError, EmbeddedCorpus, FileCorpus, resolve_files
 from lmforge.data.synthetic import SyntheticGrammar
+from lmforge.errors import UserError
 from lmforge.plugins import PluginError
 from lmforge.tokenizers import ByteTokenizer, HFTokenizer
 
@@ -463,8 +464,8 @@ def test_files_factory(tmp_path):
         sources.files(str(folder), decode_errors="ignore")
     with pytest.raises(CorpusError, match="does not exist"):
         sources.files([str(tmp_path / "missing.txt")])
-    # through the data module
-    with pytest.raises(CorpusError, match="decode_errors='ignore'"):
+    # through the data module: the plugin's annotation (a Literal) refuses it before anything is read
+    with pytest.raises(UserError, match="decode_errors='ignore' is not one of 'replace', 'strict'"):
         make_dm(
             tmp_path / "cache", dataset={"name": "files", "paths": str(folder), "decode_errors": "ignore"}
         ).prepare_data()

@@ -278,7 +278,8 @@ def test_an_interrupt_saves_says_where_and_exits_non_zero(run_cli, tmp_path, sig
     # saved at an optimizer step: every micro-batch of the accumulation was applied
     assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 2 * step
     run_cli("fit", "-c", TINY, *FAST, "--trainer.max_steps", str(step + 2), "--ckpt_path", "last", check=True)
-    assert torch_load(last)["global_step"] == step + 2
+    assert torch_load(last)["global_step"] == step + 2  # the same last.ckpt, not a last-v1.ckpt beside it
+    assert [p.name for p in last.parent.glob("last*.ckpt")] == ["last.ckpt"]
 
 
 def test_resume_applies_and_reports_changed_settings(run_cli, tmp_path):
