@@ -210,7 +210,52 @@ def test_missing_metadata_is_rebuilt(tmp_path, caplog):
     new_meta = json.loads(meta_path.read_text())
     assert {k: v for k, v in new_meta.items() if k != "seconds"} == {k: v for k, v in meta.items() if k != "seconds"}
     np.testing.assert_array_equal(np.fromfile(rebuilt.path, dtype=np.uint16), good)
-    assert not [n for n in cache_files(cache) if n.endswith(".tmp")]
+    assert not [n for n in cache_files(cache) if n.endswith(".tmp") or ".lmtmp-" in n]
+
+
+def test_corrupt_token_file_of_the_right_size_is_rebuilt(tmp_path, caplog):
+    """Same size, damaged content: the block checksums in the metadata catch it, and the file is rebuilt."""
+    corpus = EmbeddedCorpus(size_bytes=50_000)
+    cache = tmp_path / "cache"
+    built = build_token_file(corpus, ByteTokenizer(), cache, progress=False)
+    good = np.fromfile(built.path, dtype=np.uint16)
+    with open(built.path, "r+b") as f:
+        f.seek(built.path.stat().st_size // 2)
+        f.write(b"\xff\xff\x07\x00" * 8)  # ids far beyond the vocabulary, and one that is in it
+    caplog.set_level(logging.WARNING, logger="lmforge.data.cache")
+    rebuilt = build_token_file(corpus, ByteTokenizer(), cache, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("is corrupt" in m and str(built.path) in m and "rebuilding" in m for m in warnings), warnings
+    np.testing.assert_array_equal(np.fromfile(rebuilt.path, dtype=np.uint16), good)
+    caplog.clear()
+    assert build_token_file(corpus, ByteTokenizer(), cache, progress=False).num_tokens == good.size
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # an intact file is reused quietly
+
+
+def test_block_checksums_cover_every_block(monkeypatch, tmp_path):
+    from lmforge.data import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "BLOCK_BYTES", 4096)
+    built = build_token_file(EmbeddedCorpus(size_bytes=20_000), ByteTokenizer(), tmp_path / "cache", progress=False)
+    crcs = built.meta["block_crc32"]
+    assert len(crcs) == -(-built.path.stat().st_size // 4096)
+    import zlib
+
+    data = built.path.read_bytes()
+    assert crcs == [zlib.crc32(data[i : i + 4096]) for i in range(0, len(data), 4096)]
+
+
+def test_a_window_with_ids_beyond_the_vocabulary_stops_with_one_line(tmp_path):
+    """Damage a sampled check could miss (very large files) still never reaches the model."""
+    built = build_token_file(EmbeddedCorpus(size_bytes=5_000), ByteTokenizer(), tmp_path / "cache", progress=False)
+    with open(built.path, "r+b") as f:
+        f.seek(200)
+        f.write(np.array([60000], dtype=np.uint16).tobytes())
+    windows = TokenWindowDataset(built, 0, built.num_tokens, 64)
+    assert windows[5] is not None  # windows elsewhere are fine
+    with pytest.raises(CorpusError, match=r"is corrupt \(token id 60000 at offset 100.*run again to rebuild it"):
+        windows[1]
+    assert not built.path.with_suffix(".json").exists()  # the next run rebuilds it
 
 
 def test_token_dtype():
@@ -237,16 +282,17 @@ def test_empty_corpus(tmp_path):
     (folder / "b.txt").write_bytes(b"")
     (folder / "c.jsonl").write_text('{"text": ""}\n\n')
     cache = tmp_path / "cache"
-    with pytest.raises(CorpusError, match="no text"):
+    with pytest.raises(CorpusError, match="no text.*point data.dataset at real text"):
         build_token_file(FileCorpus(resolve_files([str(folder)])), ByteTokenizer(), cache, progress=False)
-    assert not [n for n in cache_files(cache) if n.endswith((".tmp", ".bin", ".json"))], cache_files(cache)
+    leftovers = [n for n in cache_files(cache) if n.endswith((".tmp", ".bin", ".json")) or ".lmtmp-" in n]
+    assert not leftovers, cache_files(cache)
     # through the data module too
     dm = PretrainDataModule(
         dataset={"name": "files", "paths": str(folder)}, cache_dir=str(tmp_path / "cache2"), num_workers=0
     )
     with pytest.raises(CorpusError, match="no text"):
         dm.prepare_data()
-    assert not [n for n in cache_files(tmp_path / "cache2") if n.endswith((".tmp", ".bin"))]
+    assert not [n for n in cache_files(tmp_path / "cache2") if n.endswith((".tmp", ".bin")) or ".lmtmp-" in n]
 
 
 # -- decoding and JSONL ------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _decode(data: bytes, path: Path, errors: DecodeErrors) -> str:
         if errors == "strict":
             raise CorpusError(
                 f"corpus: {path} is not valid UTF-8 at byte {err.start}; "
-                "fix the file or set data.decode_errors: replace"
+                "fix the file or set decode_errors: replace in data.dataset"
             ) from None
         text = data.decode("utf-8", errors="replace")
         log.warning(
@@ -119,7 +119,7 @@ class FileCorpus:
             if not isinstance(record, dict) or self.text_field not in record:
                 raise CorpusError(
                     f"corpus: {path}:{lineno}: no field {self.text_field!r}; "
-                    "set data.text_field to the field holding the text"
+                    "set text_field in data.dataset to the field holding the text"
                 )
             value = record[self.text_field]
             if not isinstance(value, str):
