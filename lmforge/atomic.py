@@ -35,7 +35,8 @@ _LEGACY_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.(bin\.|json\.)?tmp$")
 STALE_AFTER_S = 24 * 3600
 """A temporary of another host (a shared filesystem), or of an older lmforge, untouched this long is stale."""
 _mine: set[str] = set()
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # temporaries this process created: a stale one may carry a recycled pid
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}  # temporaries this process created: a stale one may carry a recycled pid
 
 
 def _umask() -> int:
@@ -112,14 +113,21 @@ def clean_stale(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _out_of_space(err: OSError, path: Path) -> UserError | None:
-    """A full disk or quota as the one-line error it is (not a bug), or None for other OS errors."""
-    if err.errno not in _NO_SPACE:
-        return None
-    return UserError(
-        f"cannot write {path}: {os.strerror(err.errno)}; nothing was left under that name. "
-        "Free some space (or raise the quota) and run again"
-    )
+@contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A full disk, a quota or a folder without write permission as the one-line error it is (not a bug)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in _NO_SPACE:
+            what = "Free some space (or raise the quota) and run again"
+        elif err.errno in _NOT_WRITABLE:
+            what = "Choose a folder you can write to"
+        else:
+            raise
+        raise UserError(
+            f"cannot write {path}: {os.strerror(err.errno)}; nothing was left under that name. {what}"
+        ) from None
 
 
 @contextmanager
@@ -127,26 +135,22 @@ def staged_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is flushed to disk and renamed to
     ``path``, on any failure removed. Nothing ever exists under ``path`` that was not completely written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path.parent)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=suffix)
-    os.close(fd)
-    tmp = Path(name)
-    _mine.add(str(tmp))
-    try:
-        yield tmp
-        os.chmod(tmp, FILE_MODE)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        full = _out_of_space(err, path)
-        if full is None:
-            raise
-        raise full from None
-    finally:
-        tmp.unlink(missing_ok=True)
-        _mine.discard(str(tmp))
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path.parent)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=suffix)
+        os.close(fd)
+        tmp = Path(name)
+        _mine.add(str(tmp))
+        try:
+            yield tmp
+            os.chmod(tmp, FILE_MODE)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            _mine.discard(str(tmp))
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -180,23 +184,19 @@ def staged_folder(out_dir: str | Path, keep_name: bool = False) -> Iterator[Path
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ExistingPathError(f"folder {out_dir} already exists; remove it or choose another")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out_dir.parent)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=temp_prefix(out_dir.name)))
-    _mine.add(str(tmp))
-    target = tmp / out_dir.name if keep_name else tmp
-    try:
-        target.mkdir(exist_ok=True)
-        yield target
-        if out_dir.exists():
-            raise ExistingPathError(f"folder {out_dir} appeared while writing; nothing was written there")
-        _normal_modes(target)
-        target.rename(out_dir)
-    except OSError as err:
-        full = _out_of_space(err, out_dir)
-        if full is None:
-            raise
-        raise full from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _mine.discard(str(tmp))
+    with _write_errors(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out_dir.parent)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=temp_prefix(out_dir.name)))
+        _mine.add(str(tmp))
+        target = tmp / out_dir.name if keep_name else tmp
+        try:
+            target.mkdir(exist_ok=True)
+            yield target
+            if out_dir.exists():
+                raise ExistingPathError(f"folder {out_dir} appeared while writing; nothing was written there")
+            _normal_modes(target)
+            target.rename(out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _mine.discard(str(tmp))

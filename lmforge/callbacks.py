@@ -178,9 +178,10 @@ class Checkpointing(ModelCheckpoint):
         if self._signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self._signal is None:
-            name = signal.Signals(signum).name
-            log.warning("%s received: saving a checkpoint after the current optimizer step", name)
-            launcher = getattr(self._trainer, "strategy", None) and self._trainer.strategy.launcher
+            if self._trainer.is_global_zero:
+                name = signal.Signals(signum).name
+                log.warning("%s received: saving a checkpoint after the current optimizer step", name)
+            launcher = self._trainer.strategy.launcher
             if launcher is not None:  # ranks started as subprocesses of this one hear it too
                 launcher.kill(signum)
         self._signal = signum
@@ -227,7 +228,7 @@ class Checkpointing(ModelCheckpoint):
             return
         signum = self._signal or signal.SIGTERM
         path = self._save_now(trainer)
-        raise TrainingInterrupted(signum, trainer.global_step, path)
+        raise TrainingInterrupted(signum, trainer.global_step, path, trainer.is_global_zero)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.fast_dev_run and trainer.global_step not in (0, self._last_global_step_saved):

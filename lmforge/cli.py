@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmforge: error: {_one_line(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingInterrupted as err:
-        print(f"lmforge: interrupted by {err.describe()}", file=sys.stderr, flush=True)
+        if err.rank_zero:
+            print(f"lmforge: interrupted by {err.describe()}", file=sys.stderr, flush=True)
         raise SystemExit(err.code) from None
     except SystemExit as err:
         if _is_sigterm_exit(err):  # before training started: nothing to save

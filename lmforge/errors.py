@@ -32,10 +32,12 @@ class TrainingInterrupted(SystemExit):
     """``fit`` stopped by SIGINT or SIGTERM after saving a checkpoint; the process exits with 128 + the signal
     number (130 for SIGINT, 143 for SIGTERM), so a scheduler never records an interrupted run as a success."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: str | None, rank_zero: bool = True) -> None:
         import signal
 
         super().__init__(128 + signum)
+        self.rank_zero = rank_zero
+        """Whether this process is the first of the run (the one that reports)."""
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         self.step = step

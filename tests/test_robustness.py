@@ -424,3 +424,17 @@ def test_commands_that_do_not_train_do_not_import_lightning(argv):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip().splitlines()[-1] == "CLEAN", proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_ddp_rank_at_the_same_step(tmp_path):
+    """Two CPU processes (DDP over gloo): SIGTERM to the launching one stops both at one optimizer step."""
+    run = _Run(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    run.wait_for("first training step done", timeout=180)
+    time.sleep(2.0)
+    run.proc.send_signal(signal.SIGTERM)
+    out = run.finish(timeout=180)
+    assert run.proc.returncode == 143, out
+    assert out.count("interrupted by SIGTERM at step") == 1, out  # reported once, by rank 0
+    step = torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"]
+    assert f"at step {step}:" in out
