@@ -180,16 +180,13 @@ class FinetuneModule(LMForgeModule):
                 f"checkpoint was trained with lora={meta.get('lora')!r}, the config says lora={self.lora_settings!r}; "
                 "use the same model.lora settings"
             )
-        saved = meta.get("model_config")
-        if saved is not None:
-            before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
-            diffs = [f"{k}={before[k]!r} (base: {now[k]!r})" for k in now if k != "block_size" and before[k] != now[k]]
-            if diffs:
-                raise UserError(
-                    "checkpoint was fine-tuned from a model of another architecture: "
-                    + ", ".join(diffs)
-                    + "; set model.base to the model it started from"
-                )
+        diffs = [f"{k}={old!r} (base: {now!r})" for k, old, now in self._shape_changes(checkpoint, ("block_size",))]
+        if diffs:
+            raise UserError(
+                "checkpoint was fine-tuned from a model of another architecture: "
+                + ", ".join(diffs)
+                + "; set model.base to the model it started from"
+            )
         super().on_load_checkpoint(checkpoint)
 
     # -- results -----------------------------------------------------------------------------

@@ -106,6 +106,14 @@ class LMForgeModule(L.LightningModule):
             )
         self._resume_notes = notes
 
+    def _shape_changes(self, checkpoint: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+        """(key, checkpoint's value, this module's value) for each weight-shaping config field that differs."""
+        saved = (checkpoint.get("lmforge") or {}).get("model_config")
+        if saved is None:
+            return []
+        before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
+        return [(k, before[k], now[k]) for k in now if k not in ignore and before[k] != now[k]]
+
     def _apply_configured_settings(self) -> None:
         """After Lightning restored the optimizer and scheduler state: put back what the config changed."""
         optimizer = self.trainer.optimizers[0]
@@ -285,14 +293,11 @@ class PretrainModule(LMForgeModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = (checkpoint.get("lmforge") or {}).get("model_config")
-        if saved is not None:
-            before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
-            diffs = [f"model.config.{k}={now[k]!r} (checkpoint: {before[k]!r})" for k in now if before[k] != now[k]]
-            if diffs:
-                raise UserError(
-                    "--ckpt_path: the config's model shape differs from the checkpoint's: "
-                    + ", ".join(diffs)
-                    + "; use the model config it was trained with, or start without --ckpt_path"
-                )
+        diffs = [f"model.config.{k}={now!r} (checkpoint: {old!r})" for k, old, now in self._shape_changes(checkpoint)]
+        if diffs:
+            raise UserError(
+                "--ckpt_path: the config's model shape differs from the checkpoint's: "
+                + ", ".join(diffs)
+                + "; use the model config it was trained with, or start without --ckpt_path"
+            )
         super().on_load_checkpoint(checkpoint)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -84,16 +84,20 @@ class FileCorpus:
     files: list[Path]
     text_field: str = "text"
     decode_errors: DecodeErrors = "replace"
+    _key: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def key(self) -> str:
-        digest = hashlib.sha256(f"files-v1|{self.text_field}|{self.decode_errors}".encode())
-        for path in self.files:
-            file_hash = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    file_hash.update(chunk)
-            digest.update(path.suffix.lower().encode() + b"|" + file_hash.digest())
-        return digest.hexdigest()[:32]
+        """A hash of the files' contents (read once per corpus: the run asks for it several times)."""
+        if self._key is None:
+            digest = hashlib.sha256(f"files-v1|{self.text_field}|{self.decode_errors}".encode())
+            for path in self.files:
+                file_hash = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        file_hash.update(chunk)
+                digest.update(path.suffix.lower().encode() + b"|" + file_hash.digest())
+            self._key = digest.hexdigest()[:32]
+        return self._key
 
     def num_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
