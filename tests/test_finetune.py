@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 import lmforge
 from lmforge import lora as lora_lib
+from lmforge.checkpoint import load_checkpoint
 from lmforge.data.classify import ClassificationDataModule
 from lmforge.data.sft import IGNORE_INDEX, SFTDataModule
-from lmforge.export import load_checkpoint
 from lmforge.finetune import ClassifierModule, SFTModule
 from lmforge.model import GPT, GPTConfig
 

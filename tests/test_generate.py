@@ -278,8 +278,8 @@ def test_bos_and_empty_prompt():
 @ARCHS
 def test_greedy_ids_match_transformers(tmp_path, arch):
     transformers = pytest.importorskip("transformers")
+    from lmforge.checkpoint import load_base
     from lmforge.export import export
-    from lmforge.finetune import load_base
 
     model = random_gpt(arch)
     with torch.no_grad():  # no end-of-text from this random model, so both run all 20 steps
