@@ -98,6 +98,22 @@ class _Checks:
         return plugins.error_text(err)
 
 
+def _through_weights_only(path: Path, payload: dict, allowed: str) -> dict:
+    """``payload`` saved with torch.save and read back as lmforge reads checkpoints (weights only)."""
+    import torch
+
+    from lmforge.checkpoint import torch_load
+
+    torch.save(payload, path)
+    try:
+        return torch_load(path)
+    except UserError as err:
+        raise CheckFailed(
+            f"its state_dict() does not load with torch.load(weights_only=True), as lmforge reads checkpoints "
+            f"({err}); keep only {allowed} and plain containers in it"
+        ) from None
+
+
 def _require(condition: bool, reason: str) -> None:
     if not condition:
         raise CheckFailed(reason)
@@ -412,7 +428,6 @@ def _check_optimizer(c: _Checks, name: str, kwargs: dict, folder: Path) -> None:
 def _optimizer_checks(c: _Checks, name: str, kwargs: dict, folder: Path) -> None:
     import torch
 
-    from lmforge.checkpoint import torch_load
     from lmforge.model import GPT
 
     config = tiny_config(64, attention="torch", loss="torch")  # the CPU paths, without the fallback notices
@@ -431,15 +446,8 @@ def _optimizer_checks(c: _Checks, name: str, kwargs: dict, folder: Path) -> None
         )
 
     def state() -> dict:
-        path = folder / "optimizer.ckpt"
-        torch.save({"optimizer": optimizer.state_dict(), "model": model.state_dict()}, path)
-        try:
-            return torch_load(path)
-        except UserError as err:
-            raise CheckFailed(
-                f"its state_dict() does not load with torch.load(weights_only=True), as lmforge reads checkpoints "
-                f"({err}); keep only tensors, numbers, strings and plain containers in it"
-            ) from None
+        payload = {"optimizer": optimizer.state_dict(), "model": model.state_dict()}
+        return _through_weights_only(folder / "optimizer.ckpt", payload, "tensors, numbers, strings")
 
     def resume(saved: dict) -> None:
         torch.manual_seed(0)
@@ -474,7 +482,6 @@ def _train_mode(optimizer: Any) -> None:
 def _check_scheduler(c: _Checks, name: str, kwargs: dict, folder: Path) -> None:
     import torch
 
-    from lmforge.checkpoint import torch_load
 
     total = 40
 
@@ -502,15 +509,8 @@ def _check_scheduler(c: _Checks, name: str, kwargs: dict, folder: Path) -> None:
         _require(all(math.isfinite(r) and r >= 0 for r in rates), f"learning rates {rates} are not all finite and >= 0")
 
     def state() -> dict:
-        path = folder / "scheduler.ckpt"
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
-        try:
-            return torch_load(path)
-        except UserError as err:
-            raise CheckFailed(
-                f"its state_dict() does not load with torch.load(weights_only=True), as lmforge reads checkpoints "
-                f"({err}); keep only numbers, strings and plain containers in it"
-            ) from None
+        payload = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        return _through_weights_only(folder / "scheduler.ckpt", payload, "numbers, strings")
 
     def resume(saved: dict) -> None:
         optimizer2, scheduler2 = make()

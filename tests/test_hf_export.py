@@ -459,17 +459,23 @@ def test_exported_files_have_the_usual_permissions(tmp_path):
 # -- LoRA ------------------------------------------------------------------------------------------------
 
 
-def lora_ckpt(tmp_path, arch, targets):
-    """A LoRA fine-tune whose checkpoint holds the base weights too, with non-zero adapters."""
-    model = random_gpt(tiny_config(**arch))
+def random_adapters(model: GPT, targets, r: int = 4) -> dict[str, torch.Tensor]:
+    """Non-zero LoRA tensors for ``targets`` of every block, keyed as lmforge fit saves them."""
     gen = torch.Generator().manual_seed(5)
-    r = 4
     adapters = {}
     for i in range(model.config.n_layer):
         for target in targets:
             linear = model.get_submodule(f"blocks.{i}.{target}")
             adapters[f"model.blocks.{i}.{target}.lora_A"] = torch.randn(r, linear.in_features, generator=gen) * 0.1
             adapters[f"model.blocks.{i}.{target}.lora_B"] = torch.randn(linear.out_features, r, generator=gen) * 0.1
+    return adapters
+
+
+def lora_ckpt(tmp_path, arch, targets):
+    """A LoRA fine-tune whose checkpoint holds the base weights too, with non-zero adapters."""
+    model = random_gpt(tiny_config(**arch))
+    r = 4
+    adapters = random_adapters(model, targets, r)
     lora = {"r": r, "alpha": 8.0, "dropout": 0.0, "targets": [t.rsplit(".", 1)[-1] for t in targets]}
     meta = {"task": "sft", "lora": lora, "lora_base_saved": True, "base": {"source": "base.ckpt", "kind": "lmforge"}}
     ckpt = save_ckpt(tmp_path / "lora.ckpt", model, ByteTokenizer(), meta=meta, extra=adapters)

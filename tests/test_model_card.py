@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from test_hf_export import GPT2_LIKE, LLAMA_LIKE, TEXTS, random_gpt, save_ckpt, tiny_config  # noqa: E402
+from test_hf_export import GPT2_LIKE, LLAMA_LIKE, TEXTS, random_adapters, random_gpt, save_ckpt, tiny_config  # noqa: E402
 
 from lmforge.export import export  # noqa: E402
 from lmforge.tokenizers import ByteTokenizer, HFTokenizer  # noqa: E402
@@ -38,18 +38,6 @@ LM_DATA = {
 }
 SFT_DATA = {"files": {"train": "sft-train.jsonl", "val": "sft-val.jsonl"}}
 CLS_DATA = {"files": {"train": "reviews.csv"}}
-
-
-def with_lora(model, r: int = 4, targets=("attn.q_proj", "attn.v_proj")) -> dict[str, torch.Tensor]:
-    """Non-zero LoRA tensors for ``targets`` of every block, keyed as lmforge fit saves them."""
-    gen = torch.Generator().manual_seed(5)
-    adapters = {}
-    for i in range(model.config.n_layer):
-        for target in targets:
-            linear = model.get_submodule(f"blocks.{i}.{target}")
-            adapters[f"model.blocks.{i}.{target}.lora_A"] = torch.randn(r, linear.in_features, generator=gen) * 0.1
-            adapters[f"model.blocks.{i}.{target}.lora_B"] = torch.randn(linear.out_features, r, generator=gen) * 0.1
-    return adapters
 
 
 def checkpoint(
@@ -67,7 +55,7 @@ def checkpoint(
         drop = () if model.config.tie_embeddings else ("lm_head.weight",)
         info.update(labels=LABELS, metrics={"val/acc": 0.75, "val/f1_macro": 0.7, "train/acc": 0.9})
     if lora:
-        extra.update(with_lora(model))
+        extra.update(random_adapters(model, ("attn.q_proj", "attn.v_proj")))
         info.update(lora={"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}, lora_base_saved=True)
     info.update(meta or {})
     return save_ckpt(folder / f"{task}.ckpt", model, tokenizer, meta=info, extra=extra, drop=drop, step=12)
