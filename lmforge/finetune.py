@@ -230,7 +230,7 @@ class SFTModule(FinetuneModule):
 
     def _loss(self, batch: dict[str, Tensor], reduction: str = "mean") -> Tensor:
         # Right padding needs no attention mask: with causal attention no real token sees a pad.
-        return self.model.loss(
+        return self.model(
             batch["input_ids"],
             batch["labels"],
             segment_ids=batch.get("segment_ids"),
@@ -348,7 +348,7 @@ class ClassifierModule(FinetuneModule):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Class logits (B, num_labels), pooled at each row's last real (non-padding) token."""
-        h = self.model.hidden_states(input_ids)  # right padding: no real token attends to a pad
+        h = self.model(input_ids, output="hidden")  # right padding: no real token attends to a pad
         if attention_mask is None:
             last = torch.full((input_ids.size(0),), input_ids.size(1) - 1, device=input_ids.device)
         else:

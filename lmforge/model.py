@@ -421,34 +421,43 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
         key_padding_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        output: Literal["logits", "hidden"] = "logits",
     ) -> Tensor:
-        """Logits (B, T, vocab_size) for token ids idx (B, T); with a kv_cache, see :meth:`hidden_states`."""
-        return self.lm_head(self.hidden_states(idx, key_padding_mask, segment_ids, position_ids, kv_cache))
+        """The one entry point: the loss when ``targets`` are given, else logits (or hidden states).
 
-    def loss(
-        self,
-        idx: Tensor,
-        targets: Tensor,
-        ignore_index: int = -100,
-        key_padding_mask: Tensor | None = None,
-        segment_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        reduction: str = "mean",
-    ) -> Tensor:
-        """Next-token cross-entropy over the targets that are not ignore_index (mean or sum);
-        goes through the loss dispatch and may never build the logits."""
-        h = self.hidden_states(idx, key_padding_mask, segment_ids, position_ids)
-        merged = getattr(self.lm_head, "merged_weight", None)  # a LoRA head: W + scaling * B @ A
-        weight = merged() if merged is not None else self.lm_head.weight
-        return ops.linear_cross_entropy(
-            h.flatten(0, 1),
-            weight,
-            targets.flatten(),
-            ignore_index=ignore_index,
-            backend=self.config.loss,
-            reduction=reduction,
-        )
+        - ``targets`` (B, T): next-token cross-entropy over the targets that are not ``ignore_index``,
+          ``reduction`` "mean" or "sum", through the loss dispatch (which may never build the logits).
+        - no targets: logits (B, T, vocab_size), or with ``output="hidden"`` the final normalised hidden
+          states (B, T, n_embd) that task heads (classification) read.
+
+        Everything a training step computes goes through here, so ``torch.compile``, DDP and FSDP2 (whose
+        hooks wrap ``forward``) see the whole step. Masks, positions and ``kv_cache`` are described in
+        :meth:`hidden_states`.
+        """
+        h = self.hidden_states(idx, key_padding_mask, segment_ids, position_ids, kv_cache)
+        if targets is not None:
+            merged = getattr(self.lm_head, "merged_weight", None)  # a LoRA head: W + scaling * B @ A
+            weight = merged() if merged is not None else self.lm_head.weight
+            return ops.linear_cross_entropy(
+                h.flatten(0, 1),
+                weight,
+                targets.flatten(),
+                ignore_index=ignore_index,
+                backend=self.config.loss,
+                reduction=reduction,
+            )
+        if output == "hidden":
+            return h
+        return self.lm_head(h)
+
+    def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100, **kwargs) -> Tensor:
+        """``self(idx, targets, ...)``: kept for callers of earlier versions; goes through ``forward``."""
+        return self(idx, targets, ignore_index=ignore_index, **kwargs)

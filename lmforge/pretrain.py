@@ -209,7 +209,7 @@ class PretrainModule(LMForgeModule):
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = self.model.loss(x, y)
+        loss = self.model(x, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
@@ -217,7 +217,7 @@ class PretrainModule(LMForgeModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metric: MeanMetric) -> None:
         x, y = batch
-        metric.update(self.model.loss(x, y), weight=y.numel())
+        metric.update(self.model(x, y), weight=y.numel())
 
     def _eval_epoch_end(self, stage: str, metric: MeanMetric) -> None:
         loss = metric.compute()

@@ -400,7 +400,7 @@ def _train(model: Any, optimizer: Any, batches: list) -> list[float]:
         optimizer.zero_grad()
 
         def closure(x=x, y=y):
-            loss = model.loss(x, y)
+            loss = model(x, y)
             loss.backward()
             losses.append(loss.item())
             return loss
