@@ -31,7 +31,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from lmforge import plugins
+from lmforge import parallel, plugins
 from lmforge.atomic import write_json
 from lmforge.checkpoint import load_base
 from lmforge.errors import UserError
@@ -62,9 +62,13 @@ class FinetuneModule(LMForgeModule):
         optimizer: dict[str, Any] = DEFAULT_OPTIMIZER,
         scheduler: dict[str, Any] = DEFAULT_SCHEDULER,
         model_options: dict[str, Any] = {},
+        compile: bool | dict[str, Any] = False,
+        activation_checkpointing: bool | int = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        parallel.compile_settings(compile)
+        parallel.apply_activation_checkpointing(nn.Module(), activation_checkpointing)
         plugins.validate("optimizer", optimizer)
         plugins.validate("scheduler", scheduler)
         self.model, self.tokenizer, self.base_info = load_base(base, revision)
@@ -163,6 +167,7 @@ class FinetuneModule(LMForgeModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lmforge"] = self._metadata()
+        self._save_rng(checkpoint)
         if self.lora_settings is not None:  # only what was trained: adapters (and a head); the base is reloaded
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -212,6 +217,8 @@ class SFTModule(FinetuneModule):
         optimizer: dict[str, Any] = DEFAULT_OPTIMIZER,
         scheduler: dict[str, Any] = DEFAULT_SCHEDULER,
         model_options: dict[str, Any] = {},
+        compile: bool | dict[str, Any] = False,
+        activation_checkpointing: bool | int = False,
     ) -> None:
         """
         Args:
@@ -223,8 +230,10 @@ class SFTModule(FinetuneModule):
             optimizer: An optimizer plugin and its arguments.
             scheduler: A learning-rate schedule plugin and its arguments.
             model_options: Settings of the base model that may change: dropout, attention, loss, block_size.
+            compile: Compile the training step with torch.compile: true, or torch.compile's arguments.
+            activation_checkpointing: Recompute each block's activations in the backward (true), or every n-th's.
         """
-        super().__init__(base, revision, lora, optimizer, scheduler, model_options)
+        super().__init__(base, revision, lora, optimizer, scheduler, model_options, compile, activation_checkpointing)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
@@ -238,12 +247,9 @@ class SFTModule(FinetuneModule):
             reduction=reduction,
         )
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+    def _train_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, float]:
+        labels = batch["labels"]
+        return self._loss(batch, reduction="sum"), (labels != -100).sum(), labels.numel()
 
     def _eval_step(self, batch: dict[str, Tensor], metric: MeanMetric) -> None:
         n = (batch["labels"] != -100).sum()
@@ -285,6 +291,8 @@ class ClassifierModule(FinetuneModule):
         optimizer: dict[str, Any] = DEFAULT_OPTIMIZER,
         scheduler: dict[str, Any] = DEFAULT_SCHEDULER,
         model_options: dict[str, Any] = {},
+        compile: bool | dict[str, Any] = False,
+        activation_checkpointing: bool | int = False,
     ) -> None:
         """
         Args:
@@ -296,8 +304,10 @@ class ClassifierModule(FinetuneModule):
             optimizer: An optimizer plugin and its arguments.
             scheduler: A learning-rate schedule plugin and its arguments.
             model_options: Settings of the base model that may change: dropout, attention, loss, block_size.
+            compile: Compile the training step with torch.compile: true, or torch.compile's arguments.
+            activation_checkpointing: Recompute each block's activations in the backward (true), or every n-th's.
         """
-        super().__init__(base, revision, lora, optimizer, scheduler, model_options)
+        super().__init__(base, revision, lora, optimizer, scheduler, model_options, compile, activation_checkpointing)
         if not self.config.tie_embeddings:
             self.model.lm_head = None  # a classifier has no LM head (as transformers' *ForSequenceClassification)
         self.labels: list[str] | None = None
@@ -356,13 +366,24 @@ class ClassifierModule(FinetuneModule):
         pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
         return self.score(pooled)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def _train_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, float]:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(-1) == batch["labels"]).float().mean(), prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+        y = batch["labels"]
+        right = (logits.detach().argmax(-1) == y).sum()
+        self._acc_right = right if self._acc_right is None else self._acc_right + right
+        return F.cross_entropy(logits.float(), y, reduction="sum"), torch.ones_like(y).sum(), y.numel()
+
+    _acc_right: Tensor | None = None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        right, count = self._acc_right, self._acc_count
+        self._acc_right = None
+        if right is not None and count is not None and self._should_log():
+            stats = torch.stack([right.float(), count])
+            if self.trainer.world_size > 1:
+                stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+            self.log("train/acc", float(stats[0] / stats[1].clamp(min=1)), prog_bar=True)
+        super().on_before_optimizer_step(optimizer)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])

@@ -27,7 +27,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lmforge import callbacks, ops, plugins
+from lmforge import callbacks, ops, parallel, plugins
 from lmforge.errors import UserError
 from lmforge.pretrain import LMForgeModule
 
@@ -139,6 +139,9 @@ def _names_class(args: list[str], key: str) -> bool:
             if isinstance(section, dict) and "class_path" in section:
                 return True
     return False
+
+
+parallel.register_strategies()  # trainer.strategy: fsdp2
 
 
 class LmforgeCLI(LightningCLI):

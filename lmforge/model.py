@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmforge import ops
@@ -143,11 +144,22 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, block_size: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
+        self.head_dim, self.block_size, self.theta = head_dim, block_size, theta
+        self.register_buffer("cos", torch.empty(block_size, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(block_size, head_dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the tables in place, on the buffers' device (after a meta-device build too)."""
+        if self.cos.is_meta:
+            return
+        device = self.cos.device
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+        angles = torch.outer(torch.arange(self.block_size, dtype=torch.float32, device=device), inv_freq)  # (T, hs/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        with torch.no_grad():
+            self.cos.copy_(angles.cos())
+            self.sin.copy_(angles.sin())
 
     def forward(self, x: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Rotate x of shape (B, nh, T, hs); positions 0..T-1, or position_ids (B, T)."""
@@ -303,6 +315,9 @@ class Block(nn.Module):
         self.ln_2 = _norm(config)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
+        self.checkpoint = False
+        """Recompute this block's activations in the backward instead of keeping them (set by
+        :func:`lmforge.parallel.apply_activation_checkpointing`); the weights and their names do not change."""
 
     def forward(
         self,
@@ -312,6 +327,13 @@ class Block(nn.Module):
         position_ids: Tensor | None = None,
         kv_cache: _LayerCache | None = None,
     ) -> Tensor:
+        if self.checkpoint and self.training and kv_cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, key_padding_mask, segment_ids, position_ids, None, use_reentrant=False
+            )
+        return self._forward(x, key_padding_mask, segment_ids, position_ids, kv_cache)
+
+    def _forward(self, x, key_padding_mask, segment_ids, position_ids, kv_cache) -> Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, segment_ids, position_ids, kv_cache))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
@@ -333,8 +355,16 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer).
+
+        In place, so a model built on the meta device and materialised with ``to_empty`` (as
+        :func:`lmforge.parallel.materialize` does, sharded or not) gets the same initialisation as one
+        built directly; the rotary tables are recomputed too.
+        """
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 std = residual_std if name.endswith("c_proj") else 0.02

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 import lmforge
-from lmforge import callbacks, plugins
+from lmforge import callbacks, parallel, plugins
 from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
 from lmforge.tokenizers import save_tokenizer, tokenizer_to_dict
@@ -31,6 +34,110 @@ class LMForgeModule(L.LightningModule):
     def _optimized_module(self) -> torch.nn.Module:
         """The module whose trainable parameters the optimizer plugin groups."""
         return self.model
+
+    # -- placement ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Activation checkpointing, FSDP2 sharding (``trainer.strategy: fsdp2``), materialising a
+        meta-device model on the run's device, compilation: see :mod:`lmforge.parallel`."""
+        parallel.prepare(
+            self,
+            self.model,
+            compile=self.hparams.get("compile"),
+            activation_checkpointing=self.hparams.get("activation_checkpointing", False),
+        )
+
+    # -- the loss of an optimizer step ---------------------------------------------------------------
+    def _train_loss(self, batch: Any) -> tuple[Tensor, Tensor, float]:
+        """(sum of the micro-batch's per-target losses, number of targets, a fixed normaliser from its
+        shape) — subclasses define what a target is (a token, an example)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Exact loss over the optimizer step: each target weighs the same, whatever micro-batch or rank it is in.
+
+        The backward runs on ``loss_sum / unit`` (``unit`` a constant of the run, so micro-batches add up);
+        before the optimizer step :meth:`on_before_optimizer_step` rescales the summed gradients by
+        ``ranks * accumulate_grad_batches * unit / targets_in_the_step`` (undoing Lightning's division by
+        the accumulation count and DDP/FSDP's mean over ranks), so the update is that of the mean over
+        every target of the step, as one big batch would give. No host synchronisation here.
+        """
+        loss_sum, count, unit = self._train_loss(batch)
+        if self._loss_unit is None:
+            self._loss_unit = float(max(unit, 1))
+        count = count.to(torch.float32)
+        detached = loss_sum.detach().float()
+        self._acc_sum = detached if self._acc_sum is None else self._acc_sum + detached
+        self._acc_count = count if self._acc_count is None else self._acc_count + count
+        return loss_sum / self._loss_unit
+
+    _loss_unit: float | None = None
+    _acc_sum: Tensor | None = None
+    _acc_count: Tensor | None = None
+
+    def _data_parallel_size(self) -> int:
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return int(kwargs.get("num_replicas", 1))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._acc_count is None:
+            return
+        stats = torch.stack([self._acc_sum, self._acc_count])
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        total = stats[1].clamp(min=1.0)
+        scale = (self._data_parallel_size() * self.trainer.accumulate_grad_batches * self._loss_unit) / total
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            try:
+                torch._foreach_mul_(grads, scale)
+            except (RuntimeError, NotImplementedError, TypeError):  # e.g. sharded (DTensor) gradients
+                for g in grads:
+                    g.mul_(scale)
+        self._acc_sum = self._acc_count = None
+        if self._should_log():  # one host synchronisation per logging interval, not per step
+            loss = float(stats[0] / total)
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/ppl", math.exp(min(loss, 80.0)))
+            self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
+            self.log("train/targets", float(stats[1]))
+
+    def _should_log(self) -> bool:
+        trainer = self.trainer
+        if trainer.logger is None and not trainer.progress_bar_callback:
+            return False
+        n = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+        return n % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop or n == 1
+
+    # -- random state ------------------------------------------------------------------------------
+    def _save_rng(self, checkpoint: dict) -> None:
+        """Every rank's random states go into the checkpoint (rank 0 writes it)."""
+        states = rng_states()
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            states_by_rank = gathered
+        else:
+            states_by_rank = [states]
+        checkpoint.setdefault("lmforge", {})["rng"] = states_by_rank
+        checkpoint["lmforge"]["loss_unit"] = self._loss_unit
+
+    def _load_rng(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("lmforge") or {}
+        by_rank = meta.get("rng")
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if isinstance(by_rank, list) and len(by_rank) > rank:
+            self._pending_rng = by_rank[rank]
+        if meta.get("loss_unit"):
+            self._loss_unit = float(meta["loss_unit"])
+
+    _pending_rng: dict | None = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the resumed run's random states, set right before its first step: nothing Lightning does on
+        # start-up (loaders, workers, sanity checks) draws on them in between
+        if self._pending_rng is not None:
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
 
     def configure_optimizers(self):
         optimizer = plugins.build("optimizer", self.hparams.optimizer, self._optimized_module())
@@ -100,11 +207,18 @@ class LMForgeModule(L.LightningModule):
             ]
         steps = meta.get("schedule_steps")
         if steps is not None and self._trainer is not None and self.trainer.max_steps not in (None, -1, steps):
+            keeps = (self.hparams.get("scheduler") or {}).get("decay_steps") is not None
             notes.append(
-                f"trainer.max_steps={self.trainer.max_steps} (checkpoint's run: {steps}): the schedule now spans "
-                f"{self.trainer.max_steps} steps"
+                f"trainer.max_steps={self.trainer.max_steps} (checkpoint's run: {steps}): "
+                + (
+                    "the schedule's decay_steps fix it, so it does not change"
+                    if keeps
+                    else f"the schedule now spans {self.trainer.max_steps} steps (to keep the checkpoint's schedule "
+                    f"and extend the run at its final rate, set model.scheduler.decay_steps: {steps})"
+                )
             )
         self._resume_notes = notes
+        self._load_rng(checkpoint)
 
     def _shape_changes(self, checkpoint: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
         """(key, checkpoint's value, this module's value) for each weight-shaping config field that differs."""
@@ -131,12 +245,16 @@ class LMForgeModule(L.LightningModule):
                 for scheduler in schedulers:
                     if hasattr(scheduler, "base_lrs") and i < len(scheduler.base_lrs):
                         scheduler.base_lrs[i] = wanted["initial_lr"]
+        before = optimizer.param_groups[0]["lr"]
         for scheduler in schedulers:  # a LambdaLR now follows the configured schedule at the resumed step
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * fn(scheduler.last_epoch)
                 scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        notes = getattr(self, "_resume_notes", [])
+        notes = list(getattr(self, "_resume_notes", []))
+        after = optimizer.param_groups[0]["lr"]
+        if notes and not math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
+            notes.append(f"the learning rate at this step goes from {before:.4g} (checkpoint's schedule) to {after:.4g}")
         if notes and self.trainer.is_global_zero:
             print(
                 f"lmforge: resuming at step {self.trainer.global_step} with the config's settings where they differ "
@@ -152,6 +270,35 @@ class LMForgeModule(L.LightningModule):
             "schedule_steps": getattr(self, "_schedule_steps", None),
             "data": _data_facts(self._datamodule()),
         }
+
+
+def rng_states() -> dict:
+    """torch's (CPU and CUDA), numpy's and Python's random states, as weights-only-loadable values."""
+    np_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what :func:`rng_states` returned."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        n = states["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -176,7 +323,8 @@ class PretrainModule(LMForgeModule):
         config: GPTConfig = GPTConfig(),
         optimizer: dict[str, Any] = {"name": "adamw", "lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]},
         scheduler: dict[str, Any] = {"name": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.1},
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
+        activation_checkpointing: bool | int = False,
         max_new_tokens: int = 200,
         temperature: float = 0.8,
         top_k: int | None = 40,
@@ -187,7 +335,10 @@ class PretrainModule(LMForgeModule):
             optimizer: An optimizer plugin and its arguments: adamw, adam, sgd, muon, or any installed one.
             scheduler: A learning-rate schedule plugin and its arguments: cosine (warmup_steps, min_lr_ratio,
                 decay_steps), constant (warmup_steps), or any installed one.
-            compile: Compile the model with torch.compile.
+            compile: Compile the training step with torch.compile: true, or torch.compile's arguments
+                ({backend, mode, fullgraph, dynamic, options}), e.g. {mode: max-autotune}.
+            activation_checkpointing: Recompute each block's activations in the backward (true), or every
+                n-th block's (n), to trade compute for memory.
             max_new_tokens: For predict: tokens generated after each prompt.
             temperature: For predict: sampling temperature (0 is greedy).
             top_k: For predict: sample among the k most likely tokens only.
@@ -198,22 +349,20 @@ class PretrainModule(LMForgeModule):
         self.save_hyperparameters()
         plugins.validate("optimizer", optimizer)
         plugins.validate("scheduler", scheduler)
-        self.model = GPT(self.config)
+        parallel.compile_settings(compile)  # a bad setting fails now, not after data preparation
+        parallel.apply_activation_checkpointing(torch.nn.Module(), activation_checkpointing)
+        # built on the meta device (no memory); configure_model shards it, materialises it on the run's
+        # device and initialises it there (lmforge.parallel). Outside a Trainer call configure_model().
+        with torch.device("meta"):
+            self.model = GPT(self.config)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
-    def configure_model(self) -> None:
-        if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
-            self.model = torch.compile(self.model)
-
     # -- steps -------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def _train_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, float]:
         x, y = batch
-        loss = self.model(x, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+        loss_sum = self.model(x, y, reduction="sum")
+        return loss_sum, (y != -100).sum(), y.numel()
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metric: MeanMetric) -> None:
         x, y = batch
@@ -291,6 +440,7 @@ class PretrainModule(LMForgeModule):
             "model_config": self.config.to_dict(),
             "tokenizer": tokenizer_to_dict(tokenizer) if tokenizer is not None else None,
         }
+        self._save_rng(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         diffs = [f"model.config.{k}={now!r} (checkpoint: {old!r})" for k, old, now in self._shape_changes(checkpoint)]

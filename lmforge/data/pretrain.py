@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lmforge import plugins
+from lmforge.data.sampling import ResumableData
 from lmforge.data.cache import TokenDType, TokenFile, build_token_file, default_cache_dir
 from lmforge.data.sources import Corpus, CorpusError, public_spec
 from lmforge.errors import UserError
@@ -50,7 +51,7 @@ class TokenWindowDataset(Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(ResumableData, L.LightningDataModule):
     """Tokenizes a corpus once (cached), splits it and serves windows of ``seq_len`` + 1 tokens.
 
     The dataset and the tokenizer are plugins named in the config with their arguments, e.g.
@@ -70,6 +71,7 @@ class PretrainDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         token_dtype: TokenDType = "auto",
         predict_prompts: list[str] | None = None,
+        seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -84,6 +86,8 @@ class PretrainDataModule(L.LightningDataModule):
             cache_dir: Where token files live; default $LMFORGE_CACHE or ~/.cache/lmforge.
             token_dtype: auto picks uint16 when the vocabulary fits, else uint32.
             predict_prompts: Prompts that ``lmforge predict`` continues.
+            seed: Seeds the training windows' shuffle (each epoch seed + epoch); default the run's
+                seed_everything. A checkpoint records the order's position, so a resumed run continues it.
         """
         super().__init__()
         if seq_len < 1:
@@ -103,6 +107,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.token_dtype = token_dtype
         self.predict_prompts = predict_prompts or ["The "]
+        self.seed = seed
         self.corpus: Corpus | None = None
         self.tokenizer: Tokenizer | None = None
         self.token_file: TokenFile | None = None
@@ -150,7 +155,7 @@ class PretrainDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._train_loader(self.train_set, self.batch_size, drop_last=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -174,4 +179,10 @@ class PretrainDataModule(L.LightningDataModule):
         return facts
 
     def state_dict(self) -> dict:
-        return {"tokenizer": tokenizer_to_dict(self.tokenizer)} if self.tokenizer is not None else {}
+        state = {"data_order": self._data_order()}
+        if self.tokenizer is not None:
+            state["tokenizer"] = tokenizer_to_dict(self.tokenizer)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restore_data_order(state_dict)

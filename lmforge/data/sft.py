@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lmforge.data.sampling import ResumableData
 from lmforge.data.sources import CorpusError
 from lmforge.errors import UserError
 
@@ -607,19 +608,22 @@ class ChatEncoder:
         return ids
 
 
-class ExampleLoaders:
+class ExampleLoaders(ResumableData):
     """train/val/test DataLoaders over ``self.datasets`` (shared by the SFT and classification data
     modules): seeded shuffling for training, ``self.collate`` for batches."""
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if not self.datasets:
             self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        if shuffle:  # seeded per epoch, resumable mid-epoch (lmforge.data.sampling)
+            return self._train_loader(
+                self.datasets[name], self.batch_size, drop_last=False, num_workers=self.num_workers,
+                collate_fn=self.collate,
+            )  # fmt: skip
         return DataLoader(
             self.datasets[name],
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            shuffle=False,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -639,6 +643,12 @@ class ExampleLoaders:
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def state_dict(self) -> dict:
+        return {"data_order": self._data_order()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restore_data_order(state_dict)
 
 
 class SFTDataModule(ExampleLoaders, L.LightningDataModule):

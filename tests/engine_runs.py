@@ -1,0 +1,133 @@
+"""Runs shared by the engine tests (tests/test_engine.py): one optimizer step of each task, in one
+process or under ``torchrun`` with 2 gloo processes, and a callback that kills a run with SIGKILL.
+
+    torchrun --nproc_per_node 2 tests/engine_runs.py one_step pretrain 4 1 OUT.pt [BASE]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, attention="torch", loss="auto")
+SGD = {"name": "sgd", "lr": 0.5, "momentum": 0.0, "nesterov": False}
+CONSTANT = {"name": "constant"}
+EXAMPLES = 8
+
+
+class Examples(Dataset):
+    """Dict examples (input_ids, labels) with ragged completions: example i has 1 + 2*i target tokens."""
+
+    def __init__(self) -> None:
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, 64, (EXAMPLES, 16), generator=gen)
+        self.labels = torch.randint(0, 64, (EXAMPLES, 16), generator=gen)
+        for i in range(EXAMPLES):
+            self.labels[i, : 16 - (1 + 2 * i)] = -100
+
+    def __len__(self) -> int:
+        return EXAMPLES
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def pretrain_data() -> Dataset:
+    x = torch.randint(0, 64, (EXAMPLES, 17), generator=torch.Generator().manual_seed(1))
+    return TensorDataset(x[:, :-1], x[:, 1:])
+
+
+def classify_data() -> Dataset:
+    class Rows(Dataset):
+        def __init__(self) -> None:
+            gen = torch.Generator().manual_seed(2)
+            self.ids = torch.randint(0, 64, (EXAMPLES, 12), generator=gen)
+            self.y = torch.randint(0, 3, (EXAMPLES,), generator=gen)
+
+        def __len__(self) -> int:
+            return EXAMPLES
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": self.ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": self.y[i]}
+
+    return Rows()
+
+
+def save_base(path: Path) -> Path:
+    """A random tiny lmforge checkpoint with the byte tokenizer (as ``lmforge fit`` writes one)."""
+    import lmforge
+    from lmforge.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**TINY, "vocab_size": 320})
+    model = GPT(cfg)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "lmforge": {"version": lmforge.__version__, "model_config": cfg.to_dict(), "tokenizer": {"type": "bytes"}},
+            "global_step": 0,
+        },
+        path,
+    )
+    return path
+
+
+def module(kind: str, base: str | None = None):
+    from lmforge.finetune import ClassifierModule, SFTModule
+    from lmforge.model import GPTConfig
+    from lmforge.pretrain import PretrainModule
+
+    torch.manual_seed(0)
+    if kind == "pretrain":
+        return PretrainModule(GPTConfig(**TINY), optimizer=SGD, scheduler=CONSTANT)
+    if kind == "sft":
+        return SFTModule(base=base, optimizer=SGD, scheduler=CONSTANT)
+    return ClassifierModule(base=base, labels=["a", "b", "c"], optimizer=SGD, scheduler=CONSTANT)
+
+
+def data(kind: str) -> Dataset:
+    return {"pretrain": pretrain_data, "sft": Examples, "classify": classify_data}[kind]()
+
+
+def one_step(kind: str, batch_size: int, accumulate: int, base: str | None = None, **trainer) -> dict[str, torch.Tensor]:
+    """The module's weights after one optimizer step over the 8 examples (in order)."""
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    model = module(kind, base)
+    loader = DataLoader(data(kind), batch_size=batch_size, shuffle=False)
+    fit = L.Trainer(
+        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        **trainer,
+    )  # fmt: skip
+    fit.fit(model, loader)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+class KillAt(L.Callback):
+    """SIGKILL this process (every rank) once optimizer step ``step`` is done: a crash between checkpoints."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/engine_runs.py one_step KIND BATCH ACC OUT [BASE]
+    _, command, kind, batch, acc, out, *rest = sys.argv
+    assert command == "one_step"
+    state = one_step(kind, int(batch), int(acc), rest[0] if rest else None, strategy="ddp", devices=2)
+    if int(os.environ.get("RANK", 0)) == 0:
+        torch.save(state, out)
