@@ -26,18 +26,46 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import UserError
+from lmforge.kernels import sdpa
 
 log = logging.getLogger(__name__)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: an install does not change mid-run
 _told: set[str] = set()
 _unbuildable: dict[tuple, str] = {}  # kernel cases that failed to build here -> why, for the fallback's log line
 
 
-def _tell_once(message: str) -> None:
+# Under torch.compile the dispatch below is traced by dynamo: every decision depends only on what the
+# graph is specialised on (device, dtype, head dim, which masks are given, the backend), so it is taken
+# once, while tracing. The two functions that touch lmforge's own state (the once-only log lines and
+# the memory of kernels that failed to build) are marked as torch.compiler.assume_constant_result
+# does: dynamo runs them for real while tracing and puts their result in the graph as a constant, so
+# the graph holds no logging call (a graph break) and no guard on that state, and each reason is still
+# logged once: when the graph is traced, or by the first eager call.
+
+
+def _constant_when_traced(fn):
+    """``torch.compiler.assume_constant_result(fn)``, which only sets this attribute, without importing
+    torch._dynamo (and with it triton) when lmforge.ops is imported. tests/kernels/test_compile_ops.py
+    fails (a graph break on logging) should a torch release stop honouring it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_traced
+def _tell_once(message: str) -> bool:
+    """Log ``message`` (INFO) the first time it comes; under torch.compile, when the graph is traced."""
     if message not in _told:
         _told.add(message)
         log.info(message)
+    return True
+
+
+@_constant_when_traced
+def _known_unbuildable(case: tuple) -> str:
+    """Why ``case`` failed to build here before ("" when it did not): it goes to torch from then on."""
+    return _unbuildable.get(case, "")
 
 
 def _build_failed(case: tuple, op: str, err: BaseException) -> str:
@@ -58,7 +86,7 @@ def _on_cuda(t: Tensor) -> bool:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def check_backend(op: str, backend: str) -> None:
@@ -106,22 +134,23 @@ def attention(
         case = ("attention", str(q.device), q.dtype, q.size(-1), causal, key_padding_mask is not None,
                 segment_ids is not None)  # fmt: skip
         if refusal is None and backend == "auto":
-            refusal = _unbuildable.get(case)
+            refusal = _known_unbuildable(case) or None
         if refusal is None:
-            from lmforge.kernels import build_errors
             from lmforge.kernels.attention import flash_attention
 
+            kwargs = dict(causal=causal, scale=scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids)
+            if torch.compiler.is_compiling():
+                # in a compiled graph only the op sees a build error: under auto the op itself computes
+                # through torch then, forward or backward
+                return flash_attention(q, k, v, backward_fallback=backend == "auto", **kwargs)
+            from lmforge.kernels import build_errors
+
             fallback = None
-            if backend == "auto":  # a backward that fails to build recomputes through torch instead
-                fallback = functools.partial(
-                    _sdpa, causal=causal, dropout_p=0.0, scale=scale,
-                    key_padding_mask=key_padding_mask, segment_ids=segment_ids,
-                )  # fmt: skip
+            if backend == "auto":  # a backward that fails to build recomputes through the torch path instead
+                fallback = functools.partial(_sdpa, causal=causal, dropout_p=0.0, scale=scale,
+                                             key_padding_mask=key_padding_mask, segment_ids=segment_ids)  # fmt: skip
             try:
-                return flash_attention(
-                    q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                    segment_ids=segment_ids, backward_fallback=fallback,
-                )  # fmt: skip
+                return flash_attention(q, k, v, backward_fallback=fallback, **kwargs)
             except build_errors() as err:
                 if backend == "triton":
                     raise
@@ -133,25 +162,8 @@ def attention(
 
 
 def _sdpa(q, k, v, causal, dropout_p, scale, key_padding_mask, segment_ids) -> Tensor:
-    gqa = k.size(1) != q.size(1)
-    if key_padding_mask is None and segment_ids is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-        )
-    T = q.size(-2)
-    mask = torch.ones(q.size(0), 1, T, T, dtype=torch.bool, device=q.device)  # (B, 1, T, T)
-    if causal:
-        mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    if key_padding_mask is not None:
-        mask = mask & key_padding_mask.bool()[:, None, None, :]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    has_key = mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
-    # a row with no key would be NaN: let it see every key, then zero its output (and so its gradients)
-    y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-    )
-    return y * has_key.to(y.dtype)
+    return sdpa(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
+                dropout_p=dropout_p)  # fmt: skip
 
 
 def linear_cross_entropy(
@@ -186,15 +198,20 @@ def linear_cross_entropy(
     if backend == "auto" and not use_triton:
         _tell_once(f"loss: chunked torch cross-entropy because inputs are on {hidden.device.type}, not CUDA")
     case = ("loss", str(hidden.device), hidden.dtype)
-    if use_triton and backend == "auto" and case in _unbuildable:
-        use_triton = False
-        _tell_once(f"loss: chunked torch cross-entropy because {_unbuildable[case]}")
+    if use_triton and backend == "auto":
+        why = _known_unbuildable(case)
+        if why:
+            use_triton = False
+            _tell_once(f"loss: chunked torch cross-entropy because {why}")
     options = dict(ignore_index=ignore_index, reduction=reduction)
     if use_triton and backend == "auto":
+        # fallback: rows that cannot be built here give way to the torch rows inside the op (compiled too)
+        if torch.compiler.is_compiling():
+            return chunked(hidden, weight, targets, use_triton=True, fallback=True, **options)
         from lmforge.kernels import build_errors
 
         try:
-            return chunked(hidden, weight, targets, use_triton=True, **options)
+            return chunked(hidden, weight, targets, use_triton=True, fallback=True, **options)
         except build_errors() as err:
             _build_failed(case, "loss", err)
             use_triton = False

@@ -35,7 +35,14 @@ def materialize(model: nn.Module, device: torch.device | str) -> None:
     """Give a meta-device model real storage on ``device`` and initialise it (its ``reset_parameters``)."""
     if not is_meta(model):
         return
-    model.to_empty(device=device)
+    # swap storage into the existing Parameter objects: tied weights (wte / lm_head) stay one tensor and
+    # FSDP2's references to its sharded parameters stay valid (a plain to_empty makes new ones)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
     with torch.no_grad():
         model.reset_parameters()
 

@@ -62,13 +62,13 @@ def classify_data() -> Dataset:
     return Rows()
 
 
-def save_base(path: Path) -> Path:
+def save_base(path: Path, block_size: int = 16) -> Path:
     """A random tiny lmforge checkpoint with the byte tokenizer (as ``lmforge fit`` writes one)."""
     import lmforge
     from lmforge.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    cfg = GPTConfig(**{**TINY, "vocab_size": 320})
+    cfg = GPTConfig(**{**TINY, "vocab_size": 320, "block_size": block_size})
     model = GPT(cfg)
     torch.save(
         {

@@ -149,6 +149,7 @@ class PretrainDataModule(ResumableData, L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=shuffle,
+            generator=torch.Generator().manual_seed(0),  # worker seeds: never drawn from torch's global state
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

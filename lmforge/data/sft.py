@@ -624,6 +624,7 @@ class ExampleLoaders(ResumableData):
             self.datasets[name],
             batch_size=self.batch_size,
             shuffle=False,
+            generator=torch.Generator().manual_seed(0),  # worker seeds: never drawn from torch's global state
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,0 +1,238 @@
+"""The training step as the engines see it: meta-device initialisation, exact loss under accumulation and
+across ranks, exact resume after kill -9, DDP and FSDP2 over 2 gloo processes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine_runs as E
+from lmforge import parallel
+from lmforge.model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def torchrun(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return proc
+
+
+# -- built for sharding ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_meta_build_then_materialize_initialises_as_a_direct_build(family):
+    extra = {} if family == "gpt2" else dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1)
+    config = GPTConfig(vocab_size=128, block_size=32, n_layer=3, n_head=4, n_embd=64, **extra)
+    direct = GPT(config)
+    torch.manual_seed(7)
+    direct.reset_parameters()  # its constructor's init, drawn again from the same seed
+    with torch.device("meta"):
+        lazy = GPT(config)
+    assert all(p.is_meta for p in lazy.parameters())
+    torch.manual_seed(7)
+    parallel.materialize(lazy, "cpu")
+    for (name, a), (_, b) in zip(direct.state_dict().items(), lazy.state_dict().items()):
+        assert torch.equal(a, b), name
+    for a, b in zip(direct.buffers(), lazy.buffers()):  # the rotary tables, not in the state dict
+        assert torch.equal(a, b)
+    assert lazy.lm_head.weight is lazy.wte.weight or not config.tie_embeddings
+    # the statistics of GPT-2's initialisation: N(0, 0.02), residual projections 0.02 / sqrt(2 * n_layer)
+    proj = torch.cat([b.attn.c_proj.weight.flatten() for b in lazy.blocks])
+    assert abs(float(proj.std()) - 0.02 / (2 * 3) ** 0.5) < 1e-3
+    assert abs(float(lazy.blocks[0].attn.q_proj.weight.std()) - 0.02) < 1e-3
+
+
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32)
+    plain, checkpointed = GPT(config), GPT(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    assert parallel.apply_activation_checkpointing(checkpointed, 2) == 2  # blocks 0 and 2
+    assert [b.checkpoint for b in checkpointed.blocks] == [True, False, True, False]
+    x = torch.randint(0, 64, (2, 16))
+    plain(x, x).backward()
+    checkpointed(x, x).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert list(plain.state_dict()) == list(checkpointed.state_dict())  # names unchanged
+
+
+def test_bad_engine_settings_are_one_line_errors():
+    from lmforge.errors import UserError
+    from lmforge.pretrain import PretrainModule
+
+    with pytest.raises(UserError, match="model.compile: unknown key 'bakend'"):
+        PretrainModule(GPTConfig(**E.TINY), compile={"bakend": "eager"})
+    with pytest.raises(UserError, match="activation_checkpointing"):
+        PretrainModule(GPTConfig(**E.TINY), activation_checkpointing=-1)
+
+
+# -- compile --------------------------------------------------------------------------------------
+
+
+def test_compiled_training_step_is_one_graph_and_matches_eager(tmp_path):
+    """compile: {fullgraph: true} fails on any graph break; the compiled run's weights equal the eager one's."""
+    torch._dynamo.reset()
+    eager = E.one_step("pretrain", 4, 2)
+    module = E.module("pretrain")
+    module.hparams.compile = {"backend": "aot_eager", "fullgraph": True}
+    torch._dynamo.utils.counters.clear()
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, DataLoader(E.pretrain_data(), batch_size=4))
+    assert parallel.is_compiled(module.model)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    compiled = {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert list(compiled) == list(eager)  # nn.Module.compile: no _orig_mod. prefix in checkpoints
+    torch._dynamo.reset()
+
+
+# -- exact loss -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return str(E.save_base(tmp_path_factory.mktemp("base") / "base.ckpt"))
+
+
+def _reference_step(kind: str, base: str | None) -> dict[str, torch.Tensor]:
+    """The same step by hand: SGD on the mean loss over every target of the 8 examples at once."""
+    from torch.utils.data import default_collate
+
+    module = E.module(kind, base)
+    if kind == "pretrain":
+        parallel.materialize(module.model, "cpu")
+    batch = default_collate([E.data(kind)[i] for i in range(E.EXAMPLES)])
+    if kind == "pretrain":
+        loss = module.model(batch[0], batch[1])
+    elif kind == "sft":
+        loss = module.model(batch["input_ids"], batch["labels"])
+    else:
+        module.setup("fit")
+        loss = F.cross_entropy(module(batch["input_ids"], batch["attention_mask"]).float(), batch["labels"])
+    loss.backward()
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.grad is not None:
+                p -= E.SGD["lr"] * p.grad
+    return {k: v.detach() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "classify"])
+def test_one_step_is_the_same_for_one_batch_accumulation_and_two_ranks(kind, base, tmp_path):
+    """Batch 8; batch 2 accumulated 4 times; 2 gloo processes of batch 4: the same update, that of the
+    mean over all targets (SFT's completions are 1 to 15 tokens long, so a mean of micro-batch means
+    would weigh them differently)."""
+    b = None if kind == "pretrain" else base
+    want = _reference_step(kind, b)
+    one = E.one_step(kind, 8, 1, b)
+    accumulated = E.one_step(kind, 2, 4, b)
+    proc = torchrun(str(TESTS / "engine_runs.py"), "one_step", kind, "4", "1", str(tmp_path / "ddp.pt"), *([b] if b else []))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for name, got in (("one batch", one), ("accumulated", accumulated), ("ddp", ddp)):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=2e-7, msg=f"{name}: {k}")
+
+
+# -- exact resume ---------------------------------------------------------------------------------
+
+RUNS = {
+    "pretrain": [
+        "-c", str(ROOT / "configs/gpt-tiny.yaml"), "--data.dataset.size_bytes", "200000", "--data.batch_size", "4",
+        "--data.seq_len", "32", "--model.config.block_size", "32", "--model.config.dropout", "0.1",
+    ],
+    "sft": ["-c", str(ROOT / "configs/finetune-sft.yaml"), "--data.batch_size", "2"],
+    "classify": ["-c", str(ROOT / "configs/finetune-classify.yaml"), "--data.batch_size", "2"],
+}  # fmt: skip
+COMMON = ["--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2",
+          "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "4",
+          "--trainer.enable_progress_bar", "false", "--trainer.accumulate_grad_batches", "2"]  # fmt: skip
+
+
+def _fit(run_dir: Path, kind: str, *extra: str, base: str | None = None, launcher: list[str] | None = None):
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "LMFORGE_CACHE": str(run_dir.parent / "cache")}
+    args = [*RUNS[kind], *COMMON, "--trainer.default_root_dir", str(run_dir), *extra]
+    if base is not None:
+        args += ["--model.base", base]
+    command = launcher or [sys.executable, "-m", "lmforge"]
+    return subprocess.run([*command, "fit", *args], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=ROOT)  # fmt: skip
+
+
+def _losses(run_dir: Path) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(open(path)):
+            if row.get("train/loss"):
+                out[int(row["step"])] = row["train/loss"]  # the text as written: bit-identical or not
+    return out
+
+
+def _killed_and_resumed(tmp_path: Path, kind: str, workers: int, base: str | None, launcher=None) -> dict[int, str]:
+    run = tmp_path / f"{kind}-w{workers}"
+    killed = _fit(run, kind, "--data.num_workers", str(workers), "--trainer.callbacks+=engine_runs.KillAt",
+                  "--trainer.callbacks.step", "10", base=base, launcher=launcher)  # fmt: skip
+    assert killed.returncode != 0, killed.stdout[-2000:]  # SIGKILL: no handler, no final checkpoint
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    resumed = _fit(run, kind, "--data.num_workers", str(workers), "--ckpt_path", "last", base=base, launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    return _losses(run)
+
+
+def _sft_base(tmp_path: Path) -> str:
+    return str(E.save_base(tmp_path / "base.ckpt", block_size=128))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "classify"])
+def test_kill_9_and_resume_logs_the_uninterrupted_losses(kind, tmp_path):
+    """Killed after step 10 (last checkpoint at step 8), resumed with --ckpt_path last: from step 9 on the
+    per-step training losses equal the uninterrupted run's, as text, with 0 and 2 loader workers
+    (pretraining with dropout, so the random state matters too)."""
+    base = None if kind == "pretrain" else _sft_base(tmp_path)
+    full = _fit(tmp_path / f"{kind}-full", kind, "--data.num_workers", "0", base=base)
+    assert full.returncode == 0, full.stderr[-4000:]
+    want = _losses(tmp_path / f"{kind}-full")
+    assert sorted(want) == list(range(12))
+    for workers in (0, 2):
+        got = _killed_and_resumed(tmp_path, kind, workers, base)
+        assert {s: got[s] for s in range(8, 12)} == {s: want[s] for s in range(8, 12)}, workers
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_resume_exactly_after_kill_9(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "lmforge"]  # fmt: skip
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    full = _fit(tmp_path / "pretrain-full", "pretrain", "--data.num_workers", "0", *ddp, launcher=launcher)
+    assert full.returncode == 0, full.stderr[-4000:]
+    want = _losses(tmp_path / "pretrain-full")
+    run = tmp_path / "pretrain-w0"
+    killed = _fit(run, "pretrain", "--data.num_workers", "0", *ddp, "--trainer.callbacks+=engine_runs.KillAt",
+                  "--trainer.callbacks.step", "10", launcher=launcher)  # fmt: skip
+    assert killed.returncode != 0
+    resumed = _fit(run, "pretrain", "--data.num_workers", "0", *ddp, "--ckpt_path", "last", launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    got = _losses(run)
+    assert {s: got[s] for s in range(8, 12)} == {s: want[s] for s in range(8, 12)}
