@@ -45,6 +45,8 @@ def torch_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) -
     ``mmap=True`` maps the tensors instead of reading them (cheap: for checking a file before a run).
     """
     path = Path(path)
+    if is_sharded(path):
+        return read_sharded(path, what)
     if path.is_dir():
         last = path / "last.ckpt"
         hint = f"; did you mean {last}?" if last.is_file() else "; give the path of a .ckpt file"
@@ -63,6 +65,72 @@ def torch_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) -
         raise CheckpointError(f"{what} {path} {_damage(err, path)}") from None
     except Exception as err:  # zip, EOF and format errors of a damaged or foreign file
         raise CheckpointError(f"{what} {path} {_damage(err, path)}") from None
+
+
+SHARDED_META = "meta.pt"  # what Lightning's ModelParallelStrategy (lmforge's fsdp2) writes beside the shards
+
+
+def is_sharded(path: str | Path) -> bool:
+    """A sharded checkpoint: a folder of torch.distributed.checkpoint shards written by ``strategy: fsdp2``."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / SHARDED_META).is_file()
+
+
+class _ShardIndexUnpickler(pickle.Unpickler):
+    """Reads the shard index (``.metadata``, a pickle) allowing only torch.distributed.checkpoint's own
+    record classes, sizes, dtypes and paths: a hostile index cannot run code."""
+
+    MODULES = {"torch.distributed.checkpoint.metadata"}
+    NAMES = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self.MODULES and not name.startswith("__") or (module, name) in self.NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def read_sharded(path: Path, what: str = "checkpoint") -> dict:
+    """A sharded checkpoint as one ordinary checkpoint dict (full ``state_dict``, no optimizer state), in one
+    process on the CPU: the metadata file through :func:`torch_load`, the shards through
+    torch.distributed.checkpoint with the index read by :class:`_ShardIndexUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with open(Path(path) / ".metadata", "rb") as f:
+                metadata = _ShardIndexUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    checkpoint = torch_load(path / SHARDED_META, what)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{what} {path}: {SHARDED_META} is not a checkpoint's metadata; use another checkpoint")
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(state, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
+                         no_dist=True)  # fmt: skip
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(_refusal(path / ".metadata", what, str(err))) from None
+    except Exception as err:  # a missing or truncated shard
+        raise CheckpointError(f"{what} {path} (sharded) {_damage(err, path)}") from None
+    checkpoint["state_dict"] = state.get("state_dict", {})
+    return checkpoint
 
 
 def _refusal(path: Path, what: str, message: str) -> str:

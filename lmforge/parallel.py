@@ -44,7 +44,30 @@ def materialize(model: nn.Module, device: torch.device | str) -> None:
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
     with torch.no_grad():
-        model.reset_parameters()
+        mesh = _unsupported_rng_mesh(model)
+        if mesh is None:
+            model.reset_parameters()
+            return
+        # sharded on a mesh whose device DTensor's random ops do not coordinate (the CPU): every rank would
+        # draw the same numbers into its own shard, repeating the weights; draw from a per-rank stream instead
+        # (the same distributions; the global random state is left as it was)
+        rank = mesh.get_rank()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+            model.reset_parameters()
+
+
+def _unsupported_rng_mesh(model: nn.Module):
+    """The device mesh of a model's sharded parameters when DTensor's random ops cannot coordinate on it."""
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._random import is_rng_supported_mesh
+    except ImportError:
+        return None
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            return None if is_rng_supported_mesh(p.device_mesh) else p.device_mesh
+    return None
 
 
 def apply_activation_checkpointing(model: nn.Module, setting: bool | int) -> int:
@@ -151,6 +174,32 @@ class FSDP2Strategy(_model_parallel_base()):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any = None) -> None:
+        """Every rank writes its shard into a staging folder beside the target; rank 0 then swaps it in,
+        so a run killed while saving never leaves a half-written checkpoint under the final name."""
+        import os
+        import shutil
+        import socket
+        from pathlib import Path
+
+        path = Path(self.broadcast(str(filepath)))
+        staging = Path(self.broadcast(str(path.parent / f".{path.name}.lmtmp-{socket.gethostname()}-{os.getpid()}")))
+        if self.global_rank == 0 and staging.exists():
+            shutil.rmtree(staging)
+        self.barrier("lmforge_save_start")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("lmforge_save_written")
+        if self.global_rank == 0:
+            old = path.parent / f".{path.name}.lmold-{os.getpid()}"
+            if path.is_dir():
+                path.rename(old)
+            elif path.exists():
+                path.unlink()
+            staging.rename(path)
+            if old.exists():
+                shutil.rmtree(old)
+        self.barrier("lmforge_save_done")
 
 
 def register_strategies() -> None:

@@ -1,7 +1,8 @@
 """Runs shared by the engine tests (tests/test_engine.py): one optimizer step of each task, in one
 process or under ``torchrun`` with 2 gloo processes, and a callback that kills a run with SIGKILL.
 
-    torchrun --nproc_per_node 2 tests/engine_runs.py one_step pretrain 4 1 OUT.pt [BASE]
+    torchrun --standalone --nproc_per_node 2 tests/engine_runs.py one_step pretrain 4 1 OUT.pt [BASE]
+    (ENGINE_STRATEGY=fsdp2 for FSDP2 instead of DDP)
 """
 
 from __future__ import annotations
@@ -110,7 +111,12 @@ def one_step(kind: str, batch_size: int, accumulate: int, base: str | None = Non
         **trainer,
     )  # fmt: skip
     fit.fit(model, loader)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    state = model.state_dict()
+    if trainer.get("strategy") == "fsdp2":  # gather the shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
 
 
 class KillAt(L.Callback):
@@ -125,9 +131,38 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def fsdp2_init(out: str) -> None:
+    """Under torchrun: a tiny GPT built on meta, sharded over the ranks, materialised; saves the gathered weights."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmforge import parallel
+    from lmforge.model import GPT, GPTConfig
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{**TINY, "vocab_size": 320, "n_embd": 64}))
+    parallel.apply_fsdp2(model, mesh, "32-true")
+    torch.manual_seed(0)
+    parallel.materialize(model, "cpu")
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if dist.get_rank() == 0:
+        torch.save({**full, "tied": torch.tensor(model.lm_head.weight is model.wte.weight)}, out)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/engine_runs.py one_step KIND BATCH ACC OUT [BASE]
+    if sys.argv[1] == "fsdp2_init":
+        fsdp2_init(sys.argv[2])
+        sys.exit(0)
     _, command, kind, batch, acc, out, *rest = sys.argv
     assert command == "one_step"
-    state = one_step(kind, int(batch), int(acc), rest[0] if rest else None, strategy="ddp", devices=2)
+    strategy = os.environ.get("ENGINE_STRATEGY", "ddp")
+    if strategy == "fsdp2":
+        from lmforge import parallel
+
+        parallel.register_strategies()
+    state = one_step(kind, int(batch), int(acc), rest[0] if rest else None, strategy=strategy, devices=2)
     if int(os.environ.get("RANK", 0)) == 0:
         torch.save(state, out)

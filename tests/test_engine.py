@@ -236,3 +236,85 @@ def test_ddp_two_processes_resume_exactly_after_kill_9(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     got = _losses(run)
     assert {s: got[s] for s in range(8, 12)} == {s: want[s] for s in range(8, 12)}
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------------
+
+
+def test_fsdp2_shards_initialise_like_one_model(tmp_path):
+    """Built on meta, sharded over 2 ranks, then initialised: no shard repeats another, GPT-2's statistics
+    hold for the whole tensors, and the tied embedding stays one tensor."""
+    proc = torchrun(str(TESTS / "engine_runs.py"), "fsdp2_init", str(tmp_path / "init.pt"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = torch.load(tmp_path / "init.pt", weights_only=True)
+    assert bool(state.pop("tied"))
+    wte, q = state["wte.weight"], state["blocks.0.attn.q_proj.weight"]
+    half = wte.size(0) // 2
+    assert not torch.equal(wte[:half], wte[half:]) and not torch.equal(q[: q.size(0) // 2], q[q.size(0) // 2 :])
+    assert abs(float(wte.std()) - 0.02) < 1.5e-3 and abs(float(q.std()) - 0.02) < 2e-3
+    assert torch.equal(state["blocks.0.ln_1.weight"], torch.ones_like(state["blocks.0.ln_1.weight"]))
+
+
+def test_fsdp2_step_equals_ddp_step(base, tmp_path):
+    """The same SFT step (ragged completions) over 2 gloo ranks: FSDP2 (sharded weights, reduce-scatter of
+    gradients) gives DDP's update."""
+    results = {}
+    for strategy in ("fsdp2", "ddp"):
+        out = tmp_path / f"{strategy}.pt"
+        proc = torchrun(str(TESTS / "engine_runs.py"), "one_step", "sft", "4", "1", str(out), base,
+                        env={"ENGINE_STRATEGY": strategy})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[strategy] = torch.load(out, weights_only=True)
+    assert set(results["fsdp2"]) == set(results["ddp"])
+    for k, v in results["ddp"].items():
+        torch.testing.assert_close(results["fsdp2"][k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_saves_sharded_resumes_and_exports(tmp_path):
+    from lmforge.checkpoint import is_sharded, load_checkpoint
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "lmforge"]  # fmt: skip
+    fsdp = ["--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--data.num_workers", "0"]  # fmt: skip
+    run = tmp_path / "fsdp2"
+    first = _fit(run, "pretrain", *fsdp, "--trainer.max_steps", "8", launcher=launcher)
+    assert first.returncode == 0, first.stderr[-4000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert is_sharded(last) and len(list(last.glob("*.distcp"))) == 2
+    assert not list(last.parent.glob(".*lmtmp*"))  # the staging folder was swapped in
+    resumed = _fit(run, "pretrain", *fsdp, "--ckpt_path", "last", launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    losses = _losses(run)
+    assert sorted(losses) == list(range(12)) and float(losses[11]) < float(losses[0])
+    ckpt = load_checkpoint(last)
+    assert ckpt.global_step == 12
+    out = tmp_path / "exported"
+    export = subprocess.run([sys.executable, "-m", "lmforge", "export", str(last), "--to", str(out)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    from lmforge.checkpoint import load_base
+
+    exported, _, _ = load_base(str(out))
+    assert ckpt.state and set(ckpt.state) <= set(exported.state_dict())
+    for k, v in ckpt.state.items():  # the gathered shards are the exported weights
+        assert torch.equal(exported.state_dict()[k], v.to(exported.state_dict()[k].dtype)), k
+
+
+def test_a_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    from lmforge.checkpoint import CheckpointError, torch_load
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    torch.save({"global_step": 1}, folder / "meta.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (folder / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="refused.*run code"):
+        torch_load(folder)
