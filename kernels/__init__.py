@@ -3,12 +3,21 @@
 This package depends on torch and triton only (no Lightning, nothing else from lmforge), so the
 kernels can be used on their own. The model reaches them through ``lmforge.ops``, its single
 dispatch point for attention and the loss.
+
+Each kernel launch sits behind a ``torch.library`` custom op in the ``lmforge`` namespace
+(``lmforge::flash_attn_fwd``, ``lmforge::linear_ce_fwd``, ...), with a fake (meta) implementation
+and an autograd formula, so ``torch.compile`` keeps it in the graph as one opaque node instead of
+breaking the graph or tracing into Triton. This module itself imports torch only, never triton.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
 
 
 def triton_available() -> bool:
@@ -33,3 +42,71 @@ def build_errors() -> tuple[type[BaseException], ...]:
         (runtime_errors, "AutotunerError"),
     )
     return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+# The ops defined in this process, and the function each one runs now (see custom_op).
+_ops: dict[str, torch.library.CustomOpDef] = {}
+_impls: dict[str, Callable] = {}
+
+
+def custom_op(name: str, schema: str, *, mutates_args: tuple[str, ...] = ()):
+    """Decorator: the function as the custom op ``lmforge::<name>`` with ``schema``; returns the op.
+
+    torch refuses to define an op twice, and a kernel module may run twice in one process:
+    ``tests/kernels/conftest.py`` reloads the kernel modules to rebuild their jit functions as
+    interpreted ones. The op is therefore defined once, around a trampoline to the latest decorated
+    function; a second run of the module re-points it (and its fake and autograd registrations,
+    which simply replace the earlier ones).
+    """
+
+    def define(fn: Callable) -> torch.library.CustomOpDef:
+        _impls[name] = fn
+        if name not in _ops:
+
+            def run(*args, **kwargs):
+                return _impls[name](*args, **kwargs)
+
+            run.__name__ = run.__qualname__ = name
+            _ops[name] = torch.library.custom_op(f"lmforge::{name}", run, mutates_args=mutates_args, schema=schema)
+        return _ops[name]
+
+    return define
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The same attention as the Triton kernel, in plain torch (``scaled_dot_product_attention``).
+
+    q: (B, H, N, D); k, v: (B, H_kv, N, D). key_padding_mask (B, N, nonzero = real token) and
+    segment_ids (B, N) restrict the keys a query sees; rows that can see nothing give zeros (and
+    zero gradients). ``lmforge.ops`` runs it as the torch path, and the kernels' fallback (a kernel
+    that cannot be built here) computes with it, so both give the very same numbers.
+    """
+    gqa = k.size(1) != q.size(1)
+    if key_padding_mask is None and segment_ids is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
+    T = q.size(-2)
+    mask = torch.ones(q.size(0), 1, T, T, dtype=torch.bool, device=q.device)  # (B, 1, T, T)
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.bool()[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    has_key = mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
+    # a row with no key would be NaN: let it see every key, then zero its output (and so its gradients)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask | ~has_key, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+    )
+    return y * has_key.to(y.dtype)

@@ -1,7 +1,8 @@
 """Fused attention (FlashAttention-2 style) in Triton: forward, backward, autograd, module.
 
-Layout of this file: the Triton kernels, then the plain-Python launchers, then the
-``torch.autograd.Function``, then the thin public API (:func:`flash_attention`, :class:`FlashAttention`).
+Layout of this file: the Triton kernels, then the plain-Python launchers, then the custom ops
+(``lmforge::flash_attn_fwd``, ``lmforge::flash_attn_bwd``: opaque nodes for ``torch.compile``) and
+their autograd formula, then the thin public API (:func:`flash_attention`, :class:`FlashAttention`).
 
 What it computes, for q (B, H, N, D) and k, v (B, H_kv, N, D), H_kv dividing H:
 ``softmax(q k^T * scale + mask) v``, where the mask combines, as requested, causality (key index
@@ -36,6 +37,7 @@ of the length; `benchmarks/kernel_report.py` shows what each compiles to for sm_
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -45,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import build_errors
+from . import build_errors, custom_op, sdpa
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -610,8 +612,8 @@ def _bounds(kpm: torch.Tensor | None, seg: torch.Tensor | None, B: int, N: int, 
     if kpm is not None:
         pos = torch.arange(N, device=device)
         real = kpm != 0
-        bounds[:, 2 * N] = torch.where(real, pos, N).amin(1)
-        bounds[:, 2 * N + 1] = torch.where(real, pos, -1).amax(1)
+        bounds[:, -2] = torch.where(real, pos, N).amin(1)  # columns 2N and 2N + 1
+        bounds[:, -1] = torch.where(real, pos, -1).amax(1)
     return bounds
 
 
@@ -624,6 +626,8 @@ _last_masks: tuple | None = None
 def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
     """(kpm int8, segment ids int64, bounds) on q's device, each None when not given; checked shapes."""
     global _last_masks
+    if torch.compiler.is_compiling():  # traced: no cache (a graph cannot test identity or versions)
+        return _derive_masks(q, key_padding_mask, segment_ids)
     B, N = q.shape[0], q.shape[2]
     sources = (key_padding_mask, segment_ids)
     try:
@@ -635,6 +639,14 @@ def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
         same = all(a is b for a, b in zip(sources, last_sources))
         if same and versions == last_versions and last_where == (q.device, B, N):
             return derived
+    derived = _derive_masks(q, key_padding_mask, segment_ids)
+    if versions is not None and (key_padding_mask is not None or segment_ids is not None):
+        _last_masks = (sources, versions, (q.device, B, N), derived)
+    return derived
+
+
+def _derive_masks(q: torch.Tensor, key_padding_mask, segment_ids):
+    B, N = q.shape[0], q.shape[2]
     kpm = seg = None
     if key_padding_mask is not None:
         if key_padding_mask.shape != (B, N):
@@ -644,10 +656,7 @@ def _masks(q: torch.Tensor, key_padding_mask, segment_ids):
         if segment_ids.shape != (B, N):
             raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected (B, N) = {(B, N)}")
         seg = segment_ids.to(device=q.device, dtype=torch.int64).contiguous()  # any integer ids, compared exactly
-    derived = (kpm, seg, _bounds(kpm, seg, B, N, q.device))
-    if versions is not None and (kpm is not None or seg is not None):
-        _last_masks = (sources, versions, (q.device, B, N), derived)
-    return derived
+    return kpm, seg, _bounds(kpm, seg, B, N, q.device)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -733,12 +742,22 @@ def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds):
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd and the public API
+# custom ops, autograd and the public API
 # ----------------------------------------------------------------------------------------------
+#
+# The launchers run behind two custom ops, so torch.compile keeps them in its graph as opaque nodes
+# (their fake implementations give the output shapes): lmforge::flash_attn_fwd -> (out, lse) and
+# lmforge::flash_attn_bwd -> (dq, dk, dv); flash_attn_fwd's registered autograd formula calls
+# flash_attn_bwd. With fallback=True an op whose kernel cannot be built or launched here (one of
+# BUILD_ERRORS) computes through torch instead (the forward with lmforge.kernels.sdpa, the backward
+# with its gradients written out), warns once and goes to torch directly from then on: this is how
+# ``attention: auto`` survives such a GPU inside a compiled graph, where no Python around the op sees
+# the error. (An op's implementation runs below autograd: it cannot recompute under autograd.)
 
 
-_fallback_warned = False  # the fallback's warning is logged once per process
+_fallback_warned = False  # the backward fallback's warning is logged once per process
 _backward_broken: set[tuple] = set()  # (device, dtype, BLOCK_D, masks) whose Triton backward failed to build
+_forward_broken: set[tuple] = set()  # the same, for the forward (ops with fallback=True only)
 
 
 def _backward_key(q, causal, kpm, seg) -> tuple:
@@ -752,6 +771,41 @@ def _fallback_backward(fallback, do, q, k, v):
         out = fallback(*leaves)
         grads = torch.autograd.grad(out, leaves, do.to(out.dtype), allow_unused=True)
     return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))
+
+
+def _torch_attention(causal, scale, kpm, seg) -> Callable:
+    return functools.partial(sdpa, causal=causal, scale=scale, key_padding_mask=kpm, segment_ids=seg)
+
+
+def _torch_backward(do, q, k, v, causal, scale, kpm, seg):
+    """dq, dk, dv of :func:`lmforge.kernels.sdpa` for the upstream gradient ``do``: the softmax's
+    backward written out in fp32 (an op's implementation runs below autograd, so none is recorded)."""
+    B, H, N, D = q.shape
+    H_kv = k.shape[1]
+    group = H // H_kv
+    qf, dof = q.float(), do.float()
+    kf, vf = (t.float().repeat_interleave(group, dim=1) for t in (k, v))  # (B, H, N, D)
+    allowed = torch.ones(B, 1, N, N, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    if kpm is not None:
+        allowed = allowed & kpm.bool()[:, None, None, :]
+    if seg is not None:
+        allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
+    has_key = allowed.any(dim=-1, keepdim=True)  # rows with no key: output 0, gradients 0
+    s = ((qf @ kf.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
+    p = torch.softmax(s, dim=-1) * has_key  # (B, H, N, N)
+    dp = dof @ vf.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    dq = (ds @ kf) * scale
+    dk = ((ds.transpose(-1, -2) @ qf) * scale).view(B, H_kv, group, N, D).sum(dim=2)
+    dv = (p.transpose(-1, -2) @ dof).view(B, H_kv, group, N, D).sum(dim=2)
+    return dq, dk, dv
+
+
+def _like(ref: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in a new tensor with ``ref``'s layout: what the fake implementations promise."""
+    return torch.empty_like(ref).copy_(value)
 
 
 def _warn_fallback(error: BaseException) -> None:
@@ -768,10 +822,82 @@ def _warn_fallback(error: BaseException) -> None:
     )
 
 
-class _FlashAttentionFunction(torch.autograd.Function):
+_OPT = "Tensor? kpm, Tensor? seg, Tensor? bounds, bool causal, float scale, bool fallback"
+
+
+@custom_op("flash_attn_fwd", f"(Tensor q, Tensor k, Tensor v, {_OPT}) -> (Tensor, Tensor)")
+def flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, fallback):
+    """(out like q, fp32 logsumexp (B, H, N) in base 2). kpm, seg, bounds: as made by ``_masks``."""
+    key = _backward_key(q, causal, kpm, seg)
+    if not (fallback and key in _forward_broken):
+        try:
+            return _forward(q, k, v, causal, scale, kpm, seg, bounds)
+        except BUILD_ERRORS as error:
+            if not fallback:
+                raise
+            _forward_broken.add(key)
+            lines = str(error).strip().splitlines()
+            log.warning(
+                "flash_attention: the Triton forward could not be built or launched (%s: %s); computing %s "
+                "with torch attention from now on", type(error).__name__, lines[0] if lines else "", key[1:],
+            )  # fmt: skip
+    with torch.no_grad():
+        out = _like(q, _torch_attention(causal, scale, kpm, seg)(q, k, v))
+    # no logsumexp: the backward of a case whose forward fell back recomputes through torch as well
+    return out, torch.full(q.shape[:3], float("nan"), device=q.device, dtype=torch.float32)
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, kpm, seg, bounds, causal, scale, fallback):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@custom_op("flash_attn_bwd", f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_OPT}) -> "
+           "(Tensor, Tensor, Tensor)")  # fmt: skip
+def flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback):
+    """(dq, dk, dv), each like its input, for the upstream gradient ``dout`` of ``out``."""
+    key = _backward_key(q, causal, kpm, seg)
+    if not (fallback and (key in _backward_broken or key in _forward_broken)):
+        try:
+            return _backward(dout, q, k, v, out, lse, causal, scale, kpm, seg, bounds)
+        except BUILD_ERRORS as error:
+            if not fallback:
+                raise
+            _warn_fallback(error)
+            _backward_broken.add(key)
+    grads = _torch_backward(dout, q, k, v, causal, scale, kpm, seg)
+    return tuple(_like(t, g) for t, g in zip((q, k, v), grads))
+
+
+@flash_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kpm, seg, bounds, causal, scale, fallback = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kpm, seg, bounds)
+    ctx.causal, ctx.scale, ctx.fallback = causal, scale, fallback
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_formula(ctx, dout, dlse):
+    q, k, v, out, lse, kpm, seg, bounds = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, ctx.causal, ctx.scale, ctx.fallback)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+flash_attn_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+class _CallableFallbackFunction(torch.autograd.Function):
+    """flash_attention with a ``backward_fallback`` callable: the callable's gradients when the Triton
+    backward cannot be built (a Python callable cannot enter a custom op, so this runs in eager)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kpm, seg, bounds, backward_fallback=None):
-        o, lse = _forward(q, k, v, causal, scale, kpm, seg, bounds)
+    def forward(ctx, q, k, v, causal, scale, kpm, seg, bounds, backward_fallback):
+        o, lse = flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, False)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.kpm, ctx.seg, ctx.bounds = causal, scale, kpm, seg, bounds
         ctx.backward_fallback = backward_fallback
@@ -782,14 +908,14 @@ class _FlashAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         fallback = ctx.backward_fallback
         key = _backward_key(q, ctx.causal, ctx.kpm, ctx.seg)
-        if fallback is not None and key in _backward_broken:  # it failed before: do not rebuild it every step
+        if key in _backward_broken:  # it failed before: do not rebuild it every step
             dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
         else:
             try:
-                dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.kpm, ctx.seg, ctx.bounds)
+                dq, dk, dv = flash_attn_bwd(
+                    do, q, k, v, o, lse, ctx.kpm, ctx.seg, ctx.bounds, ctx.causal, ctx.scale, False
+                )
             except BUILD_ERRORS as error:
-                if fallback is None:
-                    raise
                 _warn_fallback(error)
                 _backward_broken.add(key)
                 dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
@@ -805,26 +931,36 @@ def flash_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
-    backward_fallback: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    backward_fallback: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | bool | None = None,
 ) -> torch.Tensor:
     """Fused attention. q: (B, H, N, D); k, v: (B, H_kv, N, D) with H_kv dividing H.
 
     key_padding_mask: (B, N) bool, True for real tokens. segment_ids: (B, N) ints; a query attends
     only to keys with its id (packed documents). Rows that can attend to nothing give zeros.
     Runs on CUDA (fp16, bf16; fp32 computes its products in full precision, slowly) and on CPU
-    under ``TRITON_INTERPRET=1`` for testing.
+    under ``TRITON_INTERPRET=1`` for testing. Works under ``torch.compile`` (custom ops
+    ``lmforge::flash_attn_fwd`` / ``lmforge::flash_attn_bwd``; no graph break).
 
-    backward_fallback: ``f(q, k, v) -> out``, the same attention (masks, scale and all, bound by the
-    caller, e.g. with functools.partial) in plain PyTorch. When the Triton backward raises one of
-    :data:`BUILD_ERRORS` (it cannot be built or launched on this GPU), the gradients are those of
-    ``f``'s output recomputed under autograd; a warning is logged once per process, and later
-    backwards of the same kind (device, dtype, head dim, causal, masks) go to ``f`` directly.
-    Without it, the error propagates.
+    backward_fallback: what to do when a Triton kernel raises one of :data:`BUILD_ERRORS` (it cannot
+    be built or launched on this GPU); without it, the error propagates.
+
+    - ``True``: the forward computes with :func:`lmforge.kernels.sdpa` instead (the same attention
+      in plain torch) and the backward with its gradients written out in torch (fp32), inside the
+      ops, so this works in a compiled graph too; a warning is logged once (per case for the
+      forward) and later calls of that case go to torch directly.
+    - ``f(q, k, v) -> out``, the same attention (masks, scale and all, bound by the caller, e.g. with
+      functools.partial) in plain PyTorch: the backward's gradients are those of ``f``'s output
+      recomputed under autograd; a warning is logged once per process, and later backwards of the
+      same kind (device, dtype, head dim, causal, masks) go to ``f`` directly. Eager mode only: a
+      compiled graph cannot hand a Python callable to the op (use ``True`` there).
     """
     _check(q, k, v)
     kpm, seg, bounds = _masks(q, key_padding_mask, segment_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _FlashAttentionFunction.apply(q, k, v, causal, scale, kpm, seg, bounds, backward_fallback)
+    if callable(backward_fallback):
+        return _CallableFallbackFunction.apply(q, k, v, causal, scale, kpm, seg, bounds, backward_fallback)
+    out, _ = flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, backward_fallback is True)
+    return out
 
 
 class FlashAttention(torch.nn.Module):

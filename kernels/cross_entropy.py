@@ -1,7 +1,8 @@
 """Cross-entropy rows in Triton: loss and logit gradient in one kernel, in place.
 
-Layout: the Triton kernel, the launcher :func:`ce_rows_`, then :func:`cross_entropy` (an autograd
-function over given logits, for models that need the logits). :mod:`lmforge.kernels.linear_cross_entropy`
+Layout: the Triton kernel, the launcher :func:`ce_rows_`, the custom op ``lmforge::cross_entropy_rows``
+(``ce_rows_`` on a copy of the logits, opaque to ``torch.compile``), then :func:`cross_entropy` (an
+autograd function over given logits, for models that need the logits). :mod:`lmforge.kernels.linear_cross_entropy`
 uses :func:`ce_rows_` on each chunk of logits so the full (tokens, vocab) logits never exist.
 
 Per row with target t (rows whose target is ``ignore_index`` give loss 0 and gradient 0):
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import custom_op
 from .linear_cross_entropy import mean_scale
 
 
@@ -120,15 +122,35 @@ def ce_rows_(
     return loss, logits
 
 
+@custom_op(
+    "cross_entropy_rows",
+    "(Tensor logits, Tensor targets, int ignore_index, float label_smoothing, float z_loss, float? softcap) "
+    "-> (Tensor, Tensor)",
+)
+def cross_entropy_rows(logits, targets, ignore_index, label_smoothing, z_loss, softcap):
+    """(per-row fp32 losses (n,), unscaled d(loss)/d(logits) in a new contiguous tensor of the logits'
+    dtype): :func:`ce_rows_` on a copy, as an op that ``torch.compile`` keeps opaque in its graph."""
+    grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype).copy_(logits)
+    unit = torch.ones((), device=logits.device, dtype=torch.float32)
+    loss_rows, grad = ce_rows_(
+        grad, targets, unit, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap,
+    )  # fmt: skip
+    return loss_rows, grad
+
+
+@cross_entropy_rows.register_fake
+def _(logits, targets, ignore_index, label_smoothing, z_loss, softcap):
+    return logits.new_empty(logits.shape[:1], dtype=torch.float32), logits.new_empty(logits.shape)
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap):
         scale = mean_scale(targets, ignore_index, reduction)
-        unit = torch.ones((), device=logits.device, dtype=torch.float32)
-        grad = logits.detach().clone().contiguous()
-        loss_rows, grad = ce_rows_(
-            grad, targets, unit, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap,
+        loss_rows, grad = cross_entropy_rows(
+            logits.detach(), targets, ignore_index, float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap),
         )  # fmt: skip
         ctx.save_for_backward(grad, scale)  # unscaled: the mean's 1/count is applied in fp32 in backward
         return (loss_rows.sum() * scale).to(logits.dtype)

@@ -9,14 +9,21 @@ on GPU, or torch ops), and folds that gradient straight into the gradients of th
 bf16 products in bf16 by the matmul itself, so no fp32 copy of the weight's size is ever made). Only one chunk of logits exists at a time; the backward just scales the stored gradients.
 A tied embedding weight works like any other weight.
 
-This module needs only torch; it imports triton when ``use_triton=True``.
+This module needs only torch; it imports triton when ``use_triton=True``. The Triton path runs as the
+custom op ``lmforge::linear_ce_fwd`` (with a fake implementation and an autograd formula), so
+``torch.compile`` keeps it in its graph as one node; the torch path is plain torch and is traced.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
+
+from . import custom_op
+
+log = logging.getLogger(__name__)
 
 # CPU: elements of one chunk of logits, 4M (16 MiB in fp32).
 CPU_CHUNK_ELEMENTS = 1 << 22
@@ -122,42 +129,57 @@ def scale_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype of the products: under autocast (bf16-mixed training) the autocast dtype, as F.linear's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def _chunked(hidden, weight, targets, rows, *, dtype, chunk, want_hidden, want_weight, **options):
+    """(per-row fp32 losses (N,), unscaled d(loss sum)/d(hidden) in ``dtype`` or None, and
+    d/d(weight) or None): chunk by chunk, ``rows`` (``torch_rows`` or the Triton ``ce_rows_``)
+    turning each chunk's logits into its losses and logit gradient."""
+    N = hidden.shape[0]
+    device = hidden.device.type
+    unit = torch.ones((), device=hidden.device, dtype=torch.float32)
+    grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if want_hidden else None
+    # The weight gradient accumulates across chunks in bf16 when the products run in bf16: each
+    # chunk's addmm sums in fp32 inside the matmul and rounds once into the accumulator, and no
+    # (V, C) fp32 buffer or temporary is ever allocated (at Llama-3's head that is 2 GiB each).
+    # fp16 accumulates in fp32 (its sums over many tokens could overflow), fp32 in fp32.
+    acc_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype) if want_weight else None
+    losses = torch.empty(N, device=hidden.device, dtype=torch.float32)  # summed once, after the chunks
+    with torch.autocast(device, enabled=False):  # dtypes are chosen here, explicitly
+        hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+        for start in range(0, N, chunk):
+            h = hidden_c[start : start + chunk]
+            logits = h @ weight_c.t()  # (n, V): the only logits alive
+            _, grad = rows(logits, targets[start : start + chunk], unit, loss_out=losses[start : start + chunk],
+                           **options)  # fmt: skip
+            del logits  # grad is d(loss)/d(logits), unscaled: the same storage for the Triton rows
+            grad = grad.to(dtype)
+            if grad_hidden is not None:
+                torch.matmul(grad, weight_c, out=grad_hidden[start : start + chunk])
+            if grad_weight is not None and grad.dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad.t(), h)
+            elif grad_weight is not None:
+                grad_weight += (grad.t() @ h).float()
+            del grad
+    return losses, grad_hidden, grad_weight
+
+
 class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """The torch-rows path: plain torch, so ``torch.compile`` traces it like any other code."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk, rows):
-        N = hidden.shape[0]
-        device = hidden.device.type
-        # under autocast (bf16-mixed training) the products run in the autocast dtype, as F.linear would
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk):
         scale = mean_scale(targets, ignore_index, reduction)
-        unit = torch.ones((), device=hidden.device, dtype=torch.float32)
-        grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if ctx.needs_input_grad[0] else None
-        # The weight gradient accumulates across chunks in bf16 when the products run in bf16: each
-        # chunk's addmm sums in fp32 inside the matmul and rounds once into the accumulator, and no
-        # (V, C) fp32 buffer or temporary is ever allocated (at Llama-3's head that is 2 GiB each).
-        # fp16 accumulates in fp32 (its sums over many tokens could overflow), fp32 in fp32.
-        acc_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-        grad_weight = (
-            torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
-        )
-        losses = torch.empty(N, device=hidden.device, dtype=torch.float32)  # summed once, after the chunks
-        options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        with torch.autocast(device, enabled=False):  # dtypes are chosen here, explicitly
-            hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
-            for start in range(0, N, chunk):
-                h = hidden_c[start : start + chunk]
-                logits = h @ weight_c.t()  # (n, V): the only logits alive
-                _, grad = rows(logits, targets[start : start + chunk], unit, loss_out=losses[start : start + chunk],
-                               **options)  # fmt: skip
-                del logits  # grad is d(loss)/d(logits), unscaled: the same storage for the Triton rows
-                grad = grad.to(dtype)
-                if grad_hidden is not None:
-                    torch.matmul(grad, weight_c, out=grad_hidden[start : start + chunk])
-                if grad_weight is not None and grad.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(grad.t(), h)
-                elif grad_weight is not None:
-                    grad_weight += (grad.t() @ h).float()
-                del grad
+        losses, grad_hidden, grad_weight = _chunked(
+            hidden, weight, targets, torch_rows, dtype=_compute_dtype(hidden), chunk=chunk,
+            want_hidden=ctx.needs_input_grad[0], want_weight=ctx.needs_input_grad[1],
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        )  # fmt: skip
         # the 1/count of a mean is applied in the backward, in fp32 with grad_output, so fp16 gradients
         # keep their precision under loss scaling
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
@@ -167,14 +189,99 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, scale = ctx.saved_tensors
-        factor = scale * grad_output.float()
-        # Both gradients are scaled in place (a second backward through this graph would find the saved
-        # tensors modified and raise, never compute twice): no temporary of their size is made.
-        if grad_hidden is not None:
-            grad_hidden = scale_(grad_hidden, factor).to(ctx.hidden_dtype)
-        if grad_weight is not None:
-            grad_weight = scale_(grad_weight, factor).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        grad_hidden, grad_weight = _scaled(grad_hidden, grad_weight, scale * grad_output.float(), ctx)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _scaled(grad_hidden, grad_weight, factor, ctx):
+    """The saved gradients times ``factor``, in the dtypes of hidden and weight. In eager mode both are
+    scaled in place (a second backward through the graph would find the saved tensors modified and
+    raise, never compute twice): no temporary of their size is made. Traced (torch.compile, or any
+    tracer's tensor subclass), out of place, as a graph does not mutate what it saved: one fp32
+    multiply and cast each, which the compiler fuses into one pass."""
+    grads = [g for g in (grad_hidden, grad_weight) if g is not None]
+    if torch.compiler.is_compiling() or any(type(g) is not torch.Tensor for g in grads):
+        return tuple(
+            None if g is None else (g.float() * factor).to(dtype)
+            for g, dtype in ((grad_hidden, ctx.hidden_dtype), (grad_weight, ctx.weight_dtype))
+        )
+    if grad_hidden is not None:
+        grad_hidden = scale_(grad_hidden, factor).to(ctx.hidden_dtype)
+    if grad_weight is not None:
+        grad_weight = scale_(grad_weight, factor).to(ctx.weight_dtype)
+    return grad_hidden, grad_weight
+
+
+# The Triton-rows path, as a custom op: torch.compile keeps it in the graph as one opaque node.
+_rows_broken: set[tuple] = set()  # (device, dtype) whose Triton rows failed to build (ops with fallback=True)
+_LINEAR_CE_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, float label_smoothing, float z_loss, "
+    "float? softcap, int chunk_size, ScalarType dtype, bool grad_hidden, bool grad_weight, bool fallback) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+
+@custom_op("linear_ce_fwd", _LINEAR_CE_SCHEMA)
+def linear_ce_fwd(
+    hidden, weight, targets, ignore_index, label_smoothing, z_loss, softcap, chunk_size, dtype, grad_hidden,
+    grad_weight, fallback,
+):  # fmt: skip
+    """(fp32 sum of the per-token losses, d(sum)/d(hidden) in ``dtype``, d(sum)/d(weight) in fp32, or
+    bf16 for bf16 products), each gradient an empty (0,) tensor when its flag is False; products in
+    ``dtype``; chunk_size 0: the default for these sizes. With ``fallback`` a row kernel that cannot
+    be built here (one of ``build_errors()``) gives way to the torch rows, with a warning once per case."""
+    from . import build_errors
+    from .cross_entropy import ce_rows_
+
+    case = (str(hidden.device), dtype)
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.is_cuda)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+    def run(rows):
+        losses, dh, dw = _chunked(hidden, weight, targets, rows, dtype=dtype, chunk=chunk, want_hidden=grad_hidden,
+                                  want_weight=grad_weight, **options)  # fmt: skip
+        # (outputs of an op may not share memory: two distinct empties)
+        return losses.sum(), hidden.new_empty(0) if dh is None else dh, hidden.new_empty(0) if dw is None else dw
+
+    if fallback and case in _rows_broken:
+        return run(torch_rows)
+    try:
+        return run(ce_rows_)
+    except build_errors() as error:
+        if not fallback:
+            raise
+        _rows_broken.add(case)
+        lines = str(error).strip().splitlines()
+        log.warning(
+            "linear_cross_entropy: the Triton row kernel could not be built or launched (%s: %s); using the "
+            "torch rows for %s from now on", type(error).__name__, lines[0] if lines else "", case,
+        )  # fmt: skip
+    return run(torch_rows)
+
+
+@linear_ce_fwd.register_fake
+def _(hidden, weight, targets, ignore_index, label_smoothing, z_loss, softcap, chunk_size, dtype, grad_hidden,
+      grad_weight, fallback):  # fmt: skip
+    acc_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    dh = hidden.new_empty(hidden.shape, dtype=dtype) if grad_hidden else hidden.new_empty(0)
+    dw = weight.new_empty(weight.shape, dtype=acc_dtype) if grad_weight else hidden.new_empty(0)
+    return hidden.new_empty((), dtype=torch.float32), dh, dw
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    hidden, weight, *_, grad_hidden, grad_weight, _fallback = inputs
+    _, dh, dw = output
+    ctx.save_for_backward(dh if grad_hidden else None, dw if grad_weight else None)
+    ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+    ctx.mark_non_differentiable(dh, dw)
+
+
+def _linear_ce_backward(ctx, grad_sum, _dh, _dw):
+    grad_hidden, grad_weight = _scaled(*ctx.saved_tensors, grad_sum.float(), ctx)
+    return grad_hidden, grad_weight, *([None] * 10)
+
+
+linear_ce_fwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
 
 
 def linear_cross_entropy(
@@ -189,6 +296,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     use_triton: bool = False,
+    fallback: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` (N, V) against ``targets`` (N,), logits never materialised.
 
@@ -196,7 +304,10 @@ def linear_cross_entropy(
     target is ignored) or sum; torch's label smoothing; optional z-loss (``z_loss * logsumexp**2``)
     and logit soft-capping (``softcap * tanh(logits / softcap)``). ``use_triton`` computes each
     chunk's softmax, loss and gradient with the Triton row kernel (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``); otherwise with torch ops, which never hold more than one chunk either.
+    ``TRITON_INTERPRET=1``), inside the custom op ``lmforge::linear_ce_fwd``; otherwise with torch
+    ops, which never hold more than one chunk either. ``fallback`` (with ``use_triton``): when the
+    row kernel cannot be built here, the torch rows serve instead (a warning once per case) rather
+    than the error propagating. Both paths compile with ``torch.compile`` without a graph break.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -206,11 +317,16 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: targets {tuple(targets.shape)} must be (N,) = ({hidden.shape[0]},)")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"linear_cross_entropy: softcap={softcap} must be positive")
-    if use_triton:
-        from .cross_entropy import ce_rows_ as rows
-    else:
-        rows = torch_rows
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.is_cuda)
-    return _LinearCrossEntropyFunction.apply(
-        hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk, rows
-    )
+    if not use_triton:
+        chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.is_cuda)
+        return _LinearCrossEntropyFunction.apply(
+            hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk
+        )
+    scale = mean_scale(targets, ignore_index, reduction)  # a tensor: no host sync for the count
+    grad = torch.is_grad_enabled()
+    loss_sum, _, _ = linear_ce_fwd(
+        hidden, weight, targets, ignore_index, float(label_smoothing), float(z_loss),
+        None if softcap is None else float(softcap), chunk_size or 0, _compute_dtype(hidden),
+        grad and hidden.requires_grad, grad and weight.requires_grad, fallback,
+    )  # fmt: skip
+    return loss_sum * scale

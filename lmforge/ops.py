@@ -12,6 +12,12 @@ too little shared memory for every tuned configuration) does not stop training: 
 once as a warning, and that case (device, dtype, head dim, masks) runs on the torch path from then
 on. The attention backward falls back the same way, by recomputing through the torch path. Under
 ``triton`` the error propagates.
+
+Under ``torch.compile`` the whole step is one graph (no graph break): the kernels are the custom ops
+``lmforge::flash_attn_fwd`` / ``flash_attn_bwd`` / ``linear_ce_fwd`` (opaque nodes), the torch paths
+are traced, and the dispatch is decided once, while tracing, from what the graph is specialised on.
+The once-only reasons are logged then, while tracing (never from inside the graph); a kernel that
+fails to build at run time is answered inside its op (``auto``: the torch computation, one warning).
 """
 
 from __future__ import annotations
@@ -205,13 +211,13 @@ def linear_cross_entropy(
             _tell_once(f"loss: chunked torch cross-entropy because {why}")
     options = dict(ignore_index=ignore_index, reduction=reduction)
     if use_triton and backend == "auto":
-        # fallback: rows that cannot be built here give way to the torch rows inside the op (compiled too)
         if torch.compiler.is_compiling():
+            # in a compiled graph only the op sees a build error: under auto it takes the torch rows then
             return chunked(hidden, weight, targets, use_triton=True, fallback=True, **options)
         from lmforge.kernels import build_errors
 
         try:
-            return chunked(hidden, weight, targets, use_triton=True, fallback=True, **options)
+            return chunked(hidden, weight, targets, use_triton=True, **options)
         except build_errors() as err:
             _build_failed(case, "loss", err)
             use_triton = False

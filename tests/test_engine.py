@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import engine_runs as E
 import pytest
 import torch
 import torch.nn.functional as F
 
-import engine_runs as E
 from lmforge import parallel
 from lmforge.model import GPT, GPTConfig
 

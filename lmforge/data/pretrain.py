@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lmforge import plugins
-from lmforge.data.sampling import ResumableData
 from lmforge.data.cache import TokenDType, TokenFile, build_token_file, default_cache_dir
+from lmforge.data.sampling import ResumableData
 from lmforge.data.sources import Corpus, CorpusError, public_spec
 from lmforge.errors import UserError
 from lmforge.tokenizers import ByteTokenizer, Tokenizer, tokenizer_to_dict
