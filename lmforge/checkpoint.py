@@ -109,14 +109,24 @@ def read_sharded(path: Path, what: str = "checkpoint") -> dict:
     from torch.distributed.checkpoint.metadata import StorageMeta
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    try:
+        with open(path / ".metadata", "rb") as f:
+            index = _ShardIndexUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        if re.search(r"global|reduce|call", str(err), re.I):
+            raise CheckpointError(_refusal(path / ".metadata", what, str(err))) from None
+        raise CheckpointError(f"{what} {path}: its shard index .metadata {_damage(err, path)}") from None
+    except Exception as err:
+        raise CheckpointError(f"{what} {path}: its shard index .metadata {_damage(err, path)}") from None
+    if not hasattr(index, "state_dict_metadata"):
+        raise CheckpointError(f"{what} {path}: .metadata is not a torch.distributed.checkpoint index")
+
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
-            with open(Path(path) / ".metadata", "rb") as f:
-                metadata = _ShardIndexUnpickler(f).load()
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
+            if getattr(index, "storage_meta", None) is None:
+                index.storage_meta = StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
 
     checkpoint = torch_load(path / SHARDED_META, what)
     if not isinstance(checkpoint, dict):
@@ -125,8 +135,6 @@ def read_sharded(path: Path, what: str = "checkpoint") -> dict:
     try:
         _load_state_dict(state, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
                          no_dist=True)  # fmt: skip
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(_refusal(path / ".metadata", what, str(err))) from None
     except Exception as err:  # a missing or truncated shard
         raise CheckpointError(f"{what} {path} (sharded) {_damage(err, path)}") from None
     checkpoint["state_dict"] = state.get("state_dict", {})
