@@ -105,6 +105,7 @@ def read_sharded(path: Path, what: str = "checkpoint") -> dict:
     process on the CPU: the metadata file through :func:`torch_load`, the shards through
     torch.distributed.checkpoint with the index read by :class:`_ShardIndexUnpickler`."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.metadata import StorageMeta
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -135,8 +136,16 @@ def read_sharded(path: Path, what: str = "checkpoint") -> dict:
     try:
         _load_state_dict(state, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
                          no_dist=True)  # fmt: skip
-    except Exception as err:  # a missing or truncated shard
-        raise CheckpointError(f"{what} {path} (sharded) {_damage(err, path)}") from None
+    except (Exception, CheckpointException) as err:  # a missing or truncated shard (CheckpointException is a BaseException)
+        causes = list(getattr(err, "failures", {}).values()) or [err]
+        cause = causes[0]
+        if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException):
+            cause = cause[0]  # a rank's failure: (exception, its stack)
+        text = _first_line(str(cause)) or "the file ends early"
+        raise CheckpointError(
+            f"{what} {path} is a sharded checkpoint with a missing or damaged shard ({type(cause).__name__}: {text}); "
+            "use another checkpoint"
+        ) from None
     checkpoint["state_dict"] = state.get("state_dict", {})
     return checkpoint
 

@@ -300,6 +300,12 @@ def test_fsdp2_trains_saves_sharded_resumes_and_exports(tmp_path):
     assert ckpt.state and set(ckpt.state) <= set(exported.state_dict())
     for k, v in ckpt.state.items():  # the gathered shards are the exported weights
         assert torch.equal(exported.state_dict()[k], v.to(exported.state_dict()[k].dtype)), k
+    from lmforge.checkpoint import CheckpointError, torch_load
+
+    shard = sorted(last.glob("*.distcp"))[1]
+    shard.write_bytes(shard.read_bytes()[:1000])  # a shard cut short
+    with pytest.raises(CheckpointError, match="missing or damaged shard .*EOFError"):
+        torch_load(last)
 
 
 def test_a_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path):
