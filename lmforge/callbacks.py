@@ -223,6 +223,11 @@ class Checkpointing(ModelCheckpoint):
             return  # inside gradient accumulation: wait for the optimizer step
         stop = self._signal is not None
         if trainer.world_size > 1:
+            # the ranks agree on stopping every few steps, not every step (each agreement waits for the GPU)
+            if trainer.global_step % max(1, min(trainer.log_every_n_steps, 10)) and trainer.global_step < (
+                trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else float("inf")
+            ):
+                return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return

@@ -259,8 +259,9 @@ class SFTModule(FinetuneModule):
     def _eval_end(self, stage: str, metric: MeanMetric) -> None:
         loss = metric.compute()
         metric.reset()
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/ppl", loss.exp())
+        loss = loss.float()
+        self.log(f"{stage}/loss", float(loss), prog_bar=True)  # reduced over the ranks by the metric already
+        self.log(f"{stage}/ppl", float(loss.exp()))
         if self.trainer.state.fn != "fit":
             self._write_results(stage, {f"{stage}/loss": float(loss), f"{stage}/ppl": float(loss.exp())})
 
@@ -397,7 +398,7 @@ class ClassifierModule(FinetuneModule):
         metrics = self.metrics[stage]
         values = {f"{stage}/loss": loss_metric.compute(), f"{stage}/acc": metrics["acc"].compute()}
         values[f"{stage}/f1_macro"] = metrics["f1"].compute()
-        self.log_dict(values, prog_bar=True)
+        self.log_dict({k: float(v) for k, v in values.items()}, prog_bar=True)  # metrics reduced over ranks already
         report = self._report(stage)
         for metric in (*metrics.values(), loss_metric):
             metric.reset()

@@ -371,8 +371,9 @@ class PretrainModule(LMForgeModule):
     def _eval_epoch_end(self, stage: str, metric: MeanMetric) -> None:
         loss = metric.compute()
         metric.reset()
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/ppl", loss.exp())
+        loss = float(loss)  # the metric already reduced over the ranks: a plain number, nothing to sync again
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/ppl", math.exp(min(loss, 80.0)))
         entropy = self._corpus_entropy()
         if entropy is not None:
             self.log(f"{stage}/gap_to_entropy", loss - entropy, prog_bar=stage == "val")
