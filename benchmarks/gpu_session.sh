@@ -44,7 +44,7 @@ step 90 attn_masked.log python3 benchmarks/attn_masked.py --out "$OUT"
 step 120 ce.log python3 benchmarks/ce.py --quick --lmforge-chunks 128,512,1024,2048 --out "$OUT"
 
 # 4. training step throughput, plain loop against lmforge's Lightning loop, bf16
-step 60 train.log python3 benchmarks/train.py --preset gpt-small --steps 30 --out "$OUT"
+step 150 train.log python3 benchmarks/train.py --preset gpt2-124m --providers plain-compiled,lmforge-kernels-compiled,plain-eager --warmup 3 --steps 15 --out "$OUT"
 
 # 5. fine-tuning smoke in bf16: packed SFT rows go through the Triton kernel with segment ids and
 #    restarted positions, then generation with the KV cache

@@ -68,7 +68,12 @@ class LMForgeModule(L.LightningModule):
         detached = loss_sum.detach().float()
         self._acc_sum = detached if self._acc_sum is None else self._acc_sum + detached
         self._acc_count = count if self._acc_count is None else self._acc_count + count
+        if self._one_micro_batch_per_step():  # the step is this batch: its own mean is exact, no rescale pass
+            return loss_sum / count.clamp(min=1.0)
         return loss_sum / self._loss_unit
+
+    def _one_micro_batch_per_step(self) -> bool:
+        return self.trainer.accumulate_grad_batches == 1 and self._data_parallel_size() == 1
 
     _loss_unit: float | None = None
     _acc_sum: Tensor | None = None
@@ -87,7 +92,7 @@ class LMForgeModule(L.LightningModule):
         total = stats[1].clamp(min=1.0)
         scale = (self._data_parallel_size() * self.trainer.accumulate_grad_batches * self._loss_unit) / total
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
+        if grads and not self._one_micro_batch_per_step():
             try:
                 torch._foreach_mul_(grads, scale)
             except (RuntimeError, NotImplementedError, TypeError):  # e.g. sharded (DTensor) gradients

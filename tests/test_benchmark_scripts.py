@@ -47,3 +47,68 @@ def test_attn_masked_quick_cpu(tmp_path):
     }, rows
     assert all(float(r["ms"]) > 0 and r["device_name"] and r["torch"] and r["date"] for r in rows), rows
     assert all(0 < float(r["attended_fraction"]) <= 1 for r in rows), rows
+
+
+TRAIN_PROVIDERS = [
+    "plain-eager",
+    "plain-compiled",
+    "lmforge-torch-eager",
+    "lmforge-torch-compiled",
+    "lmforge-kernels-eager",
+    "lmforge-kernels-compiled",
+]
+TRAIN_COLUMNS = {
+    "date", "provider", "status", "loop", "attention", "loss", "compile", "compile_backend", "shape", "params",
+    "device", "device_name", "precision", "warmup", "steps", "ms_per_step", "median_ms_per_step", "tokens_per_s",
+    "mfu", "peak_memory_mib", "process_max_rss_mib", "time_to_first_step_s", "final_loss", "error", "torch",
+    "lightning", "lmforge",
+}  # fmt: skip
+
+
+def run_train(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict[str, str]], str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/train.py", "--quick", "--device", "cpu", "--out", str(tmp_path), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    log = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, log
+    path = tmp_path / "train.csv"
+    assert path.exists(), log
+    with path.open(newline="") as f:
+        return proc, list(csv.DictReader(f)), log
+
+
+def test_train_quick_cpu_all_providers(tmp_path):
+    """Every provider trains the quick shape (compiled ones with the fast aot_eager backend) and gets one CSV row."""
+    proc, rows, log = run_train(tmp_path, "--compile-backend", "aot_eager")
+    assert [r["provider"] for r in rows] == TRAIN_PROVIDERS, log
+    assert TRAIN_COLUMNS <= set(rows[0]), rows[0].keys()
+    for r in rows:
+        assert r["status"] == "ok" and not r["error"], (r, log)
+        assert float(r["tokens_per_s"]) > 0 and float(r["ms_per_step"]) > 0, r
+        assert float(r["time_to_first_step_s"]) > 0 and int(r["steps"]) == 3, r
+        assert r["mfu"] == "n/a" and r["peak_memory_mib"] == "n/a", r  # CPU: no peak FLOP/s, no CUDA memory
+        assert r["device"] == "cpu" and r["precision"] == "32-true" and r["date"] and r["torch"], r
+        assert (r["compile_backend"] == "aot_eager") == r["provider"].endswith("-compiled"), r
+    # the same model, data and initial weights: after five steps the losses agree closely
+    losses = [float(r["final_loss"]) for r in rows]
+    assert max(losses) - min(losses) < 0.05, losses
+    # the summary: ratios to both plain loops, and the CPU bar's verdict
+    assert "lmforge-torch-eager:" in proc.stdout and "x plain-compiled" in proc.stdout, log
+    assert "CPU bar (lmforge-torch-eager within 5% of plain-eager)" in proc.stdout, log
+
+
+def test_train_failing_provider_is_a_row(tmp_path):
+    """A provider that cannot run (here: an unknown compile backend) writes its error; the others still run."""
+    providers = "plain-eager,plain-compiled,lmforge-torch-compiled"
+    proc, rows, log = run_train(tmp_path, "--providers", providers, "--compile-backend", "no-such-backend")
+    assert [r["provider"] for r in rows] == providers.split(","), log
+    assert rows[0]["status"] == "ok" and float(rows[0]["tokens_per_s"]) > 0, rows[0]
+    for r in rows[1:]:
+        assert r["status"] == "error" and "no-such-backend" in r["error"] and not r["tokens_per_s"], r
+    assert "FAILED" in proc.stdout, log
