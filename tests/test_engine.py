@@ -324,3 +324,43 @@ def test_a_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path):
     (folder / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError, match="refused.*run code"):
         torch_load(folder)
+
+
+# -- the schedule on resume ---------------------------------------------------------------------------
+
+
+def _fit_steps(tmp_path, max_steps: int, scheduler: dict, ckpt: str | None = None):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lmforge.model import GPTConfig
+    from lmforge.pretrain import PretrainModule
+
+    torch.manual_seed(0)
+    module = PretrainModule(GPTConfig(**E.TINY), optimizer={"name": "adamw", "lr": 1e-2}, scheduler=scheduler)
+    lrs: list[float] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Spy()])  # fmt: skip
+    trainer.fit(module, DataLoader(E.pretrain_data(), batch_size=1), ckpt_path=ckpt)
+    return trainer, lrs
+
+
+def test_resuming_with_more_steps_says_how_the_rate_moves_and_decay_steps_keeps_it(tmp_path, capsys):
+    cosine = {"name": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1}
+    trainer, planned = _fit_steps(tmp_path, 8, cosine)  # one epoch of 8 batches
+    trainer.save_checkpoint(tmp_path / "s8.ckpt")
+    capsys.readouterr()
+    _, stretched = _fit_steps(tmp_path, 16, cosine, str(tmp_path / "s8.ckpt"))
+    note = capsys.readouterr().out
+    assert "trainer.max_steps=16 (checkpoint's run: 8)" in note and "model.scheduler.decay_steps: 8" in note
+    assert "the learning rate at this step goes from" in note
+    assert stretched[0] > 0.1 * 1e-2 * 1.01  # re-stretched: back above the final rate
+    _, kept = _fit_steps(tmp_path, 16, {**cosine, "decay_steps": 8}, str(tmp_path / "s8.ckpt"))
+    assert kept == pytest.approx([1e-3] * 8)  # the old schedule ended: its final rate from here on
+    assert "decay_steps fix it" in capsys.readouterr().out
