@@ -36,6 +36,13 @@ class LMForgeModule(L.LightningModule):
         return self.model
 
     # -- placement ---------------------------------------------------------------------------------
+    def cpu(self):
+        """As ``nn.Module.cpu``; a model not yet materialised (a run that failed before ``configure_model``,
+        whose teardown moves the module to the CPU) stays on the meta device instead of failing."""
+        if not parallel.is_meta(self):
+            return super().cpu()
+        return self._apply(lambda t: t if t.is_meta else t.cpu())
+
     def configure_model(self) -> None:
         """Activation checkpointing, FSDP2 sharding (``trainer.strategy: fsdp2``), materialising a
         meta-device model on the run's device, compilation: see :mod:`lmforge.parallel`."""
