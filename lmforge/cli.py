@@ -60,6 +60,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _process_rank() -> int:
+    """This process's rank as torchrun (RANK), SLURM (SLURM_PROCID) or Lightning's launcher set it; 0 alone."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):  # LOCAL_RANK: the processes Lightning starts itself
+        try:
+            return int(os.environ[key])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
 def _show_lmforge_logs() -> None:
     """lmforge's INFO messages (cache reuse, kernel fallbacks) on stderr, as Lightning shows its own.
 
@@ -68,7 +78,12 @@ def _show_lmforge_logs() -> None:
     logger = logging.getLogger("lmforge")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("lmforge: %(message)s"))
+        rank = _process_rank()
+        if rank:  # under torchrun or SLURM, the other ranks say only what goes wrong, and which rank they are
+            handler.addFilter(lambda record: record.levelno >= logging.WARNING)
+            handler.setFormatter(logging.Formatter(f"lmforge[rank {rank}]: %(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter("lmforge: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 
