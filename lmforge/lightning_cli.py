@@ -240,6 +240,28 @@ def run(args: list[str], started: float | None = None) -> None:
     global ARGS
     ARGS = list(args)
     callbacks.PROCESS_START = started
+    try:
+        _cli()
+    except BaseException:
+        _leave_process_group(wait=False)  # the others may never arrive: do not wait for them
+        raise
+    _leave_process_group(wait=True)
+
+
+def _leave_process_group(wait: bool) -> None:
+    """End a distributed run cleanly: after a run that finished, every rank waits for the others; then the
+    process group is destroyed (a rank that exits while gloo's threads still run is aborted, SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def _cli() -> None:
     LmforgeCLI(
         LMForgeModule,
         L.LightningDataModule,

@@ -166,3 +166,7 @@ if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/engine_runs.py o
     state = one_step(kind, int(batch), int(acc), rest[0] if rest else None, strategy=strategy, devices=2)
     if int(os.environ.get("RANK", 0)) == 0:
         torch.save(state, out)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()  # a rank leaving with gloo's threads alive is aborted (SIGABRT)
