@@ -82,6 +82,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lmforge.model import GPT, GPTConfig
+from lmforge.optim import param_groups
 from lmforge.pretrain import PretrainModule
 
 
@@ -357,12 +358,8 @@ class BatchDataset(Dataset):
 def plain_adamw(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
     """torch's AdamW with the adamw plugin's arguments: weight decay on the matrices of linear layers only
     (not on embeddings, so not on a tied output head, nor on norms and biases)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": OPTIMIZER["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        param_groups(model, OPTIMIZER["weight_decay"]),
         lr=OPTIMIZER["lr"],
         betas=tuple(OPTIMIZER["betas"]),
         fused=True if device.type == "cuda" else None,

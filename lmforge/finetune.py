@@ -68,7 +68,7 @@ class FinetuneModule(LMForgeModule):
         super().__init__()
         self.save_hyperparameters()
         parallel.compile_settings(compile)
-        parallel.apply_activation_checkpointing(nn.Module(), activation_checkpointing)
+        parallel.checkpoint_every(activation_checkpointing)  # a bad setting fails now
         plugins.validate("optimizer", optimizer)
         plugins.validate("scheduler", scheduler)
         self.model, self.tokenizer, self.base_info = load_base(base, revision)
@@ -376,15 +376,13 @@ class ClassifierModule(FinetuneModule):
 
     _acc_right: Tensor | None = None
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        right, count = self._acc_right, self._acc_count
-        self._acc_right = None
-        if right is not None and count is not None and self._should_log():
-            stats = torch.stack([right.float(), count])
-            if self.trainer.world_size > 1:
-                stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-            self.log("train/acc", float(stats[0] / stats[1].clamp(min=1)), prog_bar=True)
-        super().on_before_optimizer_step(optimizer)
+    def _extra_step_stats(self) -> list[Tensor]:
+        right, self._acc_right = self._acc_right, None
+        return [right.float()] if right is not None else []
+
+    def _log_extra_step_stats(self, sums: Tensor, targets: Tensor) -> None:
+        if sums.numel():
+            self.log("train/acc", float(sums[0] / targets), prog_bar=True)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])

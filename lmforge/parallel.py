@@ -70,14 +70,22 @@ def _unsupported_rng_mesh(model: nn.Module):
     return None
 
 
-def apply_activation_checkpointing(model: nn.Module, setting: bool | int) -> int:
-    """Recompute the activations of every block (``True`` or 1) or of every n-th block (``n``) in the
-    backward; returns how many blocks recompute."""
+def checkpoint_every(setting: bool | int | None) -> int:
+    """``model.activation_checkpointing`` as "every n-th block" (0: none); a bad value is a one-line error."""
     if setting is False or setting is None or setting == 0:
         return 0
     every = 1 if setting is True else int(setting)
     if every < 1:
         raise UserError(f"model.activation_checkpointing={setting!r}: use false, true or a positive n (every n-th block)")
+    return every
+
+
+def apply_activation_checkpointing(model: nn.Module, setting: bool | int) -> int:
+    """Recompute the activations of every block (``True`` or 1) or of every n-th block (``n``) in the
+    backward; returns how many blocks recompute."""
+    every = checkpoint_every(setting)
+    if not every:
+        return 0
     blocks = list(getattr(model, "blocks", []))
     for i, block in enumerate(blocks):
         block.checkpoint = i % every == 0

@@ -93,7 +93,7 @@ class LMForgeModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._acc_count is None:
             return
-        stats = torch.stack([self._acc_sum, self._acc_count])
+        stats = torch.stack([self._acc_sum, self._acc_count, *self._extra_step_stats()])
         if self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         total = stats[1].clamp(min=1.0)
@@ -112,6 +112,14 @@ class LMForgeModule(L.LightningModule):
             self.log("train/ppl", math.exp(min(loss, 80.0)))
             self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
             self.log("train/targets", float(stats[1]))
+            self._log_extra_step_stats(stats[2:], total)
+
+    def _extra_step_stats(self) -> list[Tensor]:
+        """A task's own per-step sums (float scalars), reduced over the ranks with the loss's; then reset."""
+        return []
+
+    def _log_extra_step_stats(self, sums: Tensor, targets: Tensor) -> None:
+        """Log what :meth:`_extra_step_stats` summed, on logging steps; ``targets`` is the step's target count."""
 
     def _should_log(self) -> bool:
         trainer = self.trainer
@@ -287,11 +295,12 @@ class LMForgeModule(L.LightningModule):
 def rng_states() -> dict:
     """torch's (CPU and CUDA), numpy's and Python's random states, as weights-only-loadable values."""
     np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
     states = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [py_version, list(py_internal), py_gauss],
     }  # fmt: skip
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -362,7 +371,7 @@ class PretrainModule(LMForgeModule):
         plugins.validate("optimizer", optimizer)
         plugins.validate("scheduler", scheduler)
         parallel.compile_settings(compile)  # a bad setting fails now, not after data preparation
-        parallel.apply_activation_checkpointing(torch.nn.Module(), activation_checkpointing)
+        parallel.checkpoint_every(activation_checkpointing)  # a bad setting fails now
         # built on the meta device (no memory); configure_model shards it, materialises it on the run's
         # device and initialises it there (lmforge.parallel). Outside a Trainer call configure_model().
         with torch.device("meta"):

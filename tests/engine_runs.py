@@ -64,22 +64,10 @@ def classify_data() -> Dataset:
 
 
 def save_base(path: Path, block_size: int = 16) -> Path:
-    """A random tiny lmforge checkpoint with the byte tokenizer (as ``lmforge fit`` writes one)."""
-    import lmforge
-    from lmforge.model import GPT, GPTConfig
+    """A random tiny lmforge checkpoint with the byte tokenizer (test_finetune.save_base at this shape)."""
+    from test_finetune import save_base as save
 
-    torch.manual_seed(0)
-    cfg = GPTConfig(**{**TINY, "vocab_size": 320, "block_size": block_size})
-    model = GPT(cfg)
-    torch.save(
-        {
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "lmforge": {"version": lmforge.__version__, "model_config": cfg.to_dict(), "tokenizer": {"type": "bytes"}},
-            "global_step": 0,
-        },
-        path,
-    )
-    return path
+    return save(path, 0, **{**TINY, "vocab_size": 320, "block_size": block_size})
 
 
 def module(kind: str, base: str | None = None):
