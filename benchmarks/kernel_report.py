@@ -14,6 +14,11 @@ compiler and ``ptxas``, then reads back, per configuration:
   per-warp MMA), ``MUFU.EX2`` (the exponentials of the softmax), ``LDL+STL`` (spill traffic);
 * **verdict**: ok, spills, shared memory over the limit, or the compiler's error.
 
+Attention kernels: ``attn-fwd``; ``attn-bwd``, the fused five-product backward (dQ by atomics) with
+its ``attn-delta`` (which also zeroes the dQ buffer) and ``attn-dq-cast``; ``attn-dkdv`` and
+``attn-dq``, the deterministic two-kernel backward. WIDE (64-bit in-tile offsets, for huge strides
+only) is compiled off, as training launches it.
+
 The kernels are compiled as a training launch specialises them: contiguous bf16 (``--dtype``) tensors,
 pointers and strides divisible by 16, unit strides and a group size of 1 (multi-head attention) folded
 in as constants, sequence length divisible by 16. Variants: head dims ``--head-dims`` (64 and 128),
@@ -49,7 +54,7 @@ import harness
 # Dynamic shared memory a block may opt into, bytes, by compute capability (CUDA programming guide).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 DTYPES = {"bf16": "bf16", "fp16": "fp16"}
-KERNELS = ("attn-fwd", "attn-dkdv", "attn-dq", "attn-delta", "ce-rows", "scale")
+KERNELS = ("attn-fwd", "attn-bwd", "attn-dkdv", "attn-dq", "attn-delta", "attn-dq-cast", "ce-rows", "scale")
 SASS_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "LDL", "STL")
 
 
@@ -98,13 +103,39 @@ def _attention_pointers(kernel: str, dtype: str) -> dict[str, str]:
     fp = f"*{dtype}"
     return {
         "attn-fwd": dict(Q=fp, K=fp, V=fp, Out=fp, LSE="*fp32", KPM="*i8", SEG="*i64", BOUNDS="*i32"),
+        "attn-bwd": dict(
+            Q=fp,
+            K=fp,
+            V=fp,
+            DO=fp,
+            LSE="*fp32",
+            DELTA="*fp32",
+            DK=fp,
+            DV=fp,
+            DQA="*fp32",
+            KPM="*i8",
+            SEG="*i64",
+            BOUNDS="*i32",
+        ),
         "attn-dkdv": dict(
-            Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DK=fp, DV=fp, KPM="*i8", SEG="*i64", BOUNDS="*i32"
+            Q=fp,
+            K=fp,
+            V=fp,
+            DO=fp,
+            LSE="*fp32",
+            DELTA="*fp32",
+            DK=fp,
+            DV=fp,
+            DQA="*fp32",
+            KPM="*i8",
+            SEG="*i64",
+            BOUNDS="*i32",
         ),
         "attn-dq": dict(
             Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DQ=fp, KPM="*i8", SEG="*i64", BOUNDS="*i32"
         ),
-        "attn-delta": dict(Out=fp, DO=fp, DELTA="*fp32"),
+        "attn-delta": dict(Out=fp, DO=fp, DELTA="*fp32", DQA="*fp32"),
+        "attn-dq-cast": dict(DQA="*fp32", DQ=fp),
     }[kernel]
 
 
@@ -123,11 +154,19 @@ def attention_jobs(
     (or ``tiles``), causal and not, with and (``masks``) without the padding and segment masks."""
     import lmforge.kernels.attention as attention
 
-    if kernel == "attn-delta":
+    if kernel in ("attn-delta", "attn-dq-cast"):  # row kernels: 64 rows, launched with the default 4 warps
+        zero = (("ZERO_DQA", True),) if kernel == "attn-delta" else ()  # as the fused backward launches it
         return [
-            Job(kernel, f"D{d}", arch, dtype, (("BLOCK_M", 64), ("BLOCK_D", d)), 4, 3, "64 rows w4") for d in head_dims
-        ]
-    table = {"attn-fwd": attention.FWD_TILES, "attn-dkdv": attention.DKDV_TILES, "attn-dq": attention.DQ_TILES}[kernel]
+            Job(kernel, f"D{d}", arch, dtype, (*zero, ("WIDE", False), ("BLOCK_M", 64), ("BLOCK_D", d)), 4, 3,
+                "64 rows w4")
+            for d in head_dims
+        ]  # fmt: skip
+    table = {
+        "attn-fwd": attention.FWD_TILES,
+        "attn-bwd": attention.BWD_TILES,
+        "attn-dkdv": attention.DKDV_TILES,
+        "attn-dq": attention.DQ_TILES,
+    }[kernel]
     mask_sets = [(False, False)] + ([(True, False), (False, True)] if masks else [])
     jobs = []
     for d in head_dims:
@@ -135,7 +174,9 @@ def attention_jobs(
         for causal in (False, True):
             for kpm, seg in mask_sets:
                 variant = f"D{d} {'causal' if causal else 'full'}" + (" +pad" if kpm else "") + (" +seg" if seg else "")
-                flags = dict(CAUSAL=causal, HAS_KPM=kpm, HAS_SEG=seg, IEEE=False, BLOCK_D=d)
+                flags = dict(CAUSAL=causal, HAS_KPM=kpm, HAS_SEG=seg, IEEE=False, WIDE=False, BLOCK_D=d)
+                if kernel in ("attn-bwd", "attn-dkdv"):  # one kernel: with and without the dQ atomics
+                    flags["DQ_ATOMIC"] = kernel == "attn-bwd"
                 for bm, bn, warps, stages in shapes[:1] if quick else shapes:
                     constants = tuple({**flags, "BLOCK_M": bm, "BLOCK_N": bn}.items())
                     label = f"{bm}x{bn} w{warps} s{stages}"
@@ -174,9 +215,13 @@ def compile_job(job: Job) -> Report:
     if job.kernel.startswith("attn"):
         import lmforge.kernels.attention as module
 
-        name = {"attn-fwd": "_attn_fwd", "attn-dkdv": "_attn_bwd_dkdv", "attn-dq": "_attn_bwd_dq"}.get(
-            job.kernel, "_attn_bwd_delta"
-        )
+        name = {
+            "attn-fwd": "_attn_fwd",
+            "attn-bwd": "_attn_bwd",
+            "attn-dkdv": "_attn_bwd_dkdv",
+            "attn-dq": "_attn_bwd_dq",
+            "attn-dq-cast": "_attn_bwd_dq_cast",
+        }.get(job.kernel, "_attn_bwd_delta")
         pointers = _attention_pointers(job.kernel, job.dtype)
         floats = ("qk_scale", "sm_scale")
     else:

@@ -18,12 +18,18 @@ max subtraction fuse into one FMA per score. With a causal mask the query blocks
 attend to outputs zeros (its logsumexp is stored as +inf, so the backward sees probabilities of
 exactly 0, never NaN).
 
-The backward is the FlashAttention-2 scheme: delta = rowsum(dO * O); then one program per key block
-and key/value head accumulates dK and dV over every query head of its group and every query
-block; a second kernel computes dQ per query block. The dK/dV kernel works on the transposed
-scores S^T = K Q^T, so the held key block is the row dimension of every product (wgmma's tiles are
-64 rows per warpgroup) and P^T, dS^T feed dV, dK directly. No atomics are used, so gradients are
-deterministic, run to run.
+The backward starts with delta = rowsum(dO * O). By default it is then FlashAttention-2's fused
+five-product scheme: one program per key block and key/value head loops over every query head of
+its group and every query block, computing S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q
+and this block's share of dQ, dS K, which it adds into an fp32 (B, H, N, D) buffer with
+``tl.atomic_add`` (the delta kernel zeroes that buffer; the autotuner resets it between trials); a
+small kernel then scales dQ and casts it to q's dtype and layout. Working on the transposes makes
+the held key block the row dimension of the products (wgmma's tiles are 64 rows per warpgroup), so
+P^T and dS^T feed dV and dK directly. With ``deterministic=True`` (or, by default, when
+``torch.are_deterministic_algorithms_enabled()``), the backward is the two-kernel scheme instead: the
+same dK/dV kernel without the dQ products, then a dQ kernel per query block; no atomics, and every
+kernel runs the tile pinned for its autotune key or else the first listed for its head dim, so two
+processes (two DDP ranks) give bitwise-identical gradients.
 
 With key padding or segment ids, each program first narrows the tiles it visits to those between
 the first and last position of the segment ids present and between the row's first and last real
@@ -31,13 +37,25 @@ key (per-row bounds computed once per call, see _bounds); inside that range it s
 empty and runs tiles wholly inside one document, over real keys, without building a mask. Packed
 documents cost about the sum of their squares, not the square of their sum.
 
-Tile shapes are per head dim (FWD_TILES, DKDV_TILES, DQ_TILES) and autotuned per power-of-two bucket
-of the length; `benchmarks/kernel_report.py` shows what each compiles to for sm_90 without a GPU.
+Launch grids put batch x head (batch x key/value head for dK/dV) on axis 0, which CUDA does not
+cap at 65535, and the query or key block on axis 1. Offsets are 64-bit where they can pass int32:
+each program advances its base pointers by ``start.to(int64) * stride`` for the batch, the head and
+the first row of each tile (and the logsumexp/delta rows), while in-tile offsets stay int32 and
+cheap, unless a stride is so large that one tile's span could overflow (WIDE, chosen per launch).
+
+Tile shapes, (BLOCK_M, BLOCK_N, num_warps, num_stages), are listed per head-dim bucket (FWD_TILES,
+BWD_TILES for the fused backward, DKDV_TILES, DQ_TILES; :func:`tile_lists`) and autotuned per
+power-of-two bucket of the length; `benchmarks/kernel_report.py` shows what each compiles to for
+sm_90 without a GPU. :func:`use_tiles` forces tiles inside a ``with`` block (a GPU gate runs every
+listed tile that way), :func:`tuned_tiles` reports what the autotuners picked and :func:`pin_tiles`
+(or ``LMFORGE_ATTN_TILES=path``, read at the first launch) pins such picks, on every rank alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -67,16 +85,32 @@ def _interpreting() -> bool:
 # 64 and below, 128, 256). Every entry compiles for sm_90 (H100/H200) without register spills and
 # within shared memory, as `python benchmarks/kernel_report.py` shows; the autotuner times them on the
 # card. Wider tiles spill at larger head dims: the forward holds a (BLOCK_M, D) fp32 accumulator, the
-# dK/dV kernel two (BLOCK_N, D) ones, the dQ kernel one (BLOCK_M, D).
+# dK/dV kernels two (BLOCK_N, D) ones, the dQ kernel one (BLOCK_M, D). The first tile of a bucket is
+# what deterministic mode runs when nothing is pinned (see pin_tiles).
 FWD_TILES = {
     64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
     256: [(64, 64, 8, 2), (64, 32, 4, 2)],
 }
-# dK/dV: a program holds a key block (BLOCK_N rows) and streams query tiles of BLOCK_M.
+# The fused (five-product) backward: a program holds a key block (BLOCK_N rows), streams query tiles
+# of BLOCK_M and adds its dQ partials into an fp32 buffer with atomics.
+BWD_TILES = {
+    64: [(32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2)],
+    128: [
+        (16, 128, 8, 2),
+        (16, 128, 8, 3),
+        (32, 64, 8, 2),
+        (32, 64, 8, 3),
+        (32, 128, 8, 1),
+        (16, 64, 8, 2),
+        (32, 32, 8, 2),  # the one clean with key padding (the others spill a little there)
+    ],
+    256: [(32, 32, 8, 2), (16, 32, 8, 2)],
+}
+# dK/dV of the deterministic two-kernel backward: as BWD_TILES, without the dQ partials.
 DKDV_TILES = {
     64: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2)],
-    128: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3), (16, 64, 8, 2)],
+    128: [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 8, 3), (16, 64, 8, 2)],
     256: [(32, 32, 8, 2)],
 }
 # dQ: the mirror; a program holds a query block (BLOCK_M rows) and streams key tiles of BLOCK_N.
@@ -85,16 +119,31 @@ DQ_TILES = {
     128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
     256: [(128, 32, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3)],
 }
+_TILES = {"fwd": FWD_TILES, "bwd": BWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
+_INTERPRETER_TILE = (16, 16, 4, 1)  # the one config the autotuners hold under TRITON_INTERPRET=1
 
 
 def _head_dim_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_lists(head_dim: int) -> dict[str, list[tuple[int, int, int, int]]]:
+    """The tiles listed for ``head_dim``'s bucket, per kernel: "fwd" (forward), "bwd" (the fused
+    backward), "dkdv" and "dq" (the deterministic two-kernel backward); each a list of
+    (BLOCK_M, BLOCK_N, num_warps, num_stages). The same lists with or without a GPU."""
+    bucket = _head_dim_bucket(_block_d(head_dim))
+    return {name: list(tiles[bucket]) for name, tiles in _TILES.items()}
+
+
 def _configs(tiles: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
     """Every tile shape of ``tiles`` as an autotune config (one 16x16 config under the interpreter)."""
     if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        bm, bn, w, st = _INTERPRETER_TILE
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)]
     shapes = dict.fromkeys(shape for bucket in tiles.values() for shape in bucket)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
 
@@ -111,6 +160,120 @@ def _for_head_dim(tiles: dict[int, list[tuple[int, int, int, int]]]):
         return kept or configs[-1:]
 
     return prune
+
+
+# Tile choice outside the autotuners: forced tiles (use_tiles, a context), pinned tiles (pin_tiles or
+# LMFORGE_ATTN_TILES) and what the autotuners picked (tuned_tiles). Keys are _tune_key strings.
+_forced: dict[str, tuple[int, int, int, int]] = {}
+_pinned: dict[str, dict[str, tuple[int, int, int, int]]] = {}
+_tuned: dict[str, dict[str, list[int]]] = {}
+_env_read = False  # LMFORGE_ATTN_TILES is read once, at the first launch, unless pin_tiles came first
+TILES_ENV = "LMFORGE_ATTN_TILES"
+
+
+def _tile(value, what: str) -> tuple[int, int, int, int]:
+    try:
+        tile = tuple(int(x) for x in value)
+    except (TypeError, ValueError):
+        tile = ()
+    if len(tile) != 4 or any(x <= 0 for x in tile) or any(isinstance(x, bool) for x in value):
+        raise ValueError(f"{what}: expected (BLOCK_M, BLOCK_N, num_warps, num_stages), got {value!r}")
+    return tile  # type: ignore[return-value]
+
+
+def _kernel_name(name: str, what: str) -> str:
+    if name not in _TILES:
+        raise ValueError(f"{what}: unknown kernel {name!r}; expected one of {', '.join(_TILES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_tiles(**tiles: tuple[int, int, int, int]):
+    """Every launch of the named kernels ("fwd", "bwd", "dkdv", "dq") inside the ``with`` block uses the
+    given (BLOCK_M, BLOCK_N, num_warps, num_stages), bypassing the autotuner and any pinned tile; the
+    kernels not named stay as they are. Works under the interpreter too (tiles of at least 16)."""
+    global _forced
+    chosen = {_kernel_name(name, "use_tiles"): _tile(tile, f"use_tiles({name}=...)") for name, tile in tiles.items()}
+    before = _forced
+    _forced = {**before, **chosen}
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def tuned_tiles() -> dict[str, dict[str, list[int]]]:
+    """What the autotuners chose so far in this process, per kernel and autotune key (a string, see
+    _tune_key): ``{"fwd": {"N_TUNE=1024,BLOCK_D=64,...": [bm, bn, warps, stages]}, ...}``. JSON-ready;
+    :func:`pin_tiles` takes it back (on another rank, in another run)."""
+    return {name: {key: list(tile) for key, tile in choices.items()} for name, choices in _tuned.items() if choices}
+
+
+def pin_tiles(choices: dict | str | os.PathLike | None) -> None:
+    """Pin tiles: launches whose kernel and key appear in ``choices`` (a :func:`tuned_tiles` dict or the
+    path of a JSON file of one) skip the autotuner and run that tile. ``None`` unpins everything. Keys
+    not pinned autotune as usual, except in deterministic mode, which runs the first tile listed for
+    the bucket. Without a call, ``LMFORGE_ATTN_TILES=path`` is read once, at the first launch."""
+    global _pinned, _env_read
+    _env_read = True
+    if choices is None:
+        _pinned = {}
+        return
+    if not isinstance(choices, dict):
+        with open(os.fspath(choices)) as f:
+            choices = json.load(f)
+    if not isinstance(choices, dict):
+        raise ValueError(f"pin_tiles: expected a dict of kernels, got {type(choices).__name__}")
+    pinned: dict[str, dict[str, tuple[int, int, int, int]]] = {}
+    for name, per_key in choices.items():
+        _kernel_name(name, "pin_tiles")
+        if not isinstance(per_key, dict):
+            raise ValueError(f"pin_tiles: {name}: expected a dict of autotune keys, got {type(per_key).__name__}")
+        pinned[name] = {str(key): _tile(tile, f"pin_tiles: {name}[{key!r}]") for key, tile in per_key.items()}
+    _pinned = pinned
+
+
+def _read_env_once() -> None:
+    global _env_read
+    if _env_read:
+        return
+    _env_read = True
+    path = os.environ.get(TILES_ENV)
+    if path:
+        pin_tiles(path)
+        log.info("flash_attention: tiles pinned from %s=%s", TILES_ENV, path)
+
+
+def _tune_key(n_tune: int, block_d: int, dtype: torch.dtype, causal: bool, kpm, seg) -> str:
+    """The autotune key of a launch as a string (kpm, seg: the mask tensors or None)."""
+    flags = f"CAUSAL={int(causal)},HAS_KPM={int(kpm is not None)},HAS_SEG={int(seg is not None)}"
+    return f"N_TUNE={n_tune},BLOCK_D={block_d},{flags},dtype={str(dtype).removeprefix('torch.')}"
+
+
+def _chosen_tile(name: str, key: str, block_d: int, deterministic: bool) -> tuple[int, int, int, int] | None:
+    """The tile a launch of kernel ``name`` with autotune ``key`` must run: forced (use_tiles), else
+    pinned (pin_tiles), else in deterministic mode the first listed for the bucket; None: autotune."""
+    tile = _forced.get(name)
+    if tile is None:
+        _read_env_once()
+        tile = _pinned.get(name, {}).get(key)
+        if tile is None and deterministic:
+            tile = _INTERPRETER_TILE if _interpreting() else _TILES[name][_head_dim_bucket(block_d)][0]
+    return tile
+
+
+def _launch(name: str, kernel, grid, args: tuple, kwargs: dict, key: str, block_d: int, deterministic: bool):
+    """Launch autotuned ``kernel`` (listed as ``name``) on the tile _chosen_tile gives, bypassing the
+    autotuner, or else through the autotuner, recording its pick for tuned_tiles."""
+    tile = _chosen_tile(name, key, block_d, deterministic)
+    if tile is None:
+        kernel[grid](*args, **kwargs)
+        config = kernel.best_config
+        choice = [config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages]
+        _tuned.setdefault(name, {})[key] = choice
+        return
+    bm, bn, warps, stages = tile
+    kernel.fn[grid](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,18 +396,35 @@ def _query_range(offs_n, N, lo, BOUNDS, b, HAS_SEG: tl.constexpr, BLOCK_M: tl.co
 
 @triton.jit
 def _query_block_start(N, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """The first query row of this program's block. With CAUSAL the blocks go in reverse order: the
-    last block, which visits the most keys, gets program 0, so the heaviest programs launch first and
-    the short ones fill the tail of the grid."""
-    pid = tl.program_id(0)
+    """The first query row of this program's block (grid axis 1; axis 0 is batch x head). With CAUSAL
+    the blocks go in reverse order: the last block, which visits the most keys, gets index 0, so the
+    heaviest programs launch first and the short ones fill the tail of the grid."""
+    pid = tl.program_id(1)
     if CAUSAL:
         pid = (N - 1) // BLOCK_M - pid  # the last block's index is cdiv(N, BLOCK_M) - 1
     return pid * BLOCK_M
 
 
 @triton.jit
+def _at(base, start, stride):
+    """``base`` advanced by ``start * stride`` elements, computed in 64 bits: the per-program and
+    per-tile offsets (batch, head, first row of a tile) that overflow int32 on large tensors."""
+    return base + tl.cast(start, tl.int64) * stride
+
+
+@triton.jit
+def _lanes(BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """0 .. BLOCK-1, the in-tile offsets multiplied by a stride: int32 (cheap, enough while every
+    stride is below 2**31 / 256), int64 with WIDE (strides for which even a tile's span overflows)."""
+    lanes = tl.arange(0, BLOCK)
+    if WIDE:
+        lanes = lanes.to(tl.int64)
+    return lanes
+
+
+@triton.jit
 def _fwd_tile(
-    q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d, N, D, qk_scale,
+    q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m, offs_d, N, D, qk_scale,
     seg_q, KPM, SEG, mask_base,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr = True,
@@ -255,12 +435,9 @@ def _fwd_tile(
     inside the sequence, no padding or segments): no mask is built or applied there."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    k = tl.load(_at(k_base, start_n, skn) + lanes_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(_at(v_base, start_n, svn) + lanes_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), IEEE)
     # s stays in raw units: with qk_scale > 0, max(s) * qk_scale == max(s * qk_scale), so only the row
     # max is scaled and exp2(s * qk_scale - m) contracts into one FMA per element (no separate s * scale pass)
     if MASKED:
@@ -272,35 +449,38 @@ def _fwd_tile(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    if IEEE:
-        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc += tl.dot(p.to(v.dtype), v)
+    acc += _dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs(FWD_TILES), key=["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+_TUNE_KEY = ["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"]
+
+
+@triton.autotune(configs=_configs(FWD_TILES), key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _for_head_dim(FWD_TILES)})  # fmt: skip
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, LSE, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     H, GROUP, N, N_TUNE, D, qk_scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    bh = tl.program_id(0)
     start_m = _query_block_start(N, BLOCK_M, CAUSAL)
-    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     kvh = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    lanes_m = _lanes(BLOCK_M, WIDE)
+    lanes_n = _lanes(BLOCK_N, WIDE)
+    offs_d = _lanes(BLOCK_D, WIDE)
     mask_base = b.to(tl.int64) * N
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+    q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    q_rows = _at(_at(_at(Q, b, sqb), h, sqh), start_m, sqn)
+    q = tl.load(q_rows + lanes_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    k_base = _at(_at(K, b, skb), kvh, skh)
+    v_base = _at(_at(V, b, svb), kvh, svh)
     seg_q, seg_lo, seg_hi = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -316,36 +496,36 @@ def _attn_fwd(
                                        BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
             whole = whole & (BLOCK_D <= 128)  # a second, unmasked copy of the tile spills at head dim 256
             if whole:  # inside one document, every key real, below the diagonal: no mask to build
-                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
-                                          offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
+                                          offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
                                           CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, False)  # fmt: skip
             elif not empty:
-                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
-                                          offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
+                                          offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
                                           CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
     else:  # whole tiles first, without masks; then the diagonal (causal) or the ragged end
         lo_mask = (N // BLOCK_N) * BLOCK_N
         if CAUSAL:
             lo_mask = (start_m // BLOCK_N) * BLOCK_N
         for start_n in range(0, lo_mask, BLOCK_N):
-            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
-                                      offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
+                                      offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
                                       CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, False)  # fmt: skip
         for start_n in range(lo_mask, hi_n, BLOCK_N):
-            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
-                                      offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
+                                      offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
                                       CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, True)  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * son + offs_d[None, :] * sod
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+    o_rows = _at(_at(_at(Out, b, sob), h, soh), start_m, son)
+    tl.store(o_rows + lanes_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(_at(LSE, bh, N) + offs_m, lse, mask=offs_m < N)
 
 
 @triton.jit
 def _dq_tile(
-    q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d, N, D, qk_scale,
+    q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m, offs_d, N, D, qk_scale,
     seg_q, KPM, SEG, mask_base,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr = True,
@@ -353,103 +533,133 @@ def _dq_tile(
     """dQ += dS K for the keys [start_n, start_n + BLOCK_N) (MASKED as in _fwd_tile)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-        dp = tl.dot(do, tl.trans(v))
+    k = tl.load(_at(k_base, start_n, skn) + lanes_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(_at(v_base, start_n, svn) + lanes_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), IEEE)
+    dp = _dot(do, tl.trans(v), IEEE)
     p = tl.math.exp2(s * qk_scale - lse[:, None])  # rows past the end have lse = inf: p = 0
     if MASKED:
         valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
         p = tl.where(valid, p, 0.0)
     ds = p * (dp - delta[:, None])
-    if IEEE:
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-    else:
-        dq += tl.dot(ds.to(k.dtype), k)
+    dq += _dot(ds.to(k.dtype), k, IEEE)
     return dq
 
 
 @triton.jit
-def _dkdv_tile(
-    k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m, offs_n, offs_d, N, D, qk_scale,
-    KPM, SEG, mask_base,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr = True,
+def _kv_tile(
+    k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn, sdd, start_m, lanes_m, offs_n,
+    offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr = True,
 ):  # fmt: skip
-    """dV += P^T dO and dK += dS^T Q for the queries [start_m, start_m + BLOCK_M) of one head.
+    """dV += P^T dO and dK += dS^T Q for the queries [start_m, start_m + BLOCK_M) of one head; with
+    DQ_ATOMIC also the fifth product, this key block's share of dQ, dS K, added into the fp32 buffer
+    at dqa_base (rows of D) with atomics.
 
     Works on the transposes, S^T = K Q^T and dP^T = V dO^T (BLOCK_N, BLOCK_M), so that every product
-    has the held key block as its rows: the tensor-core tiles are as tall as BLOCK_N (wgmma wants 64
-    rows per warpgroup) and P^T, dS^T feed dV, dK without a transpose through shared memory.
+    but dQ's has the held key block as its rows: the tensor-core tiles are as tall as BLOCK_N (wgmma
+    wants 64 rows per warpgroup) and P^T, dS^T feed dV, dK without a transpose through shared memory.
     MASKED=False: every query of the tile is inside the sequence and at or after every key of the
     block (keys past the end may get garbage there, but their rows are never stored)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_m = offs_m < N
-    q_t = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
+    q_t = tl.load(_at(q_base, start_m, sqn) + lanes_m[None, :] * sqn + offs_d[:, None] * sqd,
                   mask=in_m[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)  # fmt: skip
-    do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+    do = tl.load(_at(do_base, start_m, sdn) + lanes_m[:, None] * sdn + offs_d[None, :] * sdd,
                  mask=in_m[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)  # fmt: skip
-    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=in_m, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=in_m, other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=in_m, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
     p_t = tl.math.exp2(_dot(k, q_t, IEEE) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
     if MASKED:
         seg_q, _, _ = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
         valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, True)
         p_t = tl.where(valid, p_t, 0.0)
     dv += _dot(p_t.to(do.dtype), do, IEEE)
-    ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-    dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), IEEE)
+    ds_t = (p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])).to(q_t.dtype)
+    dk += _dot(ds_t, tl.trans(q_t), IEEE)
+    if DQ_ATOMIC:  # keys past the end have k = 0 (masked load): they add nothing
+        dq = _dot(tl.trans(ds_t), k, IEEE)  # (BLOCK_M, BLOCK_D), unscaled (the cast kernel scales)
+        tl.atomic_add(_at(dqa_base, start_m, D) + lanes_m[:, None] * D + offs_d[None, :], dq,
+                      mask=in_m[:, None] & (offs_d[None, :] < D), sem="relaxed")  # fmt: skip
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_delta(
-    Out, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Out, DO, DELTA, DQA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N, D,
+    ZERO_DQA: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """delta[b, h, m] = sum_d dO * O: the row term of the softmax backward."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    """delta[b, h, m] = sum_d dO * O: the row term of the softmax backward. ZERO_DQA: also clear the
+    rows of the fused backward's fp32 dQ buffer (B, H, N, D), so it needs no separate memset."""
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
     b = bh // H
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    lanes_m = _lanes(BLOCK_M, WIDE)
+    offs_d = _lanes(BLOCK_D, WIDE)
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    o = tl.load(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-                mask=mask, other=0.0).to(tl.float32)  # fmt: skip
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
-                 mask=mask, other=0.0).to(tl.float32)  # fmt: skip
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
+    o_rows = _at(_at(_at(Out, b, sob), h, soh), start_m, son)
+    do_rows = _at(_at(_at(DO, b, sdb), h, sdh), start_m, sdn)
+    o = tl.load(o_rows + lanes_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_rows + lanes_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(_at(DELTA, bh, N) + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
+    if ZERO_DQA:
+        dqa_rows = _at(DQA + tl.cast(bh, tl.int64) * N * D, start_m, D)
+        tl.store(dqa_rows + lanes_m[:, None] * D + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=mask)
 
 
-@triton.autotune(configs=_configs(DKDV_TILES), key=["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
-                 prune_configs_by={"early_config_prune": _for_head_dim(DKDV_TILES)})  # fmt: skip
 @triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG, BOUNDS,
+def _attn_bwd_dq_cast(
+    DQA, DQ, sqgb, sqgh, sqgn, sqgd, H, N, D, sm_scale,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dq = sm_scale * the fused backward's fp32 dQ sums, in dq's dtype and layout."""
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    lanes_m = _lanes(BLOCK_M, WIDE)
+    offs_d = _lanes(BLOCK_D, WIDE)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    dq = tl.load(
+        _at(DQA + tl.cast(bh, tl.int64) * N * D, start_m, D) + lanes_m[:, None] * D + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    dq_rows = _at(_at(_at(DQ, b, sqgb), h, sqgh), start_m, sqgn)
+    tl.store(dq_rows + lanes_m[:, None] * sqgn + offs_d[None, :] * sqgd, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _bwd_kv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
     H, HKV, GROUP, N, N_TUNE, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of one key block of one key/value head, summed over the query heads of its group."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
+    """dK, dV of one key block of one key/value head, summed over the query heads of its group; with
+    DQ_ATOMIC (the fused backward) also every query head's dQ share, added into DQA. Grid axis 0 is
+    batch x key/value head, axis 1 the key block (block 0, the heaviest under a causal mask, first)."""
+    bkv = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
     b = bkv // HKV
     kvh = bkv % HKV
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    lanes_m = _lanes(BLOCK_M, WIDE)
+    lanes_n = _lanes(BLOCK_N, WIDE)
+    offs_d = _lanes(BLOCK_D, WIDE)
     mask_base = b.to(tl.int64) * N
     kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    k = tl.load(K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)  # fmt: skip
-    v = tl.load(V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)  # fmt: skip
+    k_rows = _at(_at(_at(K, b, skb), kvh, skh), start_n, skn)
+    v_rows = _at(_at(_at(V, b, svb), kvh, svh), start_n, svn)
+    k = tl.load(k_rows + lanes_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(v_rows + lanes_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     _, seg_lo, seg_hi = _segment_range(offs_n, N, SEG, mask_base, HAS_SEG)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -467,8 +677,11 @@ def _attn_bwd_dkdv(
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         bh = b * H + h
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        q_base = _at(_at(Q, b, sqb), h, sqh)
+        do_base = _at(_at(DO, b, sdb), h, sdh)
+        dqa_base = DQA + tl.cast(bh, tl.int64) * N * D
+        lse_base = _at(LSE, bh, N)
+        delta_base = _at(DELTA, bh, N)
         if HAS_SEG or HAS_KPM:
             for start_m in range(lo_m, hi_m, BLOCK_M):
                 # skip query tiles of other documents (the causal range is already cut by lo_m); run the
@@ -483,13 +696,13 @@ def _attn_bwd_dkdv(
                     visit = visit & (q_hi >= seg_lo) & (q_lo <= seg_hi)
                     whole = whole & (q_lo == q_hi) & (seg_lo == seg_hi) & (q_lo == seg_lo)
                 if whole:
-                    dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
-                                        offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                        CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M, False)  # fmt: skip
+                    dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn,
+                                      sdd, start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
                 elif visit:
-                    dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
-                                        offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                        CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M)  # fmt: skip
+                    dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn,
+                                      sdd, start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M)  # fmt: skip
         else:
             # Query tiles that straddle the diagonal are masked, then whole tiles run unmasked, then
             # the ragged end of the sequence is masked again.
@@ -498,25 +711,38 @@ def _attn_bwd_dkdv(
                 mid_lo = lo_m + ((start_n + BLOCK_N - 1 - lo_m + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
             mid_hi = tl.maximum(mid_lo, (N // BLOCK_M) * BLOCK_M)
             for start_m in range(lo_m, tl.minimum(mid_lo, N), BLOCK_M):
-                dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
-                                    offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                    CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M, True)  # fmt: skip
+                dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
+                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                  CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, True)  # fmt: skip
             for start_m in range(mid_lo, mid_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
-                                    offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                    CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M, False)  # fmt: skip
+                dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
+                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                  CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
             for start_m in range(mid_hi, N, BLOCK_M):
-                dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, LSE, DELTA, bh, sqn, sqd, sdn, sdd, start_m,
-                                    offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                    CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_M, True)  # fmt: skip
+                dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
+                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                  CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, True)  # fmt: skip
     dk = dk * sm_scale
-    tl.store(DK + b.to(tl.int64) * skgb + kvh.to(tl.int64) * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
-    tl.store(DV + b.to(tl.int64) * svgb + kvh.to(tl.int64) * svgh + offs_n[:, None] * svgn + offs_d[None, :] * svgd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
+    dk_rows = _at(_at(_at(DK, b, skgb), kvh, skgh), start_n, skgn)
+    dv_rows = _at(_at(_at(DV, b, svgb), kvh, svgh), start_n, svgn)
+    tl.store(dk_rows + lanes_n[:, None] * skgn + offs_d[None, :] * skgd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_rows + lanes_n[:, None] * svgn + offs_d[None, :] * svgd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs(DQ_TILES), key=["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"],
+# The same kernel under two autotuners: the deterministic dK/dV kernel (DQ_ATOMIC=False) and the fused
+# five-product backward (DQ_ATOMIC=True), whose trials each add into DQA: it is zeroed before each one.
+_attn_bwd_dkdv = triton.autotune(
+    configs=_configs(DKDV_TILES), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _for_head_dim(DKDV_TILES)}
+)(_bwd_kv)
+_attn_bwd = triton.autotune(
+    configs=_configs(BWD_TILES),
+    key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _for_head_dim(BWD_TILES)},
+    reset_to_zero=["DQA"],
+)(_bwd_kv)
+
+
+@triton.autotune(configs=_configs(DQ_TILES), key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _for_head_dim(DQ_TILES)})  # fmt: skip
 @triton.jit
 def _attn_bwd_dq(
@@ -524,28 +750,30 @@ def _attn_bwd_dq(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     sqgb, sqgh, sqgn, sqgd,
     H, GROUP, N, N_TUNE, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one query block of one query head."""
+    """dQ of one query block of one query head (the deterministic backward)."""
+    bh = tl.program_id(0)
     start_m = _query_block_start(N, BLOCK_M, CAUSAL)
-    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     kvh = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    lanes_m = _lanes(BLOCK_M, WIDE)
+    lanes_n = _lanes(BLOCK_N, WIDE)
+    offs_d = _lanes(BLOCK_D, WIDE)
     mask_base = b.to(tl.int64) * N
     q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=q_mask, other=0.0)  # fmt: skip
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
-                 mask=q_mask, other=0.0)  # fmt: skip
-    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    q_rows = _at(_at(_at(Q, b, sqb), h, sqh), start_m, sqn)
+    do_rows = _at(_at(_at(DO, b, sdb), h, sdh), start_m, sdn)
+    q = tl.load(q_rows + lanes_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(do_rows + lanes_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+    lse = tl.load(_at(LSE, bh, N) + offs_m, mask=offs_m < N, other=float("inf"))
+    delta = tl.load(_at(DELTA, bh, N) + offs_m, mask=offs_m < N, other=0.0)
     seg_q, seg_lo, seg_hi = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
-    k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+    k_base = _at(_at(K, b, skb), kvh, skh)
+    v_base = _at(_at(V, b, svb), kvh, svh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi_n = N
     if CAUSAL:
@@ -557,27 +785,28 @@ def _attn_bwd_dq(
                                        BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
             whole = whole & (BLOCK_D <= 128)  # a second, unmasked copy of the tile spills at head dim 256
             if whole:
-                dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
-                              N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N,
-                              False)  # fmt: skip
+                dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m,
+                              offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE,
+                              BLOCK_N, False)  # fmt: skip
             elif not empty:
-                dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
-                              N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
+                dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m,
+                              offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE,
+                              BLOCK_N)  # fmt: skip
     else:  # as in the forward: whole tiles unmasked, then the diagonal or the ragged end
         lo_mask = (N // BLOCK_N) * BLOCK_N
         if CAUSAL:
             lo_mask = (start_m // BLOCK_N) * BLOCK_N
         for start_n in range(0, lo_mask, BLOCK_N):
-            dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
+            dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m, offs_d,
                           N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N,
                           False)  # fmt: skip
         for start_n in range(lo_mask, hi_n, BLOCK_N):
-            dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_d,
+            dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m, offs_d,
                           N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N,
                           True)  # fmt: skip
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * sqgb + h.to(tl.int64) * sqgh + offs_m[:, None] * sqgn + offs_d[None, :] * sqgd,
-             dq.to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
+    dq_rows = _at(_at(_at(DQ, b, sqgb), h, sqgh), start_m, sqgn)
+    tl.store(dq_rows + lanes_m[:, None] * sqgn + offs_d[None, :] * sqgd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,11 +918,18 @@ def _dummy(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, device=q.device, dtype=torch.int32)
 
 
-def _forward(q, k, v, causal, scale, kpm, seg, bounds):
+def _wide(*tensors: torch.Tensor) -> bool:
+    """WIDE for the kernels: some stride of a row or of the head dim is so large that even offsets
+    inside one tile (up to 256 rows or columns) could pass int32; per-program and per-tile offsets are
+    64-bit anyway (see _at)."""
+    return any(abs(s) * 256 >= 2**31 for t in tensors for s in t.stride()[2:])
+
+
+def _forward(q, k, v, causal, scale, kpm, seg, bounds, deterministic=False):
     B, H, N, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = _block_d(D)
     # The forward scales each row's max, not every score (see _fwd_tile), which needs scale > 0. Any
     # other scale goes through q: q * scale == (-q) * |scale|, and a zero scale is a zero q at scale 1.
     # The logsumexp is the same either way, so the backward takes the true q and scale.
@@ -702,42 +938,63 @@ def _forward(q, k, v, causal, scale, kpm, seg, bounds):
         q_in, fwd_scale = -q, -scale
     elif scale == 0:
         q_in, fwd_scale = torch.zeros_like(q), 1.0
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd[grid](
+    n_tune = _tuning_length(N)
+    grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
+    args = (
         q_in, k, v, o, lse, *(t if t is not None else _dummy(q) for t in (kpm, seg, bounds)),
         *q_in.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, H // k.shape[1], N, _tuning_length(N), D, fwd_scale * LOG2E,
-        CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_D=block_d,
+        H, H // k.shape[1], N, n_tune, D, fwd_scale * LOG2E,
     )  # fmt: skip
+    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
+                 WIDE=_wide(q_in, k, v, o), BLOCK_D=block_d)  # fmt: skip
+    key = _tune_key(n_tune, block_d, q.dtype, causal, kpm, seg)
+    _launch("fwd", _attn_fwd, grid, args, flags, key, block_d, deterministic)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds):
+def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds, deterministic=False):
+    """dq, dk, dv. Deterministic: the two-kernel backward (dK/dV, then dQ; no atomics) on pinned or
+    first-listed tiles. Otherwise the fused backward: one kernel per key block computes all five
+    products and adds dQ into an fp32 buffer with atomics; a small kernel scales and casts it."""
     B, H, N, D = q.shape
     HKV = k.shape[1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = _block_d(D)
+    n_tune = _tuning_length(N)
+    fused = not deterministic
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(N, 64), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, N, D, BLOCK_M=64, BLOCK_D=block_d
-    )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    wide = _wide(q, k, v, do, o, dq, dk, dv)
+    # the fused backward's dQ sums, zeroed by the delta kernel (no separate memset)
+    dqa = torch.empty((B, H, N, D), device=q.device, dtype=torch.float32) if fused else _dummy(q)
+    _attn_bwd_delta[(B * H, triton.cdiv(N, 64))](
+        o, do, delta, dqa, *o.stride(), *do.stride(), H, N, D, ZERO_DQA=fused, WIDE=wide, BLOCK_M=64, BLOCK_D=block_d
+    )
     masks = [t if t is not None else _dummy(q) for t in (kpm, seg, bounds)]
-    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32)
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, *masks,
+    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
+                 WIDE=wide, BLOCK_D=block_d)  # fmt: skip
+    key = _tune_key(n_tune, block_d, q.dtype, causal, kpm, seg)
+    kv_args = (
+        q, k, v, do, lse, delta, dk, dv, dqa, *masks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, HKV, H // HKV, N, _tuning_length(N), D, scale * LOG2E, scale,
-        BLOCK_D=block_d, **flags,
+        H, HKV, H // HKV, N, n_tune, D, scale * LOG2E, scale,
     )  # fmt: skip
-    _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+    kv_grid = lambda meta: (B * HKV, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    if fused:
+        _launch("bwd", _attn_bwd, kv_grid, kv_args, dict(flags, DQ_ATOMIC=True), key, block_d, False)
+        _attn_bwd_dq_cast[(B * H, triton.cdiv(N, 64))](
+            dqa, dq, *dq.stride(), H, N, D, scale, WIDE=wide, BLOCK_M=64, BLOCK_D=block_d
+        )
+        return dq, dk, dv
+    _launch("dkdv", _attn_bwd_dkdv, kv_grid, kv_args, dict(flags, DQ_ATOMIC=False), key, block_d, True)
+    dq_args = (
         q, k, v, do, lse, delta, dq, *masks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // HKV, N, _tuning_length(N), D, scale * LOG2E, scale,
-        BLOCK_D=block_d, **flags,
+        H, H // HKV, N, n_tune, D, scale * LOG2E, scale,
     )  # fmt: skip
+    dq_grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
+    _launch("dq", _attn_bwd_dq, dq_grid, dq_args, flags, key, block_d, True)
     return dq, dk, dv
 
 
@@ -822,16 +1079,17 @@ def _warn_fallback(error: BaseException) -> None:
     )
 
 
-_OPT = "Tensor? kpm, Tensor? seg, Tensor? bounds, bool causal, float scale, bool fallback"
+_OPT = "Tensor? kpm, Tensor? seg, Tensor? bounds, bool causal, float scale, bool fallback, bool deterministic=False"
 
 
 @custom_op("flash_attn_fwd", f"(Tensor q, Tensor k, Tensor v, {_OPT}) -> (Tensor, Tensor)")
-def flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, fallback):
-    """(out like q, fp32 logsumexp (B, H, N) in base 2). kpm, seg, bounds: as made by ``_masks``."""
+def flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, fallback, deterministic=False):
+    """(out like q, fp32 logsumexp (B, H, N) in base 2). kpm, seg, bounds: as made by ``_masks``;
+    deterministic: pinned or first-listed tiles, never the autotuner's run-dependent pick."""
     key = _backward_key(q, causal, kpm, seg)
     if not (fallback and key in _forward_broken):
         try:
-            return _forward(q, k, v, causal, scale, kpm, seg, bounds)
+            return _forward(q, k, v, causal, scale, kpm, seg, bounds, deterministic)
         except BUILD_ERRORS as error:
             if not fallback:
                 raise
@@ -848,18 +1106,19 @@ def flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, fallback):
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, kpm, seg, bounds, causal, scale, fallback):
+def _(q, k, v, kpm, seg, bounds, causal, scale, fallback, deterministic=False):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @custom_op("flash_attn_bwd", f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_OPT}) -> "
            "(Tensor, Tensor, Tensor)")  # fmt: skip
-def flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback):
-    """(dq, dk, dv), each like its input, for the upstream gradient ``dout`` of ``out``."""
+def flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback, deterministic=False):
+    """(dq, dk, dv), each like its input, for the upstream gradient ``dout`` of ``out``; deterministic:
+    the two-kernel backward without atomics, on pinned or first-listed tiles."""
     key = _backward_key(q, causal, kpm, seg)
     if not (fallback and (key in _backward_broken or key in _forward_broken)):
         try:
-            return _backward(dout, q, k, v, out, lse, causal, scale, kpm, seg, bounds)
+            return _backward(dout, q, k, v, out, lse, causal, scale, kpm, seg, bounds, deterministic)
         except BUILD_ERRORS as error:
             if not fallback:
                 raise
@@ -870,22 +1129,25 @@ def flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fal
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback):
+def _(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback, deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kpm, seg, bounds, causal, scale, fallback = inputs
+    q, k, v, kpm, seg, bounds, causal, scale, fallback, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kpm, seg, bounds)
     ctx.causal, ctx.scale, ctx.fallback = causal, scale, fallback
+    ctx.deterministic = bool(rest[0]) if rest else False
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_formula(ctx, dout, dlse):
     q, k, v, out, lse, kpm, seg, bounds = ctx.saved_tensors
-    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, ctx.causal, ctx.scale, ctx.fallback)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = flash_attn_bwd(
+        dout, q, k, v, out, lse, kpm, seg, bounds, ctx.causal, ctx.scale, ctx.fallback, ctx.deterministic
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -896,10 +1158,11 @@ class _CallableFallbackFunction(torch.autograd.Function):
     backward cannot be built (a Python callable cannot enter a custom op, so this runs in eager)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kpm, seg, bounds, backward_fallback):
-        o, lse = flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, False)
+    def forward(ctx, q, k, v, causal, scale, kpm, seg, bounds, backward_fallback, deterministic):
+        o, lse = flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, False, deterministic)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.kpm, ctx.seg, ctx.bounds = causal, scale, kpm, seg, bounds
+        ctx.deterministic = deterministic
         ctx.backward_fallback = backward_fallback
         return o
 
@@ -913,13 +1176,13 @@ class _CallableFallbackFunction(torch.autograd.Function):
         else:
             try:
                 dq, dk, dv = flash_attn_bwd(
-                    do, q, k, v, o, lse, ctx.kpm, ctx.seg, ctx.bounds, ctx.causal, ctx.scale, False
+                    do, q, k, v, o, lse, ctx.kpm, ctx.seg, ctx.bounds, ctx.causal, ctx.scale, False, ctx.deterministic
                 )
             except BUILD_ERRORS as error:
                 _warn_fallback(error)
                 _backward_broken.add(key)
                 dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def flash_attention(
@@ -932,6 +1195,7 @@ def flash_attention(
     key_padding_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     backward_fallback: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | bool | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Fused attention. q: (B, H, N, D); k, v: (B, H_kv, N, D) with H_kv dividing H.
 
@@ -953,13 +1217,26 @@ def flash_attention(
       recomputed under autograd; a warning is logged once per process, and later backwards of the
       same kind (device, dtype, head dim, causal, masks) go to ``f`` directly. Eager mode only: a
       compiled graph cannot hand a Python callable to the op (use ``True`` there).
+
+    deterministic: ``None`` follows ``torch.are_deterministic_algorithms_enabled()`` at call time.
+    True: the two-kernel backward (dK/dV, then dQ; no atomics) and, for every kernel, the tile pinned
+    for the launch's autotune key (:func:`pin_tiles`) or else the first listed for its head dim, so
+    that two processes (two DDP ranks) give bitwise-identical gradients. False: the fused
+    five-product backward, whose dQ is summed with fp32 atomics (not bitwise reproducible).
     """
     _check(q, k, v)
     kpm, seg, bounds = _masks(q, key_padding_mask, segment_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic = bool(deterministic)
     if callable(backward_fallback):
-        return _CallableFallbackFunction.apply(q, k, v, causal, scale, kpm, seg, bounds, backward_fallback)
-    out, _ = flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, backward_fallback is True)
+        return _CallableFallbackFunction.apply(
+            q, k, v, causal, scale, kpm, seg, bounds, backward_fallback, deterministic
+        )
+    out, _ = flash_attn_fwd(
+        q, k, v, kpm, seg, bounds, causal, scale, backward_fallback is True, deterministic=deterministic
+    )
     return out
 
 

@@ -34,11 +34,20 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert done.returncode == 0, f"kernel_report failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     rows = list(csv.DictReader(open(tmp_path / "kernel_report.csv")))
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"attn-fwd", "attn-dkdv", "attn-dq", "attn-delta", "ce-rows", "scale"}, kernels
+    assert kernels == {
+        "attn-fwd",
+        "attn-bwd",
+        "attn-dkdv",
+        "attn-dq",
+        "attn-delta",
+        "attn-dq-cast",
+        "ce-rows",
+        "scale",
+    }, kernels
     broken = [f"{r['kernel']} {r['variant']} {r['config']}: {r['verdict']}" for r in rows if "error" in r["verdict"]]
     assert not broken, "kernels that do not compile for sm_90:\n" + "\n".join(broken)
     plain = [r for r in rows if "+" not in r["variant"]]
     bad = [f"{r['kernel']} {r['variant']} {r['config']}: {r['verdict']}" for r in plain if r["verdict"] != "ok"]
     assert not bad, "kernels that do not compile cleanly for sm_90:\n" + "\n".join(bad)
-    attention = [r for r in rows if r["kernel"] in ("attn-fwd", "attn-dkdv", "attn-dq")]
+    attention = [r for r in rows if r["kernel"] in ("attn-fwd", "attn-bwd", "attn-dkdv", "attn-dq")]
     assert all(int(r["hgmma"]) > 0 for r in attention), "attention products not on Hopper's wgmma (HGMMA)"
