@@ -31,9 +31,17 @@ measurement, the tile configs the Triton autotuner chose for that shape are reco
 (``fwd 128x64 w8 s3 | dkdv 32x128 w8 s2 | dq 128x32 w4 s2``: BLOCK_M x BLOCK_N, warps, pipeline stages),
 printed under the table and kept in the CSV's ``lmforge_configs`` column, to tune the config lists from.
 
-Results: a table on stdout, one CSV row per measurement appended to ``<out>/attn.csv`` (device name,
-versions and date on every row) and a plot ``<out>/attn_<dtype>_<device>.png`` of TFLOP/s against N, one
-panel per (D, causal), forward+backward.
+Results: one CSV row per measurement appended to ``<out>/attn.csv`` (device name, versions and date on
+every row) as soon as it is measured, and printed; a table on stdout at the end, and a plot
+``<out>/attn_<dtype>_<device>.png`` of TFLOP/s against N, one panel per (D, causal), forward+backward.
+A row's ``lmforge_ratio`` is filled when lmforge was measured before it at that shape and mode (lmforge
+is measured first unless ``--providers`` says otherwise). ``--tiles-json PATH`` writes the tiles lmforge's
+autotuners chose (``tuned_tiles()``, for ``pin_tiles``) to PATH after every lmforge measurement.
+
+Cut short (SIGINT, SIGTERM, e.g. ``timeout -s INT``), the script prints the table of what it measured and
+exits with code 130; every row measured is already in the CSV. ``--order priority`` measures the anchor
+sweep's most telling shapes first (N=4096, D=128 causal first; then the other anchor lengths, D=128 before
+64, causal before not; N 2048 and 8192 last), and ``--shapes D:N:causal,...`` names the shapes outright.
 
 Without CUDA no speed is claimed: speed claims come only from GPU runs. The script then says so and checks
 instead (a) the kernel's correctness under the Triton interpreter (``TRITON_INTERPRET=1``) at tiny sizes in
@@ -43,12 +51,15 @@ at one small shape, fp32, to exercise the timing and reporting path. This takes 
     python benchmarks/attn.py                       # the anchor sweep (GPU), or the CPU checks
     python benchmarks/attn.py --quick               # a few shapes
     python benchmarks/attn.py --d 128 --n 4096,8192 --causal yes --modes fwd+bwd --providers lmforge,flash
+    python benchmarks/attn.py --order priority --modes fwd+bwd,fwd --providers lmforge,cudnn,flash
+    python benchmarks/attn.py --shapes 128:4096:yes,64:4096:no --tiles-json tiles.json
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import re
 import sys
@@ -158,7 +169,7 @@ def load_lmforge() -> tuple[Attention | None, str]:
 
 
 # lmforge's autotuned kernels, in the order they run, with their short names
-LMFORGE_KERNELS = (("fwd", "_attn_fwd"), ("dkdv", "_attn_bwd_dkdv"), ("dq", "_attn_bwd_dq"))
+LMFORGE_KERNELS = (("fwd", "_attn_fwd"), ("bwd", "_attn_bwd"), ("dkdv", "_attn_bwd_dkdv"), ("dq", "_attn_bwd_dq"))
 
 
 def lmforge_autotuners() -> list[tuple[str, object]]:
@@ -186,6 +197,17 @@ def lmforge_configs() -> str:
             block = f"{kw.get('BLOCK_M', '?')}x{kw.get('BLOCK_N', '?')}"
             parts.append(f"{short} {block} w{config.num_warps} s{config.num_stages}")
     return " | ".join(parts)
+
+
+def write_tuned_tiles(path: Path | None) -> None:
+    """lmforge's ``tuned_tiles()`` (what its autotuners chose so far) as JSON at ``path``, replaced whole."""
+    module = sys.modules.get("lmforge.kernels.attention")
+    if path is None or module is None or not hasattr(module, "tuned_tiles"):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(module.tuned_tiles(), indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def short_error(err: BaseException, caught: Sequence[warnings.WarningMessage] = ()) -> str:
@@ -300,9 +322,11 @@ def measure_shape(
     args: argparse.Namespace,
     device: torch.device,
     dtype: torch.dtype,
-) -> tuple[list[Result], list[str]]:
-    """Every provider and mode at one shape; a note for each that fails (out of memory, unsupported)."""
-    results, notes = [], []
+    recorder: Recorder,
+) -> list[str]:
+    """Every provider and mode at one shape, each result recorded; a note for each that fails (out of
+    memory, unsupported)."""
+    notes = []
     inputs = make_inputs(shape, dtype, device)
     for name, attend in providers.items():
         if name == "math" and shape.n > args.math_max_n:
@@ -311,15 +335,40 @@ def measure_shape(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    results.append(measure(attend, name, shape, mode, inputs, args, device))
+                    result = measure(attend, name, shape, mode, inputs, args, device)
                 except Exception as err:  # torch.OutOfMemoryError, "No available kernel", a kernel's own error
                     notes.append(f"{shape.label} {mode} {name}: skipped, {short_error(err, caught)}")
+                else:
+                    recorder.add(result)
             for t in inputs:
                 t.grad = None
             release(device)
     del inputs
     release(device)
-    return results, notes
+    return notes
+
+
+class Recorder:
+    """Every result as it is measured: kept, written to the CSV (one row, on disk at once) and printed."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, preset: str) -> None:
+        self.args, self.device, self.preset = args, device, preset
+        self.results: list[Result] = []
+        self.writer = harness.RowWriter(args.out / "attn.csv", common=harness.stamp(device))
+
+    def add(self, result: Result) -> None:
+        self.results.append(result)
+        row = csv_row(result, self.results, self.args.dtype_name, self.preset, self.args, self.device)
+        self.writer.write(row)
+        ratio = lmforge_ratio(result, self.results)
+        versus = f", lmforge/x {ratio:.2f}" if ratio is not None and result.provider != "lmforge" else ""
+        print(
+            f"    {result.provider:<12} {result.mode:<7} {result.ms:9.3f} ms {fmt_tflops(result.tflops):>7} TFLOP/s"
+            f"{versus}{'  ' + result.configs if result.configs else ''}",
+            flush=True,
+        )
+        if result.provider == "lmforge":
+            write_tuned_tiles(self.args.tiles_json)
 
 
 def run(
@@ -329,18 +378,21 @@ def run(
     args: argparse.Namespace,
     device: torch.device,
     dtype: torch.dtype,
+    recorder: Recorder,
 ) -> list[Result]:
-    results, notes = [], []
-    for i, shape in enumerate(shapes, 1):
-        print(f"  [{i}/{len(shapes)}] {shape.label}", flush=True)
-        got, skipped = measure_shape(shape, providers, modes, args, device, dtype)
-        results += got
-        notes += skipped
-    if "math" in providers and any(s.n > args.math_max_n for s in shapes):
-        notes.append(f"math: run only for N <= {args.math_max_n} (--math-max-n); it materialises the N x N scores")
-    for note in notes:
-        print(f"note: {note}")
-    return results
+    """Every shape in turn, each result recorded as soon as it is measured; a KeyboardInterrupt propagates
+    (what was recorded stays in ``recorder``), after the notes so far are printed."""
+    notes: list[str] = []
+    try:
+        for i, shape in enumerate(shapes, 1):
+            print(f"  [{i}/{len(shapes)}] {shape.label}", flush=True)
+            notes += measure_shape(shape, providers, modes, args, device, dtype, recorder)
+        if "math" in providers and any(s.n > args.math_max_n for s in shapes):
+            notes.append(f"math: run only for N <= {args.math_max_n} (--math-max-n); it materialises the N x N scores")
+    finally:
+        for note in notes:
+            print(f"note: {note}")
+    return recorder.results
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -388,37 +440,34 @@ def print_results(results: list[Result], shapes: Sequence[Shape], modes: Sequenc
             print(f"  {f'{r.shape.label} {r.mode}':<{width}}  {r.configs}")
 
 
-def csv_rows(
-    results: list[Result], dtype: str, preset: str, args: argparse.Namespace, device: torch.device
-) -> list[dict]:
-    rows = []
-    for r in results:
-        ratio = lmforge_ratio(r, results)
-        rows.append(
-            {
-                "preset": preset,
-                "device": device.type,
-                "dtype": dtype,
-                "batch": r.shape.b,
-                "heads": r.shape.h,
-                "kv_heads": r.shape.kv_heads,
-                "seq": r.shape.n,
-                "head_dim": r.shape.d,
-                "causal": int(r.shape.causal),
-                "mode": r.mode,
-                "provider": r.provider,
-                "ms": f"{r.ms:.6g}",
-                "tflops": f"{r.tflops:.6g}",
-                "gflop": f"{r.shape.flops(r.mode) / 1e9:.6g}",
-                "lmforge_ratio": "" if ratio is None else f"{ratio:.4g}",
-                "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
-                "warmup_ms": f"{args.warmup:g}",
-                "rep_ms": f"{args.rep:g}",
-            }
-        )
-        if device.type == "cuda":  # the CPU CSV keeps its columns: no kernel is tuned there
-            rows[-1]["lmforge_configs"] = r.configs
-    return rows
+def csv_row(
+    r: Result, results: list[Result], dtype: str, preset: str, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """The CSV row of ``r``; its lmforge ratio from ``results`` (what was measured so far)."""
+    ratio = lmforge_ratio(r, results)
+    row = {
+        "preset": preset,
+        "device": device.type,
+        "dtype": dtype,
+        "batch": r.shape.b,
+        "heads": r.shape.h,
+        "kv_heads": r.shape.kv_heads,
+        "seq": r.shape.n,
+        "head_dim": r.shape.d,
+        "causal": int(r.shape.causal),
+        "mode": r.mode,
+        "provider": r.provider,
+        "ms": f"{r.ms:.6g}",
+        "tflops": f"{r.tflops:.6g}",
+        "gflop": f"{r.shape.flops(r.mode) / 1e9:.6g}",
+        "lmforge_ratio": "" if ratio is None else f"{ratio:.4g}",
+        "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
+        "warmup_ms": f"{args.warmup:g}",
+        "rep_ms": f"{args.rep:g}",
+    }
+    if device.type == "cuda":  # the CPU CSV keeps its columns: no kernel is tuned there
+        row["lmforge_configs"] = r.configs
+    return row
 
 
 def plot(path: Path, results: list[Result], mode: str, title: str) -> bool:
@@ -431,14 +480,13 @@ def plot(path: Path, results: list[Result], mode: str, title: str) -> bool:
     return harness.plot_lines(path, panels, xlabel="N (sequence length)", ylabel=f"{mode} TFLOP/s", title=title)
 
 
-def write_outputs(results: list[Result], args: argparse.Namespace, device: torch.device, preset: str) -> None:
-    """The CSV rows, and on a sweep the plot (forward+backward, else the first mode measured)."""
+def write_outputs(results: list[Result], args: argparse.Namespace, device: torch.device, recorder: Recorder) -> None:
+    """Where the CSV rows went, and on a sweep the plot (forward+backward, else the first mode measured)."""
     if not results:
         print("nothing was measured; no CSV or plot written")
         return
     name = harness.device_name(device)
-    csv_path = harness.write_csv(args.out / "attn.csv", csv_rows(results, args.dtype_name, preset, args, device))
-    print(f"wrote {csv_path}")
+    print(f"wrote {recorder.writer.path} ({recorder.writer.count} rows)")
     if len({r.shape.n for r in results}) < 2:
         print("no plot: a single sequence length")
         return
@@ -452,15 +500,27 @@ def write_outputs(results: list[Result], args: argparse.Namespace, device: torch
 
 
 # -- GPU sweep --------------------------------------------------------------------------------------
+# --order priority: N=4096 first, then the other lengths of ANCHORS.md's table, then the rest; within a
+# length D=128 before 64 and causal before not
+PRIORITY_N = (4096, 16384, 1024, 8192, 2048)
+ANCHOR_TABLE_N = (1024, 4096, 16384)
+
+
+def priority(shape: Shape) -> tuple:
+    rank = PRIORITY_N.index(shape.n) if shape.n in PRIORITY_N else len(PRIORITY_N)
+    return (shape.n not in ANCHOR_TABLE_N, shape.n != 4096, shape.d != 128, not shape.causal, rank, shape.n, shape.d)
+
+
 def sweep_shapes(args: argparse.Namespace) -> list[Shape]:
+    def make(d: int, n: int, causal: bool) -> Shape:
+        return Shape(max(1, args.tokens // n), max(1, args.hidden // d), n, d, causal)
+
+    if args.shapes:
+        return [make(d, n, causal) for d, n, causal in args.shapes]
     ns = args.n or (QUICK_N if args.quick else ANCHOR_N)
     ds = args.d or (QUICK_D if args.quick else ANCHOR_D)
-    return [
-        Shape(max(1, args.tokens // n), max(1, args.hidden // d), n, d, causal)
-        for d in ds
-        for causal in args.causal
-        for n in ns
-    ]
+    shapes = [make(d, n, causal) for d in ds for causal in args.causal for n in ns]
+    return sorted(shapes, key=priority) if args.order == "priority" else shapes
 
 
 def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
@@ -471,16 +531,28 @@ def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
         f"{len(shapes)} shape(s) x {len(modes)} mode(s), {args.dtype_name}, do_bench {args.warmup:g} ms warm-up + "
         f"{args.rep:g} ms timed per measurement (mean)"
     )
-    providers = available_providers(args.providers, shapes, dtype, device)
-    if not providers:
-        print("no provider is available; nothing to measure")
-        return 1
-    results = run(shapes, providers, modes, args, device, dtype)
+    preset = "custom" if args.n or args.d or args.shapes else ("quick" if args.quick else "anchor")
+    recorder = Recorder(args, device, preset)
+    try:
+        providers = available_providers(args.providers, shapes, dtype, device)
+        if not providers:
+            print("no provider is available; nothing to measure")
+            return 1
+        run(shapes, providers, modes, args, device, dtype, recorder)
+    except KeyboardInterrupt:
+        return interrupted(recorder, shapes, modes)
     print()
-    print_results(results, shapes, modes)
-    preset = "custom" if args.n or args.d else ("quick" if args.quick else "anchor")
-    write_outputs(results, args, device, preset)
+    print_results(recorder.results, shapes, modes)
+    write_outputs(recorder.results, args, device, recorder)
     return 0
+
+
+def interrupted(recorder: Recorder, shapes: Sequence[Shape], modes: Sequence[str]) -> int:
+    """Cut short: the table of what was measured (its rows are in the CSV already); exit code 130."""
+    print(f"\ninterrupted: {len(recorder.results)} measurement(s) kept in {recorder.writer.path}", flush=True)
+    if recorder.results:
+        print_results(recorder.results, shapes, modes)
+    return 130
 
 
 # -- CPU checks -------------------------------------------------------------------------------------
@@ -527,10 +599,10 @@ def smoke(causal_values: Sequence[bool]) -> bool | None:
     return passed
 
 
-def cpu_timing(args: argparse.Namespace) -> list[Result]:
+def cpu_timing(args: argparse.Namespace, recorder: Recorder) -> list[Result]:
     """(b) The torch SDPA backends on CPU at one small shape in fp32 (lmforge's interpreter is not timed)."""
     device = torch.device("cpu")
-    shapes = [Shape(1, 4, 512, 64, causal) for causal in args.causal]
+    shapes = cpu_shapes(args)
     modes = args.modes or ["fwd", "fwd+bwd"]
     names = [p for p in args.providers if p != "lmforge"]
     print(
@@ -541,19 +613,27 @@ def cpu_timing(args: argparse.Namespace) -> list[Result]:
     if not providers:
         print("(b) skipped: no SDPA provider selected or available")
         return []
-    results = run(shapes, providers, modes, args, device, torch.float32)
+    results = run(shapes, providers, modes, args, device, torch.float32, recorder)
     print_results(results, shapes, modes)
     return results
+
+
+def cpu_shapes(args: argparse.Namespace) -> list[Shape]:
+    return [Shape(1, 4, 512, 64, causal) for causal in args.causal]
 
 
 def cpu_main(args: argparse.Namespace) -> int:
     print("no CUDA device: no speed is measured (speed claims come only from GPU runs); CPU checks instead")
     os.environ["TRITON_INTERPRET"] = "1"  # before lmforge.kernels.attention (and its @triton.jit) is imported
-    passed = smoke(args.causal) if "lmforge" in args.providers else None
-    print()
     args.dtype_name = "fp32"
-    results = cpu_timing(args)
-    write_outputs(results, args, torch.device("cpu"), "cpu")
+    recorder = Recorder(args, torch.device("cpu"), "cpu")
+    try:
+        passed = None if args.no_smoke or "lmforge" not in args.providers else smoke(args.causal)
+        print()
+        results = cpu_timing(args, recorder)
+    except KeyboardInterrupt:
+        return interrupted(recorder, cpu_shapes(args), args.modes or ["fwd", "fwd+bwd"])
+    write_outputs(results, args, torch.device("cpu"), recorder)
     return 1 if passed is False else 0
 
 
@@ -562,12 +642,39 @@ def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def shape_list(text: str) -> list[tuple[int, int, bool]]:
+    """``128:4096:yes,64:1024:no``: (D, N, causal) per item; causal is yes/no (or causal/full)."""
+    shapes = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            d, n, causal = item.split(":")
+            shapes.append((int(d), int(n), {"yes": True, "causal": True, "no": False, "full": False}[causal]))
+        except (ValueError, KeyError):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected D:N:yes or D:N:no, e.g. 128:4096:yes") from None
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shape given")
+    return shapes
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"a few shapes: D {QUICK_D}, N {QUICK_N}; shorter on CPU")
     p.add_argument("--d", type=int_list, help="head dims, comma-separated (default 64,128)")
     p.add_argument("--n", type=int_list, help="sequence lengths, comma-separated (default 1024,...,16384)")
     p.add_argument("--causal", choices=("yes", "no", "both"), default="both")
+    p.add_argument(
+        "--order",
+        choices=("sweep", "priority"),
+        default="sweep",
+        help="sweep: by D, causal, N (default); priority: N=4096 D=128 causal first, then by importance",
+    )
+    p.add_argument(
+        "--shapes", type=shape_list, help="GPU: exactly these shapes, in this order: D:N:yes|no,... (overrides --d/--n)"
+    )
+    p.add_argument("--tiles-json", type=Path, help="write lmforge's tuned_tiles() here after each lmforge measurement")
+    p.add_argument("--no-smoke", action="store_true", help="CPU: skip the interpreter correctness smoke (a)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="GPU dtype (CPU checks use fp32)")
     p.add_argument(
         "--modes",
@@ -592,7 +699,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return harness.run_script(parse_args(argv), cpu_main, gpu_main)
+    harness.catch_interrupts()
+    try:
+        return harness.run_script(parse_args(argv), cpu_main, gpu_main)
+    except KeyboardInterrupt:  # before anything was measured (importing, probing the providers)
+        print("\ninterrupted before any measurement", flush=True)
+        return 130
 
 
 if __name__ == "__main__":

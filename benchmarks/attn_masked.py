@@ -60,9 +60,13 @@ settings:
     packed docs, N=16384 x 1 row, mean doc 2048                7.22           25.18  2.72
     key padding, 8 x 2048, mean valid 1344                     1.16            3.27  1.67
 
-Results: a table on stdout, one CSV row per measurement appended to ``<out>/attn_masked.csv`` (device,
-versions and date on every row) and ``<out>/attn_masked_<dtype>_<device>.png``: ms per provider, a group
-of bars per case.
+Results: one CSV row per measurement appended to ``<out>/attn_masked.csv`` (device, versions and date on
+every row) as soon as it is measured, and printed; a table on stdout at the end, and
+``<out>/attn_masked_<dtype>_<device>.png``: ms per provider, a group of bars per case. A row's "vs X"
+columns are filled when X was measured before it in that case (lmforge is measured first, so its own row
+has them empty; the table at the end has them all). Cut short (SIGINT, SIGTERM, e.g. ``timeout -s INT``),
+the script prints the table of what it measured and exits with code 130, every row measured already in
+the CSV.
 
 Without CUDA no speed is claimed: speed claims come only from GPU runs. The script says so, then
 (a) checks lmforge's kernel under the Triton interpreter (``TRITON_INTERPRET=1``) in fp32 at tiny sizes,
@@ -410,6 +414,22 @@ def measure(
     )
 
 
+class Recorder:
+    """Every result as it is measured: kept, written to the CSV (one row, on disk at once) and printed."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, preset: str) -> None:
+        self.args, self.device, self.preset = args, device, preset
+        self.results: list[Result] = []
+        self.writer = harness.RowWriter(args.out / "attn_masked.csv", common=harness.stamp(device))
+
+    def add(self, result: Result) -> None:
+        self.results.append(result)
+        self.writer.write(csv_row(result, self.results, self.preset, self.args, self.device))
+        versus = [(ref, ratio(result, self.results, ref)) for ref in REFERENCES if ref != result.provider]
+        extra = "".join(f", vs {ref} {x:.2f}x" for ref, x in versus if x is not None)
+        print(f"    {result.provider:<18} {result.ms:9.3f} ms{extra}", flush=True)
+
+
 def run(
     cases: Sequence[Case],
     providers: dict[str, Setup],
@@ -418,8 +438,30 @@ def run(
     dtype: torch.dtype,
     heads: int,
     head_dim: int,
+    recorder: Recorder,
 ) -> list[Result]:
-    results, notes = [], []
+    """Every case and provider, each result recorded as soon as it is measured; a KeyboardInterrupt
+    propagates (what was recorded stays in ``recorder``), after the notes so far are printed."""
+    notes: list[str] = []
+    try:
+        run_cases(cases, providers, args, device, dtype, heads, head_dim, recorder, notes)
+    finally:
+        for note in notes:
+            print(f"note: {note}")
+    return recorder.results
+
+
+def run_cases(
+    cases: Sequence[Case],
+    providers: dict[str, Setup],
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int,
+    head_dim: int,
+    recorder: Recorder,
+    notes: list[str],
+) -> None:
     for i, case in enumerate(cases, 1):
         problem = make_problem(case, args.seed, device)
         print(
@@ -434,17 +476,16 @@ def run(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    results.append(measure(name, setup, problem, inputs, args, device, (heads, head_dim)))
+                    result = measure(name, setup, problem, inputs, args, device, (heads, head_dim))
                 except Exception as err:  # torch.OutOfMemoryError, a compiler that fails, a kernel's own error
                     notes.append(f"{case.short} {name}: skipped, {harness.short_error(err)}")
+                else:
+                    recorder.add(result)
             for t in inputs[:3]:
                 t.grad = None
             release(device)
         del inputs, problem
         release(device)
-    for note in notes:
-        print(f"note: {note}")
-    return results
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -523,45 +564,41 @@ def print_bars(results: Sequence[Result], cases: Sequence[Case]) -> None:
         )
 
 
-def csv_rows(
-    results: Sequence[Result], preset: str, args: argparse.Namespace, device: torch.device
-) -> list[dict[str, object]]:
-    rows = []
-    for r in results:
-        problem_lengths = " | ".join(" ".join(map(str, row)) for row in draw_lengths(r.case, args.seed))
-        bar = BARS[r.case.kind]
-        vs_bar = ratio(r, results, bar)
-        rows.append(
-            {
-                "preset": preset,
-                "device": device.type,
-                "dtype": args.dtype_name,
-                "case": r.case.short,
-                "kind": r.case.kind,
-                "batch": r.case.batch,
-                "heads": r.heads,
-                "seq": r.case.n,
-                "head_dim": r.head_dim,
-                "mean_len": r.case.mean,
-                "seed": args.seed,
-                "lengths": problem_lengths,
-                "attended_fraction": f"{r.attended:.4g}",
-                "provider": r.provider,
-                "ms": f"{r.ms:.6g}",
-                "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
-                "mask_ms": "" if r.mask_ms is None else f"{r.mask_ms:.6g}",
-                **{
-                    f"vs_{ref.replace('-', '_')}": "" if (x := ratio(r, results, ref)) is None else f"{x:.4g}"
-                    for ref in REFERENCES
-                },
-                "bar": bar,
-                "vs_bar": "" if vs_bar is None else f"{vs_bar:.4g}",
-                "threads": torch.get_num_threads() if device.type == "cpu" else "",
-                "warmup_ms": f"{args.warmup:g}",
-                "rep_ms": f"{args.rep:g}",
-            }
-        )
-    return rows
+def csv_row(
+    r: Result, results: Sequence[Result], preset: str, args: argparse.Namespace, device: torch.device
+) -> dict[str, object]:
+    """The CSV row of ``r``; its ratios from ``results`` (what was measured so far)."""
+    problem_lengths = " | ".join(" ".join(map(str, row)) for row in draw_lengths(r.case, args.seed))
+    bar = BARS[r.case.kind]
+    vs_bar = ratio(r, results, bar)
+    return {
+        "preset": preset,
+        "device": device.type,
+        "dtype": args.dtype_name,
+        "case": r.case.short,
+        "kind": r.case.kind,
+        "batch": r.case.batch,
+        "heads": r.heads,
+        "seq": r.case.n,
+        "head_dim": r.head_dim,
+        "mean_len": r.case.mean,
+        "seed": args.seed,
+        "lengths": problem_lengths,
+        "attended_fraction": f"{r.attended:.4g}",
+        "provider": r.provider,
+        "ms": f"{r.ms:.6g}",
+        "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
+        "mask_ms": "" if r.mask_ms is None else f"{r.mask_ms:.6g}",
+        **{
+            f"vs_{ref.replace('-', '_')}": "" if (x := ratio(r, results, ref)) is None else f"{x:.4g}"
+            for ref in REFERENCES
+        },
+        "bar": bar,
+        "vs_bar": "" if vs_bar is None else f"{vs_bar:.4g}",
+        "threads": torch.get_num_threads() if device.type == "cpu" else "",
+        "warmup_ms": f"{args.warmup:g}",
+        "rep_ms": f"{args.rep:g}",
+    }
 
 
 def plot(path: Path, results: Sequence[Result], cases: Sequence[Case], title: str) -> bool:
@@ -595,16 +632,15 @@ def plot(path: Path, results: Sequence[Result], cases: Sequence[Case], title: st
 
 
 def write_outputs(
-    results: Sequence[Result], cases: Sequence[Case], args: argparse.Namespace, device: torch.device, preset: str
+    results: Sequence[Result], cases: Sequence[Case], args: argparse.Namespace, device: torch.device, recorder: Recorder
 ) -> None:
+    """Where the CSV rows went, and the plot."""
     if not results:
         print("nothing was measured; no CSV or plot written")
         return
     name = harness.device_name(device)
-    csv_path = harness.write_csv(
-        args.out / "attn_masked.csv", csv_rows(results, preset, args, device), common=harness.stamp(device)
-    )
-    print(f"wrote {csv_path}")
+    preset = recorder.preset
+    print(f"wrote {recorder.writer.path} ({recorder.writer.count} rows)")
     png = args.out / f"attn_masked_{args.dtype_name}_{harness.slug(name)}{'_quick' if preset == 'quick' else ''}.png"
     r = results[0]
     title = f"masked attention, forward + backward, {args.dtype_name}, H={r.heads}, D={r.head_dim}; {name}"
@@ -623,15 +659,27 @@ def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
         f"{len(cases)} case(s), {args.dtype_name}, H={args.heads}, D={args.head_dim}, forward + backward, "
         f"do_bench {args.warmup:g} ms warm-up + {args.rep:g} ms timed per measurement (mean)"
     )
-    providers = available_providers(names, cases, args.head_dim, dtype, device)
-    if not providers:
-        print("no provider is available; nothing to measure")
-        return 1
-    results = run(cases, providers, args, device, dtype, args.heads, args.head_dim)
+    recorder = Recorder(args, device, "quick" if args.quick else "default")
+    try:
+        providers = available_providers(names, cases, args.head_dim, dtype, device)
+        if not providers:
+            print("no provider is available; nothing to measure")
+            return 1
+        results = run(cases, providers, args, device, dtype, args.heads, args.head_dim, recorder)
+    except KeyboardInterrupt:
+        return interrupted(recorder, cases, args, device)
     print()
     print_results(results, cases, args, device)
-    write_outputs(results, cases, args, device, "quick" if args.quick else "default")
+    write_outputs(results, cases, args, device, recorder)
     return 0
+
+
+def interrupted(recorder: Recorder, cases: Sequence[Case], args: argparse.Namespace, device: torch.device) -> int:
+    """Cut short: the table of what was measured (its rows are in the CSV already); exit code 130."""
+    print(f"\ninterrupted: {len(recorder.results)} measurement(s) kept in {recorder.writer.path}", flush=True)
+    if recorder.results:
+        print_results(recorder.results, [c for c in cases if any(r.case == c for r in recorder.results)], args, device)
+    return 130
 
 
 # -- CPU checks -------------------------------------------------------------------------------------
@@ -688,10 +736,19 @@ def cpu_main(args: argparse.Namespace) -> int:
     os.environ["TRITON_INTERPRET"] = "1"  # before lmforge.kernels.attention (and its @triton.jit) is imported
     device = torch.device("cpu")
     names = args.providers or list(CPU_PROVIDERS)
-    passed = smoke(args.seed) if "lmforge" in names else None
-    print()
     args.dtype_name = "fp32"
     cases = list(dict.fromkeys(cpu_case(c) for c in (QUICK_CASES if args.quick else CASES)))
+    recorder = Recorder(args, device, "cpu")
+    try:
+        return cpu_checks(args, names, cases, recorder)
+    except KeyboardInterrupt:
+        return interrupted(recorder, cases, args, device)
+
+
+def cpu_checks(args: argparse.Namespace, names: Sequence[str], cases: Sequence[Case], recorder: Recorder) -> int:
+    device = torch.device("cpu")
+    passed = smoke(args.seed) if "lmforge" in names and not args.no_smoke else None
+    print()
     print(
         f"(b) torch providers on CPU, fp32, H={CPU_HEADS}, D={CPU_HEAD_DIM}, {torch.get_num_threads()} threads, "
         f"{args.warmup:g} ms warm-up + {args.rep:g} ms timed (at least 5 calls); lmforge's interpreter is not timed:"
@@ -705,10 +762,10 @@ def cpu_main(args: argparse.Namespace) -> int:
     if not timed:
         print("(b) skipped: no torch provider selected")
     providers = available_providers(timed, cases, CPU_HEAD_DIM, torch.float32, device) if timed else {}
-    results = run(cases, providers, args, device, torch.float32, CPU_HEADS, CPU_HEAD_DIM) if providers else []
+    results = run(cases, providers, args, device, torch.float32, CPU_HEADS, CPU_HEAD_DIM, recorder) if providers else []
     if results:
         print_results(results, cases, args, device)
-    write_outputs(results, cases, args, device, "cpu")
+    write_outputs(results, cases, args, device, recorder)
     return 1 if passed is False else 0
 
 
@@ -727,6 +784,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on GPU, {','.join(CPU_PROVIDERS)} on CPU)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the document and padding lengths (default 0)")
+    p.add_argument("--no-smoke", action="store_true", help="CPU: skip the interpreter correctness smoke (a)")
     harness.add_run_args(p)
     args = p.parse_args(argv)
     args.dtype_name = args.dtype
@@ -737,7 +795,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return harness.run_script(parse_args(argv), cpu_main, gpu_main)
+    harness.catch_interrupts()
+    try:
+        return harness.run_script(parse_args(argv), cpu_main, gpu_main)
+    except KeyboardInterrupt:  # before anything was measured (importing, probing the providers)
+        print("\ninterrupted before any measurement", flush=True)
+        return 130
 
 
 if __name__ == "__main__":

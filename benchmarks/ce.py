@@ -39,9 +39,13 @@ Measured side by side in one run, one provider at a time (everything freed in be
   fraction of the card's peak that the step achieves, counting only those three products.
 * "vs X" = ms / X's ms at the same shape (below 1: faster than X).
 
-Results: a table on stdout, one CSV row per measurement appended to ``<out>/ce.csv`` (device, versions
-and date on every row), and ``<out>/ce_<dtype>_<device>.png``: time and memory per provider for each
-shape (two panels), plus ``ce_sweep_...png`` (against tokens and vocab) on the full sweep.
+Results: one CSV row per measurement appended to ``<out>/ce.csv`` (device, versions and date on every
+row) as soon as it is measured, and printed; a table on stdout at the end, and
+``<out>/ce_<dtype>_<device>.png``: time and memory per provider for each shape (two panels), plus
+``ce_sweep_...png`` (against tokens and vocab) on the full sweep. A row's "vs X" columns are filled when X
+was measured before it at that shape (lmforge is measured first, so its own row has them empty; the table
+at the end has them all). Cut short (SIGINT, SIGTERM, e.g. ``timeout -s INT``), the script prints the
+table of what it measured and exits with code 130, every row measured already in the CSV.
 
 Without CUDA no speed is claimed: speed claims come only from GPU runs. The script says so, then
 (a) checks lmforge's loss and gradients in fp32 against torch eager in float64 at tiny shapes (the chunked
@@ -310,6 +314,26 @@ def measure(
     return Result(shape, name, ms, use[0] / 2**20, kept_mib=use[1] / 2**20)
 
 
+class Recorder:
+    """Every result as it is measured: kept, written to the CSV (one row, on disk at once) and printed."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, preset: str, peak: float | None) -> None:
+        self.args, self.device, self.preset, self.peak = args, device, preset, peak
+        self.results: list[Result] = []
+        self.writer = harness.RowWriter(args.out / "ce.csv")
+
+    def add(self, result: Result) -> None:
+        self.results.append(result)
+        self.writer.write(csv_row(result, self.results, self.preset, self.peak, self.args, self.device))
+        if result.ms is None:
+            print(f"    {result.provider:<16} {result.status}", flush=True)
+            return
+        memory = "" if result.peak_mib is None else f", peak {result.peak_mib:,.1f} MiB"
+        versus = [(ref, ratio(result, self.results, ref)) for ref in REFERENCES if ref != result.provider]
+        extra = "".join(f", vs {ref} {x:.2f}x" for ref, x in versus if x is not None)
+        print(f"    {result.provider:<16} {result.ms:9.3f} ms{memory}{extra}", flush=True)
+
+
 def measure_shape(
     shape: Shape,
     providers: dict[str, Loss],
@@ -317,33 +341,36 @@ def measure_shape(
     device: torch.device,
     dtype: torch.dtype,
     dropped: dict[str, str],
-) -> list[Result]:
-    """Every provider at one shape. Out of memory: an "OOM" row. Any other failure: a "failed" row, and the
-    provider is dropped for the remaining shapes (its reason in ``dropped``)."""
-    results = []
+    recorder: Recorder,
+) -> None:
+    """Every provider at one shape, each result recorded. Out of memory: an "OOM" row. Any other failure: a
+    "failed" row, and the provider is dropped for the remaining shapes (its reason in ``dropped``)."""
     try:
         inputs = make_inputs(shape, dtype, device)
     except Exception as err:
         if not is_oom(err):
             raise
         release(device)
-        return [Result(shape, name, None, None, "OOM") for name in providers if name not in dropped]
+        for name in providers:
+            if name not in dropped:
+                recorder.add(Result(shape, name, None, None, "OOM"))
+        return
     for name, loss_fn in providers.items():
         if name in dropped:
             continue
         if name == "torch-compile":
             torch._dynamo.reset()  # a fresh compile per shape, so the recompile limit never falls back to eager
         try:
-            results.append(measure(loss_fn, name, shape, inputs, args, device))
+            result = measure(loss_fn, name, shape, inputs, args, device)
         except Exception as err:  # torch.OutOfMemoryError, a compiler that fails, a kernel's own error
             status = "OOM" if is_oom(err) else "failed"
-            results.append(Result(shape, name, None, None, status))
+            result = Result(shape, name, None, None, status)
             if status == "failed":
                 dropped[name] = f"{shape.label}: {harness.short_error(err)}"
+        recorder.add(result)
         release(device, *inputs[:2])
     del inputs
     release(device)
-    return results
 
 
 def run(
@@ -352,15 +379,30 @@ def run(
     args: argparse.Namespace,
     device: torch.device,
     dtype: torch.dtype,
+    recorder: Recorder,
 ) -> list[Result]:
-    results: list[Result] = []
+    """Every shape in turn, each result recorded as soon as it is measured; a KeyboardInterrupt propagates
+    (what was recorded stays in ``recorder``), after the notes so far are printed."""
     dropped: dict[str, str] = {}
-    for i, shape in enumerate(shapes, 1):
-        print(f"  [{i}/{len(shapes)}] {shape.label}", flush=True)
-        results += measure_shape(shape, providers, args, device, dtype, dropped)
-    for name, why in dropped.items():
-        print(f"note: {name} failed and was skipped for the remaining shapes: {why}")
-    return results
+    try:
+        for i, shape in enumerate(shapes, 1):
+            print(f"  [{i}/{len(shapes)}] {shape.label}", flush=True)
+            measure_shape(shape, providers, args, device, dtype, dropped, recorder)
+    finally:
+        for name, why in dropped.items():
+            print(f"note: {name} failed and was skipped for the remaining shapes: {why}")
+    return recorder.results
+
+
+def interrupted(
+    recorder: Recorder, shapes: Sequence[Shape], peak: float | None, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Cut short: the table of what was measured (its rows are in the CSV already); exit code 130."""
+    print(f"\ninterrupted: {len(recorder.results)} measurement(s) kept in {recorder.writer.path}", flush=True)
+    if recorder.results:
+        measured = [s for s in shapes if any(r.shape == s for r in recorder.results)]
+        print_results(recorder.results, measured, peak, dtype, device)
+    return 130
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -472,40 +514,41 @@ def print_results(
         print("mem vs liger = transient MiB / Liger's transient MiB at the same shape (the bar: at most 2)")
 
 
-def csv_rows(
-    results: Sequence[Result], preset: str, peak: float | None, args: argparse.Namespace, device: torch.device
-) -> list[dict]:
-    rows = []
+def csv_row(
+    r: Result,
+    results: Sequence[Result],
+    preset: str,
+    peak: float | None,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict:
+    """The CSV row of ``r``; its ratios from ``results`` (what was measured so far)."""
     dtype = DTYPES[args.dtype_name]
-    for r in results:
-        floor = floor_ms(r.shape, peak)
-        refs = {f"vs_{ref.removeprefix('torch-')}": ratio(r, results, ref) for ref in REFERENCES}
-        rows.append(
-            {
-                "preset": preset,
-                "device": device.type,
-                "dtype": args.dtype_name,
-                "tokens": r.shape.tokens,
-                "hidden": r.shape.hidden,
-                "vocab": r.shape.vocab,
-                "provider": r.provider,
-                "status": r.status,
-                "ms": "" if r.ms is None else f"{r.ms:.6g}",
-                "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
-                "transient_mib": "" if r.transient_mib is None else f"{r.transient_mib:.1f}",
-                "mem_vs_liger": "" if (m := memory_ratio(r, results, "liger")) is None else f"{m:.4g}",
-                "grad_mib": f"{r.shape.grad_mib(dtype):.1f}",
-                "gflop": f"{r.shape.flops / 1e9:.6g}",
-                "peak_tflops": "" if peak is None else f"{peak:g}",
-                "floor_ms": "" if floor is None else f"{floor:.6g}",
-                "floor_fraction": "" if floor is None or r.ms is None else f"{floor / r.ms:.4g}",
-                **{key: "" if value is None else f"{value:.4g}" for key, value in refs.items()},
-                "threads": torch.get_num_threads() if device.type == "cpu" else "",
-                "warmup_ms": f"{args.warmup:g}",
-                "rep_ms": f"{args.rep:g}",
-            }
-        )
-    return rows
+    floor = floor_ms(r.shape, peak)
+    refs = {f"vs_{ref.removeprefix('torch-')}": ratio(r, results, ref) for ref in REFERENCES}
+    return {
+        "preset": preset,
+        "device": device.type,
+        "dtype": args.dtype_name,
+        "tokens": r.shape.tokens,
+        "hidden": r.shape.hidden,
+        "vocab": r.shape.vocab,
+        "provider": r.provider,
+        "status": r.status,
+        "ms": "" if r.ms is None else f"{r.ms:.6g}",
+        "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.1f}",
+        "transient_mib": "" if r.transient_mib is None else f"{r.transient_mib:.1f}",
+        "mem_vs_liger": "" if (m := memory_ratio(r, results, "liger")) is None else f"{m:.4g}",
+        "grad_mib": f"{r.shape.grad_mib(dtype):.1f}",
+        "gflop": f"{r.shape.flops / 1e9:.6g}",
+        "peak_tflops": "" if peak is None else f"{peak:g}",
+        "floor_ms": "" if floor is None else f"{floor:.6g}",
+        "floor_fraction": "" if floor is None or r.ms is None else f"{floor / r.ms:.4g}",
+        **{key: "" if value is None else f"{value:.4g}" for key, value in refs.items()},
+        "threads": torch.get_num_threads() if device.type == "cpu" else "",
+        "warmup_ms": f"{args.warmup:g}",
+        "rep_ms": f"{args.rep:g}",
+    }
 
 
 def short_number(value: float) -> str:
@@ -584,16 +627,15 @@ def write_outputs(
     shapes: Sequence[Shape],
     args: argparse.Namespace,
     device: torch.device,
-    preset: str,
-    peak: float | None,
+    recorder: Recorder,
 ) -> None:
-    """The CSV rows, the bar plot and, on a sweep, the line plot."""
+    """Where the CSV rows went, the bar plot and, on a sweep, the line plot."""
+    preset = recorder.preset
     if not results:
         print("nothing was measured; no CSV or plot written")
         return
     name = harness.device_name(device)
-    csv_path = harness.write_csv(args.out / "ce.csv", csv_rows(results, preset, peak, args, device))
-    print(f"wrote {csv_path}")
+    print(f"wrote {recorder.writer.path} ({recorder.writer.count} rows)")
     stem = f"ce_{args.dtype_name}_{harness.slug(name)}{'' if preset in ('full', 'cpu') else '_' + preset}"
     title = f"linear + cross-entropy, forward + backward, {args.dtype_name}; {name}"
     if not plot_bars(args.out / f"{stem}.png", results, shapes, title):
@@ -638,14 +680,18 @@ def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
         f"{len(shapes)} shape(s), {args.dtype_name}, forward + backward, do_bench {args.warmup:g} ms warm-up + "
         f"{args.rep:g} ms timed per measurement (mean)"
     )
-    providers = load_providers(list(args.providers or PROVIDERS) + chunk_names(args), device)
-    if not providers:
-        print("no provider is available; nothing to measure")
-        return 1
-    results = run(shapes, providers, args, device, dtype)
+    recorder = Recorder(args, device, preset, peak)
+    try:
+        providers = load_providers(list(args.providers or PROVIDERS) + chunk_names(args), device)
+        if not providers:
+            print("no provider is available; nothing to measure")
+            return 1
+        results = run(shapes, providers, args, device, dtype, recorder)
+    except KeyboardInterrupt:
+        return interrupted(recorder, shapes, peak, dtype, device)
     print()
     print_results(results, shapes, peak, dtype, device)
-    write_outputs(results, shapes, args, device, preset, peak)
+    write_outputs(results, shapes, args, device, recorder)
     return 0
 
 
@@ -721,10 +767,19 @@ def cpu_main(args: argparse.Namespace) -> int:
     print("no CUDA device: no speed is claimed (speed claims come only from GPU runs); CPU checks instead")
     device = torch.device("cpu")
     names = list(args.providers or CPU_PROVIDERS) + chunk_names(args)
-    passed = smoke() if "lmforge" in names else None
-    print()
     args.dtype_name = "fp32"
     shapes = picked_shape(args, CPU_SHAPES[-1]) or [Shape(*s) for s in CPU_SHAPES]
+    recorder = Recorder(args, device, "cpu", None)
+    try:
+        return cpu_checks(args, names, shapes, recorder)
+    except KeyboardInterrupt:
+        return interrupted(recorder, shapes, None, torch.float32, device)
+
+
+def cpu_checks(args: argparse.Namespace, names: Sequence[str], shapes: Sequence[Shape], recorder: Recorder) -> int:
+    device = torch.device("cpu")
+    passed = smoke() if "lmforge" in names and not args.no_smoke else None
+    print()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
@@ -733,10 +788,10 @@ def cpu_main(args: argparse.Namespace) -> int:
         f"load average {load_average()} (other work on the CPU slows and scatters the times; see --threads):"
     )
     providers = load_providers(names, device)
-    results = run(shapes, providers, args, device, torch.float32) if providers else []
+    results = run(shapes, providers, args, device, torch.float32, recorder) if providers else []
     if results:
         print_results(results, shapes, None, torch.float32, device)
-    write_outputs(results, shapes, args, device, "cpu", None)
+    write_outputs(results, shapes, args, device, recorder)
     return 1 if passed is False else 0
 
 
@@ -778,6 +833,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     harness.add_run_args(p)
     p.add_argument("--peak-tflops", type=float, help="the card's dense peak, TFLOP/s (default: from its name)")
     p.add_argument("--threads", type=int, help="CPU checks: torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--no-smoke", action="store_true", help="CPU: skip the correctness smoke (a)")
     args = p.parse_args(argv)
     args.dtype_name = args.dtype
     harness.check_run_args(p, args)
@@ -787,7 +843,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return harness.run_script(parse_args(argv), cpu_main, gpu_main)
+    harness.catch_interrupts()
+    try:
+        return harness.run_script(parse_args(argv), cpu_main, gpu_main)
+    except KeyboardInterrupt:  # before anything was measured (importing, loading the providers)
+        print("\ninterrupted before any measurement", flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@ What every benchmark needs, in one place so that all of them measure and report 
 * timing: :func:`timeit` (``triton.testing.do_bench`` on CUDA, a ``time.perf_counter`` loop on CPU; both
   take the warm-up and measurement budgets in milliseconds and return the mean time of one call in ms)
   and :func:`peak_memory` (the extra CUDA memory a call allocates at its peak);
-* reporting: :func:`print_table`, :func:`write_csv` (appends, one header per file) and the matplotlib
-  (Agg) plots :func:`plot_bars` and :func:`plot_lines`, which return False instead of failing when
-  matplotlib is not installed.
+* reporting: :func:`print_table`, :func:`write_csv` (appends, one header per file), :class:`RowWriter`
+  (one row at a time, on disk as soon as it is measured) and the matplotlib (Agg) plots :func:`plot_bars`
+  and :func:`plot_lines`, which return False instead of failing when matplotlib is not installed;
+* being cut short: :func:`catch_interrupts` makes SIGINT and SIGTERM raise KeyboardInterrupt (also where
+  the parent left SIGINT ignored), so that a script under ``timeout -s INT`` prints what it measured and
+  exits; the rows it wrote are already on disk;
+* the GPU session's report: ``python benchmarks/harness.py report WORKDIR`` (:func:`session_report`) turns
+  the CSVs and logs of ``benchmarks/gpu_session.sh`` into the short summary it returns.
 
 This module never imports triton at import time (only :func:`timeit` does, on CUDA), so a script can
 still set ``TRITON_INTERPRET=1`` after importing it and before importing its kernels.
@@ -29,6 +34,7 @@ import importlib.util
 import math
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -304,6 +310,59 @@ def write_csv(
     return target
 
 
+class RowWriter:
+    """Appends rows to one CSV file as they are measured, each on disk when :meth:`write` returns.
+
+    The columns are fixed by the first row (or ``fields``), as :func:`write_csv` chooses them, so later rows
+    go to the same file; ``common``: as for :func:`write_csv` (default: :func:`stamp` of the default device,
+    taken once; its date is renewed for every row). ``path`` after a write is the file actually written
+    (see :func:`write_csv`)."""
+
+    def __init__(
+        self, path: Path | str, *, common: Mapping[str, object] | None = None, fields: Sequence[str] | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.common = dict(stamp() if common is None else common)
+        self.fields = list(fields) if fields is not None else None
+        self.count = 0
+
+    def write(self, row: Mapping[str, object]) -> Path:
+        if self.fields is None:
+            head = [k for k in ("date", "device_name") if k in self.common]
+            keys = [k for k in row if k not in self.common]
+            self.fields = [*head, *keys, *(k for k in self.common if k not in head)]
+        if "date" in self.common:
+            self.common["date"] = iso_date()  # when this row was measured
+        self.path = write_csv(self.path, [row], common=self.common, fields=self.fields)
+        self.count += 1
+        return self.path
+
+
+_interrupted_by: str | None = None  # the signal's name, once catch_interrupts' handler ran
+
+
+def interrupted_by() -> str | None:
+    """ "SIGINT" or "SIGTERM" once such a signal arrived (with :func:`catch_interrupts`), else None: tells a
+    KeyboardInterrupt that a library turned into something else (Lightning exits with SystemExit(1))."""
+    return _interrupted_by
+
+
+def catch_interrupts() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread from now on.
+
+    Python leaves SIGINT ignored when its parent started it so (a non-interactive shell's background job),
+    and SIGTERM would end it without a word: under ``timeout -s INT`` (or a TERM), the scripts catch the
+    KeyboardInterrupt, print the table of what they measured and exit, their rows already written."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        global _interrupted_by
+        _interrupted_by = signal.Signals(signum).name
+        raise KeyboardInterrupt(_interrupted_by)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def pyplot() -> Any | None:
     """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is not installed."""
     try:
@@ -449,3 +508,220 @@ def run_script(
             args.warmup, args.rep = min(args.warmup, 10), min(args.rep, 50)
         return cpu_main(args)
     return gpu_main(args, device)
+
+
+# -- the GPU session's report -----------------------------------------------------------------------
+# ANCHORS.md (one H200, torch 2.11, bf16): what users get today without lmforge, for the report's ratios.
+# Attention, B*N = 16384, H*D = 2048: (D, N, causal) -> TFLOP/s of flash fwd, flash fwd+bwd, cuDNN fwd, cuDNN fwd+bwd.
+ANCHOR_ATTENTION = {
+    (64, 1024, False): (287.5, 231.9, 426.0, 381.7),
+    (64, 1024, True): (213.3, 168.0, 333.1, 270.9),
+    (64, 4096, False): (300.9, 275.3, 450.5, 437.5),
+    (64, 4096, True): (281.9, 246.0, 420.6, 388.1),
+    (64, 16384, False): (309.1, 292.7, 459.0, 448.4),
+    (64, 16384, True): (299.2, 279.3, 439.0, 433.1),
+    (128, 1024, False): (329.5, 251.3, 580.5, 460.1),
+    (128, 1024, True): (248.3, 187.0, 441.0, 344.4),
+    (128, 4096, False): (347.3, 305.3, 616.5, 543.4),
+    (128, 4096, True): (306.2, 266.4, 548.2, 482.6),
+    (128, 16384, False): (351.3, 317.5, 644.1, 555.2),
+    (128, 16384, True): (323.5, 313.7, 579.6, 557.8),
+}
+# Linear + cross-entropy, forward + backward: (tokens, hidden, vocab) -> provider -> (ms, MiB)
+ANCHOR_CE = {
+    (8192, 768, 50257): {"torch-eager": (20.8, 4626), "torch-compile": (4.44, 1572), "liger": (26.4, 12)},
+    (8192, 4096, 128256): {"torch-eager": (47.7, 10958), "torch-compile": (40.3, 2004), "liger": (53.9, 63)},
+}
+# GPT-2 124M training step, B=32, T=1024, bf16: provider -> tokens/s
+ANCHOR_TRAIN = {"plain-eager": 380_634.0, "plain-compiled": 562_950.0}
+# Masked attention, forward + backward, H=16, D=128: case -> provider -> ms
+ANCHOR_MASKED = {
+    "packed 2x8192 doc512": {"sdpa-causal-nomask": 3.85, "sdpa-bool-mask": 12.19, "flex": 0.83},
+    "packed 1x16384 doc2048": {"sdpa-causal-nomask": 7.22, "sdpa-bool-mask": 25.18, "flex": 2.72},
+    "padding 8x2048 valid1344": {"sdpa-causal-nomask": 1.16, "sdpa-bool-mask": 3.27, "flex": 1.67},
+}
+MASKED_BARS = {"packed": "flex", "padding": "sdpa-causal-nomask"}
+
+
+def read_csv_rows(folder: Path, stem: str) -> list[dict[str, str]]:
+    """The rows of ``<stem>.csv`` and its ``<stem>-2.csv``... siblings (see :func:`write_csv`) in ``folder``."""
+    rows: list[dict[str, str]] = []
+    for path in sorted(folder.glob(f"{stem}*.csv")):
+        if re.fullmatch(rf"{re.escape(stem)}(-\d+)?\.csv", path.name):
+            with path.open(newline="") as f:
+                rows += list(csv.DictReader(f))
+    return rows
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return None if value is None or math.isnan(value) else value
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def _num(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _tflops(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def _attention_report(rows: list[dict[str, str]]) -> list[str]:
+    """TFLOP/s of lmforge against cuDNN and flash in this run, and ANCHORS.md's cuDNN/flash numbers."""
+    table: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        key = (int(r["head_dim"]), int(r["seq"]), r["causal"] == "1", r["mode"])
+        value = _float(r.get("tflops"))
+        if value is not None:
+            table.setdefault(key, {})[r["provider"]] = value
+    body = []
+    for (d, n, causal, mode), got in table.items():
+        anchor = ANCHOR_ATTENTION.get((d, n, causal))
+        a_flash = a_cudnn = None
+        if anchor and mode in ("fwd", "fwd+bwd"):
+            a_flash, a_cudnn = (anchor[0], anchor[2]) if mode == "fwd" else (anchor[1], anchor[3])
+        ours = got.get("lmforge")
+        body.append([
+            d, n, "yes" if causal else "no", mode, _tflops(ours), _tflops(got.get("cudnn")), _tflops(got.get("flash")),
+            _ratio(ours, got.get("cudnn")), _ratio(ours, got.get("flash")), _num(a_cudnn), _num(a_flash),
+            _ratio(ours, a_cudnn), _ratio(got.get("cudnn"), a_cudnn),
+        ])  # fmt: skip
+    headers = ["D", "N", "causal", "mode", "lmforge", "cudnn", "flash", "lmf/cudnn", "lmf/flash", "anchor cuDNN",
+               "anchor flash", "lmf/anchor cuDNN", "cudnn/anchor"]  # fmt: skip
+    other = sorted({p for got in table.values() for p in got} - {"lmforge", "cudnn", "flash"})
+    lines = [format_table(headers, body)]
+    lines.append("TFLOP/s (FlashAttention convention); lmf/x = lmforge / x in this run; anchor = ANCHORS.md (H200)")
+    if other:
+        lines.append(f"also in attn.csv: {', '.join(other)}")
+    return lines
+
+
+def _masked_report(rows: list[dict[str, str]]) -> list[str]:
+    table: dict[str, dict[str, float]] = {}
+    kinds: dict[str, str] = {}
+    for r in rows:
+        value = _float(r.get("ms"))
+        if value is not None:
+            table.setdefault(r["case"], {})[r["provider"]] = value
+            kinds[r["case"]] = r.get("kind", "")
+    providers = [
+        p for p in ("lmforge", "flex", "sdpa-causal-nomask", "sdpa-bool-mask") if any(p in t for t in table.values())
+    ]
+    body = []
+    for case, got in table.items():
+        bar = MASKED_BARS.get(kinds[case], "")
+        anchor = ANCHOR_MASKED.get(case, {}).get(bar)
+        body.append([case, *(_num(got.get(p), ".3f") for p in providers), bar, _ratio(got.get("lmforge"), got.get(bar)),
+                     _num(anchor, ".2f"), _ratio(got.get("lmforge"), anchor)])  # fmt: skip
+    headers = ["case", *providers, "bar", "lmf/bar", "anchor bar ms", "lmf/anchor"]
+    return [format_table(headers, body), "ms of forward + backward (below 1: lmforge faster); anchor = ANCHORS.md"]
+
+
+def _ce_report(rows: list[dict[str, str]]) -> list[str]:
+    body = []
+    for r in rows:
+        shape = (int(r["tokens"]), int(r["hidden"]), int(r["vocab"]))
+        ms, transient = _float(r.get("ms")), _float(r.get("transient_mib"))
+        anchor = ANCHOR_CE.get(shape, {})
+        a_compile, a_liger = anchor.get("torch-compile", (None, None)), anchor.get("liger", (None, None))
+        body.append([
+            "x".join(map(str, shape)), r["provider"], r.get("status", ""), _num(ms, ".2f"), _num(transient, ",.0f"),
+            _ratio(ms, a_compile[0]), _ratio(ms, a_liger[0]), _ratio(transient, a_liger[1]),
+        ])  # fmt: skip
+    headers = ["tokens x hidden x vocab", "provider", "status", "ms", "transient MiB", "ms/anchor compile",
+               "ms/anchor liger", "MiB/anchor liger"]  # fmt: skip
+    return [format_table(headers, body), "forward + backward; anchor = ANCHORS.md (torch.compile, Liger; H200)"]
+
+
+def _train_report(rows: list[dict[str, str]]) -> list[str]:
+    speeds = {r["provider"]: _float(r.get("tokens_per_s")) for r in rows}
+    body = []
+    for r in rows:
+        speed = _float(r.get("tokens_per_s"))
+        anchor = ANCHOR_TRAIN.get("plain-compiled") if r.get("shape") == "gpt2-124m" else None
+        body.append([
+            r["provider"], r.get("shape", ""), r.get("status", ""), _num(speed, ",.0f"), r.get("ms_per_step") or "-",
+            _ratio(speed, speeds.get("plain-compiled")), _ratio(speed, anchor), r.get("mfu") or "-",
+            r.get("peak_memory_mib") or "-", r.get("time_to_first_step_s") or "-", (r.get("error") or "")[:60],
+        ])  # fmt: skip
+    headers = ["provider", "shape", "status", "tokens/s", "ms/step", "vs plain-compiled", "vs anchor compiled",
+               "MFU", "peak MiB", "first step s", "error"]  # fmt: skip
+    return [format_table(headers, body), "anchor = ANCHORS.md: plain torch.compile loop, 562,950 tokens/s (H200)"]
+
+
+def _steps_report(path: Path, budget: str) -> list[str]:
+    if not path.exists():
+        return ["(no steps.tsv)"]
+    with path.open(newline="") as f:
+        steps = list(csv.DictReader(f, delimiter="\t"))
+    used = sum(int(s.get("used_s") or 0) for s in steps)
+    lines = [f"budget {budget} s; the steps used {used} s"]
+    lines.append(
+        format_table(
+            ["step", "limit s", "used s", "status"],
+            [[s["step"], s["limit_s"], s["used_s"], s["status"]] for s in steps],
+        )
+    )
+    return lines
+
+
+def session_report(work: Path, budget: str = "?", dry_run: bool = False) -> str:
+    """The summary of a ``gpu_session.sh`` run from its work folder: the gate's verdict first, the budget per
+    step, the environment, then each benchmark's table in short with lmforge/anchor ratios."""
+    lines: list[str] = []
+    if dry_run:
+        lines.append("DRY RUN (CPU, tiny shapes): checks the session's plumbing; no number below is a speed claim")
+    gate = work / "gate" / "gate_summary.txt"
+    lines += gate.read_text().rstrip().splitlines() if gate.exists() else ["GATE: NOT RUN (no gate_summary.txt)"]
+    lines += ["", "== steps", *_steps_report(work / "steps.tsv", budget)]
+    env = work / "env.log"
+    if env.exists():
+        facts = [ln for ln in env.read_text().splitlines() if ln.strip() and not ln.startswith("== ")]
+        lines += ["", "== environment", *facts[:20]]
+    sections = (
+        ("attention (attn.csv)", "attn", _attention_report),
+        ("masked attention (attn_masked.csv)", "attn_masked", _masked_report),
+        ("fused linear + cross-entropy (ce.csv)", "ce", _ce_report),
+        ("training step (train.csv)", "train", _train_report),
+    )
+    for title, stem, report in sections:
+        rows = read_csv_rows(work, stem)
+        lines += ["", f"== {title}"]
+        if not rows:
+            lines.append("no rows (see its log in session.tar.gz)")
+            continue
+        try:
+            lines += report(rows)
+        except (KeyError, ValueError) as err:  # a CSV of other columns: say so, keep the rest of the report
+            lines.append(f"cannot summarise {stem}.csv: {short_error(err)}")
+    tiles = work / "tiles.json"
+    lines += ["", "== tiles.json: " + ("lmforge's tuned_tiles(); pin_tiles(path) or LMFORGE_ATTN_TILES=path to reuse"
+                                      if tiles.exists() else "not written (no lmforge attention measured)")]  # fmt: skip
+    finetune = work / "finetune.log"
+    if finetune.exists():
+        tail = [ln for ln in finetune.read_text(errors="replace").splitlines() if ln.strip()][-8:]
+        lines += ["", "== fine-tune smoke (last lines of finetune.log)", *tail]
+    return "\n".join(lines) + "\n"
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="the GPU session's report (benchmarks/gpu_session.sh)")
+    sub = p.add_subparsers(dest="command", required=True)
+    report = sub.add_parser("report", help="print the summary of a session's work folder")
+    report.add_argument("work", type=Path)
+    report.add_argument("--budget", default="?")
+    report.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    print(session_report(args.work, args.budget, args.dry_run), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -52,7 +52,9 @@ the median.
 
 Results: a table on stdout with each provider's ratio to plain-eager and to plain-compiled, one CSV row per
 provider and repeat appended to ``<out>/train.csv`` (flushed as soon as it is measured), and a bar plot
-``<out>/train_<shape>_<device>.png`` (skipped with a note when matplotlib is missing).
+``<out>/train_<shape>_<device>.png`` (skipped with a note when matplotlib is missing). Cut short (SIGINT,
+SIGTERM, e.g. ``timeout -s INT``), the provider running gets a row with status "interrupted", the table of
+what was measured is printed and the script exits with code 130.
 
     python benchmarks/train.py --quick --compile-backend aot_eager     # CI smoke test, seconds, no number
     python benchmarks/train.py                                          # gpt2-124m on CUDA, anchor on CPU
@@ -68,6 +70,7 @@ import logging
 import os
 import resource
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -220,6 +223,7 @@ class Measurement:
     threads: int = 0
     load_average: str = ""
     error: str = ""
+    interrupted: bool = False  # cut short by SIGINT/SIGTERM: the run stops after this provider's row
 
     @property
     def ok(self) -> bool:
@@ -530,6 +534,11 @@ def run_provider(
             raise RuntimeError(f"timed {len(result.marks) - 1} steps instead of {args.steps}")
     except Exception as err:  # noqa: BLE001 - a failing provider is a result, the run goes on
         result.error = harness.short_error(err, 300)
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns a KeyboardInterrupt into SystemExit(1)
+        if isinstance(err, SystemExit) and harness.interrupted_by() is None:
+            raise
+        result.error = f"interrupted ({harness.interrupted_by() or 'KeyboardInterrupt'})"
+        result.interrupted = True
     if device.type == "cuda":
         harness.sync(device)
         result.peak_memory = torch.cuda.max_memory_allocated(device)
@@ -552,7 +561,7 @@ def csv_row(r: Measurement, shape: Shape, args: argparse.Namespace, device: torc
     p = r.provider
     row = {
         "provider": p.name,
-        "status": "ok" if r.ok else "error",
+        "status": "ok" if r.ok else "interrupted" if r.interrupted else "error",
         "loop": p.loop,
         "attention": p.backends,
         "loss": p.backends,
@@ -828,8 +837,24 @@ def build_shape(args: argparse.Namespace, device: torch.device) -> Shape:
     return Shape(name=preset + ("-custom" if overrides else ""), **values)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """0, or 130 when cut short by SIGINT/SIGTERM (the providers measured so far are in the CSV and the table)."""
+    harness.catch_interrupts()
+    try:
+        code = run_all(parse_args(argv))
+    except KeyboardInterrupt:  # before the first provider's row (building the data, warming the compiler)
+        print("\ninterrupted before any measurement", flush=True)
+        code = 130
+    if code == 130 and __name__ == "__main__":
+        # Cut short, often inside a compile: what was measured is written and printed; leave at once rather
+        # than wait at exit for inductor's compile workers (a SIGKILL would follow a few seconds later).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run_all(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     args.device_type = device.type
     shape = build_shape(args, device)
@@ -859,8 +884,10 @@ def main(argv: list[str] | None = None) -> None:
         caches = "kept" if args.compile_caches else "empty for each provider"
         print(f"compiler warm-up (a toy function, {args.compile_backend}): {state}; on-disk compile caches {caches}")
     csv_path = args.out / "train.csv"
-    results = []
+    results: list[Measurement] = []
     for repeat in range(args.repeats):  # interleaved, so that drifting machine load hits every provider alike
+        if results and results[-1].interrupted:
+            break
         for provider in providers:
             r = run_provider(provider, repeat, shape, batches, args, device)
             results.append(r)
@@ -878,7 +905,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
             else:
                 print(f"  {provider.name:<25} repeat {repeat}: FAILED: {r.error}", flush=True)
+            if r.interrupted:
+                break
     print_report(results, shape, args, peak)
+    if results[-1].interrupted:
+        print(f"interrupted: {sum(r.ok for r in results)} provider run(s) measured, kept in {csv_path}; no plot")
+        return 130
     png = args.out / f"train_{harness.slug(shape.name)}_{device.type}.png"
     threads = next((r.threads for r in results if r.threads), torch.get_num_threads())
     title = (
@@ -890,7 +922,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {csv_path} and {png}")
     else:
         print(f"wrote {csv_path}; matplotlib is not installed, so no plot")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
