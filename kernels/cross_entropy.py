@@ -5,7 +5,9 @@ Layout: the Triton kernel, the launcher :func:`ce_rows_`, the custom op ``lmforg
 autograd function over given logits, for models that need the logits). :mod:`lmforge.kernels.linear_cross_entropy`
 uses :func:`ce_rows_` on each chunk of logits so the full (tokens, vocab) logits never exist.
 
-Per row with target t (rows whose target is ``ignore_index`` give loss 0 and gradient 0):
+Per row with target t (rows whose target is ``ignore_index`` give loss 0 and gradient 0; a target
+outside [0, V) is never read through: index 0 is read instead and the row's loss and gradient are
+NaN, a last line of defence behind the ``ValueError`` of the host-side check, ``check_targets=True``):
 ``z = softcap * tanh(x / softcap)`` (or x), ``lse = logsumexp(z)``,
 ``loss = (1 - eps) * (lse - z_t) + eps * (lse - mean(z)) + z_loss * lse**2`` and
 ``dloss/dz = softmax(z) * (1 + 2 * z_loss * lse) - eps / V - (1 - eps) * onehot(t)``, times
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import custom_op
-from .linear_cross_entropy import mean_scale
+from .linear_cross_entropy import target_scale
 
 
 @triton.jit
@@ -42,7 +44,9 @@ def _ce_rows_kernel(
     x_row = X + row * stride_x
     target = tl.load(T + row)
     counted = target != ignore_index
-    target = tl.where(counted, target, 0)  # any valid index; the row's loss and gradient are zeroed below
+    in_range = (target >= 0) & (target < V)
+    # the index read: an ignored row's loss and gradient are zeroed below, an out-of-range one's are NaN
+    target = tl.where(counted & in_range, target, 0)
     # pass 1: running max and sum of exp (base e), the sum of z (label smoothing) and z at the target
     m = float("-inf")
     s = 0.0
@@ -58,9 +62,9 @@ def _ce_rows_kernel(
     z_t = _soft_capped(tl.load(x_row + target).to(tl.float32), softcap, HAS_SOFTCAP)
     lse = m + tl.log(s)
     loss = (1.0 - eps) * (lse - z_t) + eps * (lse - z_sum / V) + z_loss * lse * lse
-    tl.store(LOSS + row, tl.where(counted, loss, 0.0))
+    tl.store(LOSS + row, tl.where(counted, tl.where(in_range, loss, float("nan")), 0.0))
     # pass 2: the gradient, written over the logits
-    scale = tl.where(counted, tl.load(SCALE), 0.0)
+    scale = tl.where(counted, tl.where(in_range, tl.load(SCALE), float("nan")), 0.0)
     p_factor = 1.0 + 2.0 * z_loss * lse
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
@@ -146,8 +150,7 @@ def _(logits, targets, ignore_index, label_smoothing, z_loss, softcap):
 
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap):
-        scale = mean_scale(targets, ignore_index, reduction)
+    def forward(ctx, logits, targets, scale, ignore_index, label_smoothing, z_loss, softcap):
         loss_rows, grad = cross_entropy_rows(
             logits.detach(), targets, ignore_index, float(label_smoothing), float(z_loss),
             None if softcap is None else float(softcap),
@@ -170,12 +173,16 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of logits (N, V) against targets (N,), differentiable for the logits.
 
     Mean over non-ignored rows (0, with zero gradients, when every row is ignored) or sum; label
     smoothing as torch's; an optional z-loss ``z_loss * logsumexp**2``; optional soft-capping.
+    ``check_targets``: raise ``ValueError`` for a target outside [0, V) other than ``ignore_index``
+    (one device sync per call on CUDA); turned off, such a row's loss and gradient are NaN.
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} must be (N, V) and targets (N,)")
-    return _CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    scale = target_scale(targets, logits.shape[1], ignore_index, reduction, check_targets)
+    return _CrossEntropyFunction.apply(logits, targets, scale, ignore_index, label_smoothing, z_loss, softcap)

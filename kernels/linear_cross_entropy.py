@@ -6,8 +6,22 @@ for each chunk it computes the chunk's logits with one matrix product, turns the
 the chunk's loss and logit gradient (the Triton row kernel of :mod:`lmforge.kernels.cross_entropy`
 on GPU, or torch ops), and folds that gradient straight into the gradients of the hidden states
 (one product) and of the weight (one product per chunk, accumulated across chunks in fp32, or for
-bf16 products in bf16 by the matmul itself, so no fp32 copy of the weight's size is ever made). Only one chunk of logits exists at a time; the backward just scales the stored gradients.
-A tied embedding weight works like any other weight.
+bf16 products in bf16 by the matmul itself, so no fp32 copy of the weight's size is ever made).
+The backward just scales the stored gradients. A tied embedding weight works like any other weight.
+
+Every chunk's logits go into one buffer allocated once per call, (chunk, ``padded_vocab(V)``):
+the product writes its ``[:, :V]`` view in place, so each row starts on a 128-byte boundary
+(V = 50257 is odd) for the row kernel and for the two gradient products that read it (cuBLAS
+takes the row stride as its leading dimension, no copy). The tail chunk uses the first rows of the
+same buffer; traced by ``torch.compile`` (the torch rows) each chunk is a plain product instead.
+
+Targets outside [0, V) other than ``ignore_index`` raise a ``ValueError`` naming the first one
+(``check_targets=True``, the default): one reduction over the targets and one read back to the
+host per call (a device sync on CUDA), skipped while a CUDA graph is being captured. Traced, it is
+the custom op ``lmforge::ce_target_scale`` (which also gives the mean's scale, so no pass drops
+it), run eagerly when the graph runs: no graph break. Whether checked or not, both row
+implementations clamp the index they read and give such a row a NaN loss and NaN gradients,
+never an out-of-bounds read.
 
 This module needs only torch; it imports triton when ``use_triton=True``. The Triton path runs as the
 custom op ``lmforge::linear_ce_fwd`` (with a fake implementation and an autograd formula), so
@@ -27,13 +41,13 @@ log = logging.getLogger(__name__)
 
 # CPU: elements of one chunk of logits, 4M (16 MiB in fp32).
 CPU_CHUNK_ELEMENTS = 1 << 22
-# CUDA: tokens per chunk. Each chunk re-reads W in two products and reads and writes the (V, C) weight
-# gradient it accumulates into, about 4*V*C*2 bytes of traffic for 6*n*V*C FLOPs: 0.75*n FLOP per byte,
-# whatever V and C. Below about 256 tokens a chunk is bound by memory on an H100/H200 (~200-300 FLOP/B).
-MIN_GPU_CHUNK_TOKENS = 240
-# Tokens a CUDA chunk stays under twice Liger-Kernel's: room for the per-row losses and other bookkeeping,
-# so the whole step's transient memory stays within twice Liger's, not only its logits.
-CHUNK_MARGIN_TOKENS = 16
+# CUDA: the fewest tokens per chunk. Each chunk re-reads W in two products and reads and writes the
+# (V, C) weight gradient it accumulates into, about 4*V*C*2 bytes of traffic for 6*n*V*C FLOPs:
+# 0.75*n FLOP per byte, whatever V and C. Below about 256 tokens a chunk is bound by memory on an
+# H100/H200 (~200-300 FLOP/B).
+MIN_GPU_CHUNK_TOKENS = 256
+# Row stride of the logits buffer, in elements: a multiple of 64 is 128 bytes in bf16/fp16.
+LOGITS_ROW_ALIGN = 64
 # In-place scaling of a 16-bit gradient on CPU (or CUDA without triton) goes by slices of this many elements.
 SCALE_SLICE = 1 << 22
 
@@ -53,7 +67,8 @@ def torch_rows(
     losses are also written to ``loss_out`` when given.
 
     Built on the fused ``log_softmax``, with the gradient formed in place in its output, so it
-    touches each logit about as often as ``cross_entropy``'s forward and backward do.
+    touches each logit about as often as ``cross_entropy``'s forward and backward do. A row whose
+    target is outside [0, V) and not ``ignore_index`` reads index 0 instead and gets NaN.
     """
     V = logits.shape[1]
     x = logits.float()
@@ -61,13 +76,15 @@ def torch_rows(
         cap_tanh = torch.tanh(x / softcap)
         x = softcap * cap_tanh
     counted = targets != ignore_index
-    safe = torch.where(counted, targets, 0)
+    in_range = (targets >= 0) & (targets < V)
+    safe = torch.where(counted & in_range, targets, 0)  # the index read: never outside the row
     grad = torch.log_softmax(x, dim=-1)  # log p, soon the gradient
     logp_t = grad.gather(1, safe[:, None]).squeeze(1)
     loss = -(1.0 - label_smoothing) * logp_t
     if label_smoothing:
         loss = loss - label_smoothing * grad.mean(dim=-1)
-    factor = counted.to(grad.dtype) * scale  # (n,)
+    # (n,): 0 for ignored rows, NaN for a target out of range (its loss and gradient row are NaN)
+    factor = torch.where(counted & ~in_range, float("nan"), counted.to(grad.dtype) * scale)
     if z_loss:
         lse = x.gather(1, safe[:, None]).squeeze(1) - logp_t
         loss = loss + z_loss * lse.square()
@@ -79,7 +96,7 @@ def torch_rows(
     grad.scatter_add_(1, safe[:, None], (-(1.0 - label_smoothing) * factor)[:, None])
     if softcap is not None:
         grad.mul_(1.0 - cap_tanh.square())
-    loss = torch.where(counted, loss, torch.zeros_like(loss))
+    loss = torch.where(counted, torch.where(in_range, loss, float("nan")), 0.0)
     if loss_out is not None:
         loss_out.copy_(loss)
     return loss, grad
@@ -94,21 +111,110 @@ def mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torc
     return 1.0 / (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
 
 
+def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` when a target is outside [0, vocab_size) and not ``ignore_index``.
+
+    One reduction (the least and greatest target, ignored ones read as 0) and one read back to the
+    host: a device sync on CUDA. Nothing while a CUDA graph is being captured (it cannot sync).
+    """
+    if targets.numel() == 0 or (targets.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = torch.stack(torch.aminmax(torch.where(targets == ignore_index, 0, targets))).tolist()
+    if 0 <= lo and hi < vocab_size:
+        return
+    flat = targets.reshape(-1)
+    bad = ((flat != ignore_index) & ((flat < 0) | (flat >= vocab_size))).nonzero()
+    position = int(bad[0])
+    more = f" ({len(bad)} targets out of range)" if len(bad) > 1 else ""
+    raise ValueError(
+        f"targets must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
+        f"got {int(flat[position])} at position {position}{more}"
+    )
+
+
+@custom_op("ce_target_scale", "(Tensor targets, int vocab_size, int ignore_index, str reduction) -> Tensor")
+def ce_target_scale(targets, vocab_size, ignore_index, reduction):
+    """:func:`mean_scale` after :func:`check_target_range`, as an op for traced code: it runs eagerly
+    inside a compiled graph, so the check reads the targets back without a graph break (and no pass
+    drops it, as its result scales the loss)."""
+    check_target_range(targets, vocab_size, ignore_index)
+    return mean_scale(targets, ignore_index, reduction)
+
+
+@ce_target_scale.register_fake
+def _(targets, vocab_size, ignore_index, reduction):
+    return targets.new_empty((), dtype=torch.float32)
+
+
+def target_scale(
+    targets: torch.Tensor, vocab_size: int, ignore_index: int, reduction: str, check: bool = True
+) -> torch.Tensor:
+    """The loss's scale (:func:`mean_scale`), the targets checked first (:func:`check_target_range`) with ``check``."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
+    if not check:
+        return mean_scale(targets, ignore_index, reduction)
+    if torch.compiler.is_compiling() or type(targets) is not torch.Tensor:
+        # traced (torch.compile, or any tracer's tensor subclass): the op, which reads the targets
+        # eagerly when the graph runs
+        return ce_target_scale(targets, vocab_size, ignore_index, reduction)
+    # eager: the same without the op's dispatch, which would import torch._dynamo (and triton) on
+    # the first call of the torch path
+    check_target_range(targets, vocab_size, ignore_index)
+    return mean_scale(targets, ignore_index, reduction)
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """The row stride of the chunk's logits buffer: ``vocab_size`` rounded up to ``LOGITS_ROW_ALIGN``."""
+    return -(-vocab_size // LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN
+
+
+def liger_chunk_tokens(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Liger-Kernel's chunk: ``N / ceil(V / C)`` tokens rounded up to a power of two (128 at GPT-2's
+    head, 256 at Llama-3's, for 8192 tokens): its logits take about as much memory as the hidden states."""
+    per_hidden = -(-vocab_size // hidden_size)  # logits per row over hidden values per row, rounded up
+    return 1 << max(0, (-(-num_tokens // per_hidden) - 1).bit_length())
+
+
+def transient_bytes(num_tokens: int, vocab_size: int, chunk: int, itemsize: int = 2) -> int:
+    """Memory one call holds beyond its inputs and the two gradients it returns: the logits buffer
+    (``min(chunk, N)`` rows of ``padded_vocab(V)``) and the per-token fp32 losses."""
+    return min(chunk, num_tokens) * padded_vocab(vocab_size) * itemsize + num_tokens * 4
+
+
+def liger_transient_bytes(num_tokens: int, hidden_size: int, vocab_size: int, itemsize: int = 2) -> int:
+    """The same for Liger-Kernel: its chunk of logits (``liger_chunk_tokens`` rows of V) and its
+    per-token fp32 losses."""
+    return liger_chunk_tokens(num_tokens, hidden_size, vocab_size) * vocab_size * itemsize + num_tokens * 4
+
+
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, on_cuda: bool) -> int:
     """Tokens per chunk.
 
-    CUDA: the logits of one chunk take about twice the memory of the hidden states that produce
-    them (the chunk is twice Liger-Kernel's, ``N / ceil(V / C)`` rounded up to a power of two, less
-    ``CHUNK_MARGIN_TOKENS``), but never fewer than ``MIN_GPU_CHUNK_TOKENS`` tokens, below which the
-    products go memory-bound. At GPT-2's head (8192 x 768 x 50257) that is 240 tokens, 23.0 MiB of
-    bf16 logits (Liger: 128 tokens, 12.3 MiB); at Llama-3's (8192 x 4096 x 128256) 496 tokens,
-    121 MiB (Liger: 62.6 MiB). CPU: a fixed budget of ``CPU_CHUNK_ELEMENTS`` logits.
+    CUDA: the fewest chunks whose :func:`transient_bytes` (bf16) stay within twice Liger-Kernel's
+    (:func:`liger_transient_bytes`), but chunks of at least ``MIN_GPU_CHUNK_TOKENS`` tokens, below
+    which the products go memory-bound. With k chunks: ``N / k`` tokens when that is a multiple of 64
+    (no tail chunk), else ``N / k`` rounded up to a multiple of 128 when that fits, or of 64 (a
+    shorter last chunk); one chunk of N when N fits. At GPT-2's head (8192 x 768 x 50257) that is
+    32 chunks of 256 tokens, 24.6 MiB (Liger: 128 tokens, 12.3 MiB); at Llama-3's
+    (8192 x 4096 x 128256) 16 chunks of 512, 125.3 MiB (Liger: 256, 62.7 MiB).
+    CPU: a fixed budget of ``CPU_CHUNK_ELEMENTS`` logits.
     """
     if not on_cuda:
         return max(1, min(num_tokens, CPU_CHUNK_ELEMENTS // vocab_size))
-    per_hidden = -(-vocab_size // hidden_size)  # logits per row over hidden values per row, rounded up
-    liger = 1 << max(0, (-(-num_tokens // per_hidden) - 1).bit_length())  # next power of two
-    return max(1, min(num_tokens, max(MIN_GPU_CHUNK_TOKENS, 2 * liger - CHUNK_MARGIN_TOKENS)))
+    N = num_tokens
+    budget = 2 * liger_transient_bytes(N, hidden_size, vocab_size)
+    row_bytes = padded_vocab(vocab_size) * 2
+    cap = max(MIN_GPU_CHUNK_TOKENS, (budget - N * 4) // row_bytes)  # the most tokens a chunk may take
+    if N <= cap:
+        return max(1, N)
+    cap = cap // 64 * 64
+    chunks = -(-N // cap)
+    if N % chunks == 0 and (N // chunks) % 64 == 0:
+        return N // chunks
+    even = -(-N // chunks)
+    wide = -(-even // 128) * 128
+    return wide if wide <= cap else -(-even // 64) * 64
 
 
 def scale_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -139,7 +245,7 @@ def _chunked(hidden, weight, targets, rows, *, dtype, chunk, want_hidden, want_w
     """(per-row fp32 losses (N,), unscaled d(loss sum)/d(hidden) in ``dtype`` or None, and
     d/d(weight) or None): chunk by chunk, ``rows`` (``torch_rows`` or the Triton ``ce_rows_``)
     turning each chunk's logits into its losses and logit gradient."""
-    N = hidden.shape[0]
+    N, V = hidden.shape[0], weight.shape[0]
     device = hidden.device.type
     unit = torch.ones((), device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if want_hidden else None
@@ -150,14 +256,23 @@ def _chunked(hidden, weight, targets, rows, *, dtype, chunk, want_hidden, want_w
     acc_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype) if want_weight else None
     losses = torch.empty(N, device=hidden.device, dtype=torch.float32)  # summed once, after the chunks
+    # The one logits buffer: rows padded to 128 bytes, the products write and read its [:, :V] view.
+    # A traced graph (the torch rows under torch.compile) takes plain products: dynamo does not
+    # trace out= into a non-contiguous view, and the compiler plans its own buffers.
+    buffer = None
+    if N and not torch.compiler.is_compiling():
+        buffer = torch.empty(min(chunk, N), padded_vocab(V), device=hidden.device, dtype=dtype)
     with torch.autocast(device, enabled=False):  # dtypes are chosen here, explicitly
         hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
         for start in range(0, N, chunk):
             h = hidden_c[start : start + chunk]
-            logits = h @ weight_c.t()  # (n, V): the only logits alive
+            if buffer is None:
+                logits = h @ weight_c.t()
+            else:
+                logits = torch.matmul(h, weight_c.t(), out=buffer[: h.shape[0], :V])  # (n, V), in place
             _, grad = rows(logits, targets[start : start + chunk], unit, loss_out=losses[start : start + chunk],
                            **options)  # fmt: skip
-            del logits  # grad is d(loss)/d(logits), unscaled: the same storage for the Triton rows
+            del logits  # grad is d(loss)/d(logits), unscaled: the buffer's view for the Triton rows
             grad = grad.to(dtype)
             if grad_hidden is not None:
                 torch.matmul(grad, weight_c, out=grad_hidden[start : start + chunk])
@@ -173,8 +288,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     """The torch-rows path: plain torch, so ``torch.compile`` traces it like any other code."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk):
-        scale = mean_scale(targets, ignore_index, reduction)
+    def forward(ctx, hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, softcap, chunk):
         losses, grad_hidden, grad_weight = _chunked(
             hidden, weight, targets, torch_rows, dtype=_compute_dtype(hidden), chunk=chunk,
             want_hidden=ctx.needs_input_grad[0], want_weight=ctx.needs_input_grad[1],
@@ -297,6 +411,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     use_triton: bool = False,
     fallback: bool = False,
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` (N, V) against ``targets`` (N,), logits never materialised.
 
@@ -308,6 +423,8 @@ def linear_cross_entropy(
     ops, which never hold more than one chunk either. ``fallback`` (with ``use_triton``): when the
     row kernel cannot be built here, the torch rows serve instead (a warning once per case) rather
     than the error propagating. Both paths compile with ``torch.compile`` without a graph break.
+    ``check_targets``: raise ``ValueError`` for a target outside [0, V) other than ``ignore_index``
+    (one device sync per call on CUDA); turned off, such a token's loss is NaN.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -317,12 +434,13 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: targets {tuple(targets.shape)} must be (N,) = ({hidden.shape[0]},)")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"linear_cross_entropy: softcap={softcap} must be positive")
+    # a tensor (no host sync for the count), and the check of the targets
+    scale = target_scale(targets, weight.shape[0], ignore_index, reduction, check_targets)
     if not use_triton:
         chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.is_cuda)
         return _LinearCrossEntropyFunction.apply(
-            hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk
+            hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, softcap, chunk
         )
-    scale = mean_scale(targets, ignore_index, reduction)  # a tensor: no host sync for the count
     grad = torch.is_grad_enabled()
     loss_sum, _, _ = linear_ce_fwd(
         hidden, weight, targets, ignore_index, float(label_smoothing), float(z_loss),

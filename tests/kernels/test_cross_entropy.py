@@ -15,7 +15,9 @@ are rounded first, then upcast), so the tolerances measure the kernels alone.
 Without a GPU the Triton paths run under the Triton interpreter (``TRITON_INTERPRET=1``, set here and
 in this folder's conftest before the kernel modules are imported), at small sizes: the interpreter
 costs about 5 ms per row of logits. The ``gpu_*`` tests (bf16 at GPT-2 sizes, and N * V >= 2**31)
-run only where CUDA is available.
+run only where CUDA is available. The chunk-size rule is checked here at both anchor shapes of
+ANCHORS.md; out-of-range targets are in ``test_linear_ce_targets.py``, the padded logits buffer in
+``test_linear_ce_buffer.py``.
 """
 
 from __future__ import annotations
@@ -473,21 +475,62 @@ def test_default_chunk_never_builds_the_logits():
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
 
 
-def test_gpu_chunk_policy():
-    """On CUDA a chunk holds about twice the memory of the hidden states that make it (Liger-Kernel's
-    chunk is N / ceil(V / C) tokens rounded up to a power of two: 128 and 256 at the anchors, whose
-    logits are the 12 and 63 MiB of ANCHORS.md) less a margin, at least 240 tokens, at most the batch."""
+# The memory bars of ANCHORS.md at the two anchor shapes (bf16): twice Liger-Kernel's transient memory,
+# its chunk of logits (128 and 256 tokens) and its per-token fp32 losses. ANCHORS.md writes them as
+# 24 and 126 MiB, twice Liger's rounded 12 and 63 MiB; exactly they are 24.60 and 125.31 MiB. At
+# GPT-2's head a 256-token chunk of bf16 logits alone is 24.54 MiB, so the exact figure is the bar.
+ANCHOR_SHAPES = {"gpt2": (8192, 768, 50257), "llama3": (8192, 4096, 128256)}
+
+
+def test_cuda_chunk_policy_at_the_anchors():
+    """256-token chunks at GPT-2's head and 512 at Llama-3's, both dividing the 8192 tokens (no tail
+    chunk); the transient memory (logits buffer with padded rows + per-token losses) within the bars."""
     from lmforge.kernels import linear_cross_entropy as lce
 
-    assert lce.default_chunk_size(8192, 768, 50257, on_cuda=True) == 240  # 23.0 MiB of bf16 logits: < 2x Liger
-    assert lce.default_chunk_size(8192, 4096, 128256, on_cuda=True) == 496  # 121 MiB: < 2x Liger's 62.6
-    for N in (1, 7, 100, 255, 256, 2048, 8192, 16384, 65536):
+    expected = {"gpt2": (256, 24.59), "llama3": (512, 125.28)}  # tokens, MiB
+    for name, (N, C, V) in ANCHOR_SHAPES.items():
+        chunk = lce.default_chunk_size(N, C, V, on_cuda=True)
+        transient = lce.transient_bytes(N, V, chunk)
+        assert transient == chunk * -(-V // 64) * 64 * 2 + N * 4  # the buffer's rows padded to 64 logits
+        bar = 2 * lce.liger_transient_bytes(N, C, V)
+        assert bar == 2 * (lce.liger_chunk_tokens(N, C, V) * V * 2 + N * 4)
+        assert (chunk, round(transient / 2**20, 2)) == expected[name], (name, chunk, transient / 2**20)
+        assert N % chunk == 0, (name, chunk)
+        assert transient <= bar, f"{name}: {transient / 2**20:.2f} MiB > {bar / 2**20:.2f} MiB"
+    assert lce.liger_chunk_tokens(*ANCHOR_SHAPES["gpt2"]) == 128
+    assert lce.liger_chunk_tokens(*ANCHOR_SHAPES["llama3"]) == 256
+    assert lce.transient_bytes(8192, 128256, 512) <= 126 * 2**20  # ANCHORS.md's figure, as written
+
+
+def test_cuda_chunk_policy_at_other_sizes():
+    """Within the memory bar unless the 256-token floor decides; the fewest chunks the bar allows; a
+    multiple of 64 tokens (or the whole batch); equal chunks whenever N / chunks is a multiple of 64."""
+    from lmforge.kernels import linear_cross_entropy as lce
+
+    # odd token counts: a shorter last chunk
+    assert lce.default_chunk_size(8191, 768, 50257, on_cuda=True) == 256  # 31 x 256 + 255
+    assert lce.default_chunk_size(1000, 768, 50257, on_cuda=True) == 256  # 3 x 256 + 232 (the floor)
+    assert lce.default_chunk_size(8384, 768, 50257, on_cuda=True) == 256  # 8384 = 64 * 131: 32 x 256 + 192
+    assert lce.default_chunk_size(24576, 768, 50257, on_cuda=True) == 1024  # 24 x 1024
+    assert lce.default_chunk_size(16384, 4096, 128256, on_cuda=True) == 1024
+    assert lce.default_chunk_size(100, 768, 50257, on_cuda=True) == 100  # one chunk
+    for N in (1, 7, 100, 255, 256, 257, 1000, 2048, 8191, 8192, 8193, 8384, 12288, 16384, 65536):
         for C, V in ((768, 50257), (4096, 128256), (2048, 256000), (2048, 32000), (64, 1000), (4096, 512)):
             chunk = lce.default_chunk_size(N, C, V, on_cuda=True)
-            assert 1 <= chunk <= N, (N, C, V, chunk)
-            assert chunk >= min(N, lce.MIN_GPU_CHUNK_TOKENS), (N, C, V, chunk)
-            liger = 1 << (-(-N // -(-V // C)) - 1).bit_length()
-            assert chunk == min(N, lce.MIN_GPU_CHUNK_TOKENS) or chunk < 2 * liger, (N, C, V, chunk, liger)
+            what = (N, C, V, chunk)
+            assert 1 <= chunk <= N, what
+            assert chunk >= min(N, lce.MIN_GPU_CHUNK_TOKENS), what
+            assert chunk == N or chunk % 64 == 0, what
+            bar = 2 * lce.liger_transient_bytes(N, C, V)
+            within = lce.transient_bytes(N, V, chunk) <= bar
+            assert within or chunk == min(N, lce.MIN_GPU_CHUNK_TOKENS), what
+            if chunk < N:
+                # the fewest chunks: one more row of 64 tokens would not fit the bar (or the floor's size)
+                cap = max(lce.MIN_GPU_CHUNK_TOKENS, (bar - N * 4) // (lce.padded_vocab(V) * 2)) // 64 * 64
+                chunks = -(-N // chunk)
+                assert chunks == -(-N // cap), (*what, cap)
+                if N % chunks == 0 and (N // chunks) % 64 == 0:
+                    assert N % chunk == 0, what
     assert lce.default_chunk_size(4096, 16, 4096, on_cuda=False) == lce.CPU_CHUNK_ELEMENTS // 4096
 
 
@@ -807,8 +850,9 @@ def test_gpu_more_than_2_31_logits():
 @requires_cuda
 def test_gpu_transient_memory_at_gpt2_head():
     """The memory bar of ANCHORS.md, on the card: at GPT-2's head (8192 x 768 x 50257, bf16) the step
-    needs beyond its own gradients at most twice Liger-Kernel's chunk of logits (128 x 50257 bf16),
-    and the bf16 in-place scaling rounds once."""
+    needs beyond its own gradients what ``transient_bytes`` computes, within twice Liger-Kernel's
+    (its chunk of 128 x 50257 bf16 logits and its per-token losses), and the bf16 in-place scaling
+    rounds once."""
     N, C, V = 8192, 768, 50257
     hidden, weight, targets = make_inputs(N, C, V, torch.bfloat16, seed=23)
     h, w = (t.detach().requires_grad_() for t in (hidden, weight))
@@ -822,8 +866,13 @@ def test_gpu_transient_memory_at_gpt2_head():
     transient = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
     kept = torch.cuda.memory_allocated() - before
     assert kept <= (N + V) * C * 2 + (1 << 20), f"the step keeps {kept / 2**20:.1f} MiB beyond its gradients"
-    # within twice Liger's chunk of logits, bookkeeping included (the chunk is 16 tokens short of it)
-    assert transient <= 2 * 128 * V * 2, f"transient {transient / 2**20:.1f} MiB > twice Liger's chunk"
+    # the logits buffer (256 x 50304 bf16) and the per-token losses, with 64 KiB for the small tensors
+    from lmforge.kernels import linear_cross_entropy as lce
+
+    computed = lce.transient_bytes(N, V, lce.default_chunk_size(N, C, V, on_cuda=True))
+    assert transient <= computed + (64 << 10), f"transient {transient / 2**20:.2f} MiB > {computed / 2**20:.2f} MiB"
+    bar = 2 * lce.liger_transient_bytes(N, C, V)
+    assert transient <= bar, f"transient {transient / 2**20:.2f} MiB > twice Liger's {bar / 2**20:.2f} MiB"
 
     from lmforge.kernels.cross_entropy import scale_ as triton_scale_
 
