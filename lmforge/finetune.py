@@ -237,6 +237,9 @@ class SFTModule(FinetuneModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
+    def _batch_targets(self, batch: Any) -> Tensor | None:
+        return batch.get("labels") if isinstance(batch, dict) else None
+
     def _loss(self, batch: dict[str, Tensor], reduction: str = "mean") -> Tensor:
         # Right padding needs no attention mask: with causal attention no real token sees a pad.
         return self.model(
@@ -245,6 +248,7 @@ class SFTModule(FinetuneModule):
             segment_ids=batch.get("segment_ids"),
             position_ids=batch.get("position_ids"),
             reduction=reduction,
+            check_targets=not self._targets_checked,
         )
 
     def _train_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, float]:

@@ -154,7 +154,9 @@ class RotaryEmbedding(nn.Module):
         if self.cos.is_meta:
             return
         device = self.cos.device
-        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+        inv_freq = 1.0 / self.theta ** (
+            torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        )
         angles = torch.outer(torch.arange(self.block_size, dtype=torch.float32, device=device), inv_freq)  # (T, hs/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
         with torch.no_grad():
@@ -460,11 +462,14 @@ class GPT(nn.Module):
         position_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         output: Literal["logits", "hidden"] = "logits",
+        check_targets: bool = True,
     ) -> Tensor:
         """The one entry point: the loss when ``targets`` are given, else logits (or hidden states).
 
         - ``targets`` (B, T): next-token cross-entropy over the targets that are not ``ignore_index``,
           ``reduction`` "mean" or "sum", through the loss dispatch (which may never build the logits).
+          A target outside [0, vocab_size) raises ``ValueError``; ``check_targets=False`` skips that
+          check (one read back of the targets, a device sync on CUDA) for callers that checked them.
         - no targets: logits (B, T, vocab_size), or with ``output="hidden"`` the final normalised hidden
           states (B, T, n_embd) that task heads (classification) read.
 
@@ -483,6 +488,7 @@ class GPT(nn.Module):
                 ignore_index=ignore_index,
                 backend=self.config.loss,
                 reduction=reduction,
+                check_targets=check_targets,
             )
         if output == "hidden":
             return h

@@ -180,9 +180,14 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     reduction: str = "mean",
+    check_targets: bool = True,
 ) -> Tensor:
     """Mean (or, with reduction="sum", summed) cross-entropy of ``hidden @ weight.T`` against
     ``targets`` over non-ignored tokens.
+
+    ``check_targets``: a target outside [0, V) other than ``ignore_index`` raises ``ValueError``
+    naming it; on CUDA that reads the targets back once (a device sync), so the training tasks, which
+    check each batch on the host before it moves to the GPU, turn it off.
 
     hidden: (N, C); weight: (V, C); targets: (N,). Returns 0 (with zero gradients) when every target
     is ignored. ``auto`` walks the tokens in chunks and never holds the (N, V) logits: with the
@@ -191,6 +196,10 @@ def linear_cross_entropy(
     """
     check_backend("loss", backend)
     if backend == "torch":
+        if check_targets:
+            from lmforge.kernels.linear_cross_entropy import check_target_range
+
+            check_target_range(targets, weight.shape[0], ignore_index)
         logits = hidden @ weight.t()  # (N, V)
         loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
         if reduction == "sum":
@@ -209,7 +218,7 @@ def linear_cross_entropy(
         if why:
             use_triton = False
             _tell_once(f"loss: chunked torch cross-entropy because {why}")
-    options = dict(ignore_index=ignore_index, reduction=reduction)
+    options = dict(ignore_index=ignore_index, reduction=reduction, check_targets=check_targets)
     if use_triton and backend == "auto":
         if torch.compiler.is_compiling():
             # in a compiled graph only the op sees a build error: under auto it takes the torch rows then

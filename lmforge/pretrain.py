@@ -53,6 +53,28 @@ class LMForgeModule(L.LightningModule):
             activation_checkpointing=self.hparams.get("activation_checkpointing", False),
         )
 
+    # -- the targets of a batch, checked on the host -------------------------------------------------
+    _targets_checked = False  # the last batch's targets were checked by on_before_batch_transfer
+
+    def _batch_targets(self, batch: Any) -> Tensor | None:
+        """The next-token targets of a batch (None: the task has none, e.g. class labels)."""
+        return None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Check the batch's targets against the vocabulary while they are still on the host, so the
+        loss on the GPU need not read them back (a device sync per step); see GPT.forward."""
+        targets = self._batch_targets(batch)
+        self._targets_checked = targets is not None and targets.device.type == "cpu"
+        if self._targets_checked:
+            from lmforge.kernels.linear_cross_entropy import check_target_range
+
+            try:
+                check_target_range(targets, self.model.config.vocab_size, -100)
+            except ValueError as err:
+                raise UserError(f"a batch of the data: {err}; the tokenizer and the model disagree on the "
+                                "vocabulary (check model.vocab_size against the tokenizer)") from None  # fmt: skip
+        return batch
+
     # -- the loss of an optimizer step ---------------------------------------------------------------
     def _train_loss(self, batch: Any) -> tuple[Tensor, Tensor, float]:
         """(sum of the micro-batch's per-target losses, number of targets, a fixed normaliser from its
@@ -258,7 +280,11 @@ class LMForgeModule(L.LightningModule):
             for key, value in wanted.items():
                 if key not in ("lr", "initial_lr") and key in group and not _same(group[key], value):
                     group[key] = value
-            if "initial_lr" in wanted and "initial_lr" in group and not _same(group["initial_lr"], wanted["initial_lr"]):
+            if (
+                "initial_lr" in wanted
+                and "initial_lr" in group
+                and not _same(group["initial_lr"], wanted["initial_lr"])
+            ):
                 scale = group["lr"] / group["initial_lr"] if group["initial_lr"] else 1.0  # where the schedule is
                 group["initial_lr"] = wanted["initial_lr"]
                 group["lr"] = wanted["initial_lr"] * scale
@@ -274,7 +300,9 @@ class LMForgeModule(L.LightningModule):
         notes = list(getattr(self, "_resume_notes", []))
         after = optimizer.param_groups[0]["lr"]
         if notes and not math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
-            notes.append(f"the learning rate at this step goes from {before:.4g} (checkpoint's schedule) to {after:.4g}")
+            notes.append(
+                f"the learning rate at this step goes from {before:.4g} (checkpoint's schedule) to {after:.4g}"
+            )
         if notes and self.trainer.is_global_zero:
             print(
                 f"lmforge: resuming at step {self.trainer.global_step} with the config's settings where they differ "
@@ -380,14 +408,17 @@ class PretrainModule(LMForgeModule):
         self.test_loss = MeanMetric()
 
     # -- steps -------------------------------------------------------------------------------
+    def _batch_targets(self, batch: Any) -> Tensor | None:
+        return batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+
     def _train_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, float]:
         x, y = batch
-        loss_sum = self.model(x, y, reduction="sum")
+        loss_sum = self.model(x, y, reduction="sum", check_targets=not self._targets_checked)
         return loss_sum, (y != -100).sum(), y.numel()
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metric: MeanMetric) -> None:
         x, y = batch
-        metric.update(self.model(x, y), weight=y.numel())
+        metric.update(self.model(x, y, check_targets=not self._targets_checked), weight=y.numel())
 
     def _eval_epoch_end(self, stage: str, metric: MeanMetric) -> None:
         loss = metric.compute()

@@ -1,0 +1,68 @@
+"""A target outside the vocabulary is one clear error, checked once per batch on the host.
+
+The loss kernels read every target's logit; an id >= vocab_size (a tokenizer larger than the model)
+would read out of bounds. The training tasks check each batch while it is still on the host, in
+``on_before_batch_transfer``, and tell the loss not to check again: on a GPU that second check would
+read the targets back, a device sync in every step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmforge.kernels.linear_cross_entropy as lce
+from lmforge.errors import UserError
+from lmforge.model import GPT, GPTConfig
+from lmforge.pretrain import PretrainModule
+
+TINY = dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+def _module() -> PretrainModule:
+    module = PretrainModule(GPTConfig(**TINY))
+    module.configure_model()
+    return module
+
+
+@pytest.mark.parametrize("loss", ["auto", "torch"])
+def test_model_names_the_bad_target(loss):
+    model = GPT(GPTConfig(**TINY, loss=loss))
+    x = torch.randint(0, 64, (2, 8))
+    y = x.clone()
+    y[1, 3] = 64  # == vocab_size
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 64\) or ignore_index=-100; got 64 at position 11"):
+        model(x, y)
+    y[1, 3] = -100  # ignored: fine
+    assert torch.isfinite(model(x, y))
+
+
+def test_batch_checked_on_host_once_and_not_again_in_the_loss(monkeypatch):
+    module = _module()
+    calls = []
+    real = lce.check_target_range
+    monkeypatch.setattr(lce, "check_target_range", lambda *a: calls.append(a[1]) or real(*a))
+    x = torch.randint(0, 64, (2, 8))
+    batch = module.on_before_batch_transfer((x, x.roll(-1, 1)), 0)
+    assert calls == [64] and module._targets_checked
+    loss_sum, count, unit = module._train_loss(batch)
+    assert calls == [64], "the loss checked the targets again (a device sync per step on a GPU)"
+    assert torch.isfinite(loss_sum) and int(count) == 16 and unit == 16
+
+
+def test_bad_batch_is_a_user_error_naming_the_vocabulary():
+    module = _module()
+    x = torch.randint(0, 64, (2, 8))
+    y = x.clone()
+    y[0, 0] = 70
+    with pytest.raises(UserError, match=r"got 70 at position 0.*model.vocab_size"):
+        module.on_before_batch_transfer((x, y), 0)
+
+
+def test_module_outside_a_trainer_still_checks_in_the_loss():
+    module = _module()  # no batch went through on_before_batch_transfer
+    x = torch.randint(0, 64, (2, 8))
+    y = x.clone()
+    y[0, 2] = -5
+    with pytest.raises(ValueError, match="got -5 at position 2"):
+        module._train_loss((x, y))
