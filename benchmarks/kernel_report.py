@@ -11,7 +11,9 @@ compiler and ``ptxas``, then reads back, per configuration:
 * **regs** and **stack**: registers per thread (255 at most) and the stack frame; a stack frame with
   ``LDL``/``STL`` instructions in the SASS means **spills** to local memory, much slower;
 * the SASS instruction mix: ``HGMMA`` (Hopper's warpgroup tensor-core MMA) or ``HMMA`` (the older
-  per-warp MMA), ``MUFU.EX2`` (the exponentials of the softmax), ``LDL+STL`` (spill traffic);
+  per-warp MMA), ``MUFU.EX2`` (the exponentials of the softmax), ``LDL+STL`` (spill traffic),
+  **async**: ``LDGSTS`` + ``UTMALDG``, asynchronous global-to-shared copies (cp.async, TMA), which a
+  software-pipelined loop issues ahead of the products (a loop of synchronous loads has none);
 * **verdict**: ok, spills, shared memory over the limit, or the compiler's error.
 
 Attention kernels: ``attn-fwd``; ``attn-bwd``, the fused five-product backward (dQ by atomics) with
@@ -55,7 +57,7 @@ import harness
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 DTYPES = {"bf16": "bf16", "fp16": "fp16"}
 KERNELS = ("attn-fwd", "attn-bwd", "attn-dkdv", "attn-dq", "attn-delta", "attn-dq-cast", "ce-rows", "scale")
-SASS_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "LDL", "STL")
+SASS_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "LDL", "STL", "LDGSTS", "UTMALDG")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ class Report:
     @property
     def spill_ops(self) -> int:
         return self.ops.get("LDL", 0) + self.ops.get("STL", 0)
+
+    @property
+    def async_ops(self) -> int:
+        """Asynchronous global-to-shared copies (cp.async as LDGSTS, TMA as UTMALDG): the loads that a
+        software-pipelined loop issues ahead of their use. A loop whose loads are synchronous has none."""
+        return self.ops.get("LDGSTS", 0) + self.ops.get("UTMALDG", 0)
 
     @property
     def verdict(self) -> str:
@@ -285,7 +293,7 @@ def cubin_facts(cubin: bytes) -> tuple[int | None, int | None, dict[str, int]]:
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", str(path)], capture_output=True, text=True)
     regs = re.search(r"REG:(\d+)", usage.stdout)
     stack = re.search(r"STACK:(\d+)", usage.stdout)
-    counts = collections.Counter(re.findall(r"\b(HGMMA|HMMA|MUFU\.EX2|LDL|STL)\b", sass.stdout))
+    counts = collections.Counter(re.findall(r"\b(HGMMA|HMMA|MUFU\.EX2|LDL|STL|LDGSTS|UTMALDG)\b", sass.stdout))
     return (int(regs.group(1)) if regs else None, int(stack.group(1)) if stack else None, dict(counts))
 
 
@@ -295,13 +303,13 @@ def table_rows(reports: Sequence[Report]) -> list[list[object]]:
     for r in reports:
         j = r.job
         if r.error:
-            rows.append([f"sm_{j.arch}", j.kernel, j.variant, j.config, "-", "-", "-", "-", "-", "-", r.verdict])
+            rows.append([f"sm_{j.arch}", j.kernel, j.variant, j.config, "-", "-", "-", "-", "-", "-", "-", r.verdict])
             continue
         mma = r.ops.get("HGMMA", 0) or r.ops.get("HMMA", 0)
         mma_kind = "HGMMA" if r.ops.get("HGMMA") else ("HMMA" if r.ops.get("HMMA") else "")
         rows.append(
             [f"sm_{j.arch}", j.kernel, j.variant, j.config, f"{r.shared / 1024:.0f}", r.regs, r.stack,
-             f"{mma} {mma_kind}".strip(), r.ops.get("MUFU.EX2", 0), r.spill_ops, r.verdict]
+             f"{mma} {mma_kind}".strip(), r.ops.get("MUFU.EX2", 0), r.async_ops, r.spill_ops, r.verdict]
         )  # fmt: skip
     return rows
 
@@ -408,12 +416,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stack B",
         "MMA",
         "EX2",
+        "async",
         "LDL+STL",
         "verdict",
     ]
     harness.print_table(headers, table_rows(reports))
     limits = ", ".join(f"sm_{a} {SHARED_LIMIT[a] / 1024:.0f} KiB" for a in args.arch)
-    print(f"shared memory limit per block: {limits}; LDL+STL: spill instructions in the SASS")
+    print(
+        f"shared memory limit per block: {limits}; LDL+STL: spill instructions in the SASS; "
+        "async: LDGSTS+UTMALDG (pipelined loads)"
+    )
     for line in summary(reports):
         print(f"warning: {line}")
     stamp = {"date": harness.iso_date(), **harness.versions()}

@@ -33,8 +33,19 @@ processes (two DDP ranks) give bitwise-identical gradients.
 
 With key padding or segment ids, each program first narrows the tiles it visits to those between
 the first and last position of the segment ids present and between the row's first and last real
-key (per-row bounds computed once per call, see _bounds); inside that range it skips tiles the masks
-empty and runs tiles wholly inside one document, over real keys, without building a mask. Packed
+key (per-row bounds computed once per batch, see _bounds). It then splits that range: the tiles the
+bounds show whole (every pair kept, so no mask to build) run in a plain loop with no per-tile loads
+of the masks and no branches, which Triton software-pipelines like the unmasked path (the K/V or
+Q/dO loads become asynchronous copies, LDGSTS on sm_90, issued ``num_stages - 1`` tiles ahead); the
+tiles before and after it run one by one, skipping those the masks empty and running any whole one
+without a mask, with synchronous loads. For the forward and dQ (a query block, key tiles; see
+_whole_keys) the whole range is the key tiles inside the row, below the causal diagonal, between
+the first and last real key when the real keys are contiguous, and, when the query block lies in
+one document, inside the run of its id around the block; for dK/dV (a key block, query tiles; see
+_whole_queries) it needs every key of the block real and in one document, and is the query tiles
+inside the row, past the diagonal and inside that document's run. A query block straddling
+documents, or padding with holes, leaves the range empty: the whole row then goes tile by tile, as
+does everything at head dims above 128 (an unmasked copy of the tile body spills there). Packed
 documents cost about the sum of their squares, not the square of their sum.
 
 Launch grids put batch x head (batch x key/value head for dK/dV) on axis 0, which CUDA does not
@@ -362,13 +373,19 @@ def _segment_range(offs, N, seg_ptr, mask_base, HAS_SEG: tl.constexpr):
 
 
 @triton.jit
+def _bounds_row(BOUNDS, b, N):
+    """Row b of the (B, 4N + 3) bounds (see _bounds)."""
+    return BOUNDS + b.to(tl.int64) * (4 * N + 3)
+
+
+@triton.jit
 def _key_range(
     offs_m, N, lo, hi, BOUNDS, b, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr
 ):  # fmt: skip
     """The keys [lo, hi) the masks may let queries offs_m see, within the given [lo, hi) and with lo
     rounded down to a key tile: from their segment ids' first and last positions in the row and the
     row's first and last real key (see _bounds). Tiles outside are never visited."""
-    row = BOUNDS + b.to(tl.int64) * (2 * N + 2)
+    row = _bounds_row(BOUNDS, b, N)
     if HAS_SEG:
         first = tl.load(row + offs_m, mask=offs_m < N, other=N)
         last = tl.load(row + N + offs_m, mask=offs_m < N, other=-1)
@@ -386,12 +403,76 @@ def _query_range(offs_n, N, lo, BOUNDS, b, HAS_SEG: tl.constexpr, BLOCK_M: tl.co
     lo rounded down to a query tile."""
     hi = N
     if HAS_SEG:
-        row = BOUNDS + b.to(tl.int64) * (2 * N + 2)
+        row = _bounds_row(BOUNDS, b, N)
         first = tl.load(row + offs_n, mask=offs_n < N, other=N)
         last = tl.load(row + N + offs_n, mask=offs_n < N, other=-1)
         lo = tl.maximum(lo, tl.min(first, axis=0))
         hi = tl.max(last, axis=0) + 1
     return (lo // BLOCK_M) * BLOCK_M, hi
+
+
+@triton.jit
+def _whole_range(lo, first, end, ok, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+    """[lo_full, hi_full): the tiles of BLOCK, on the grid of lo (a multiple of BLOCK), that lie inside
+    the positions [first, end), whose pairs with the program's block the masks keep whole; ok: the
+    masks allow such a range at all (its facts hold). Empty, at lo, when there is none or without
+    SPLIT (the kernel runs no separate loop of whole tiles for this tile shape)."""
+    lo_full = lo
+    hi_full = lo
+    if SPLIT:
+        lo_full = tl.maximum(lo, ((first + BLOCK - 1) // BLOCK) * BLOCK)
+        hi_full = (end // BLOCK) * BLOCK
+        ok = ok & (lo_full < hi_full)
+        lo_full = tl.where(ok, lo_full, lo)
+        hi_full = tl.where(ok, hi_full, lo)
+    return lo_full, hi_full
+
+
+@triton.jit
+def _whole_keys(
+    start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """The key tiles [lo_full, hi_full) that the queries [start_m, +BLOCK_M) see whole (forward, dQ):
+    inside the row, below the causal diagonal, real keys only (the row's real keys contiguous) and,
+    with segment ids, inside the run of the block's one document (when the block lies in one)."""
+    row = _bounds_row(BOUNDS, b, N)
+    first = 0
+    end = N
+    ok = start_m < N  # always: a tensor to combine with
+    if CAUSAL:
+        end = tl.minimum(end, start_m + 1)
+    if HAS_KPM:
+        first = tl.maximum(first, tl.load(row + 2 * N))
+        end = tl.minimum(end, tl.load(row + 4 * N + 2) + 1)  # -1 when the real keys have holes
+    if HAS_SEG:
+        ok = ok & (seg_lo == seg_hi)
+        first = tl.maximum(first, tl.load(row + 2 * N + 2 + start_m))
+        end = tl.minimum(end, tl.load(row + 3 * N + 2 + start_m) + 1)
+    return _whole_range(lo_n, first, end, ok, BLOCK_N, SPLIT)
+
+
+@triton.jit
+def _whole_queries(
+    start_n, N, lo_m, keys_whole, seg_lo, seg_hi, BOUNDS, b,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The query tiles [lo_full, hi_full) that see the keys [start_n, +BLOCK_N) whole (dK/dV): every
+    key real and inside the row (keys_whole), the queries inside the row, at or after the block's
+    last key (causal) and, with segment ids, inside the run of the key block's one document."""
+    first = 0
+    end = N
+    ok = keys_whole
+    if CAUSAL:
+        first = start_n + BLOCK_N - 1
+    if HAS_SEG:
+        row = _bounds_row(BOUNDS, b, N)
+        ok = ok & (seg_lo == seg_hi)
+        first = tl.maximum(first, tl.load(row + 2 * N + 2 + start_n))
+        end = tl.minimum(end, tl.load(row + 3 * N + 2 + start_n) + 1)
+    return _whole_range(lo_m, first, end, ok, BLOCK_M, BLOCK_D <= 128)
 
 
 @triton.jit
@@ -491,7 +572,20 @@ def _attn_fwd(
         hi_n = tl.minimum(N, start_m + BLOCK_M)
     if HAS_KPM or HAS_SEG:  # only these masks can empty a whole tile: branch only then
         lo_n, hi_n = _key_range(offs_m, N, 0, hi_n, BOUNDS, b, HAS_KPM, HAS_SEG, BLOCK_N)
-        for start_n in range(lo_n, hi_n, BLOCK_N):
+        # the tiles known whole from the bounds: a plain loop without masks or branches (it pipelines)
+        # (not at head dims above 128, where an unmasked copy of the tile body spills, nor for the
+        # 128x128 tile at head dim 128, which has no registers left for it: those run tile by tile)
+        SPLIT: tl.constexpr = BLOCK_D <= 128 and BLOCK_M * BLOCK_N * BLOCK_D <= 128 * 64 * 128
+        lo_full, hi_full = _whole_keys(start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b, CAUSAL, HAS_KPM, HAS_SEG,
+                                       BLOCK_N, SPLIT)  # fmt: skip
+        if SPLIT:
+            for start_n in range(lo_full, hi_full, BLOCK_N):
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
+                                          offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+                                          CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, False)  # fmt: skip
+        # the others, [lo_n, lo_full) then [hi_full, hi_n), tile by tile
+        for edge_n in range(lo_n, lo_full + (hi_n - hi_full), BLOCK_N):
+            start_n = tl.where(edge_n < lo_full, edge_n, edge_n + (hi_full - lo_full))
             empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
                                        BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
             whole = whole & (BLOCK_D <= 128)  # a second, unmasked copy of the tile spills at head dim 256
@@ -674,6 +768,9 @@ def _bwd_kv(
         keep = tl.load(KPM + mask_base + offs_n, mask=offs_n < N, other=0).to(tl.int32)
         hi_m = tl.where(tl.max(keep, axis=0) == 0, 0, hi_m)
         keys_whole = keys_whole & (tl.min(keep, axis=0) != 0)
+    if HAS_SEG or HAS_KPM:
+        lo_full, hi_full = _whole_queries(start_n, N, lo_m, keys_whole, seg_lo, seg_hi, BOUNDS, b, CAUSAL, HAS_SEG,
+                                          BLOCK_M, BLOCK_N, BLOCK_D)  # fmt: skip
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         bh = b * H + h
@@ -683,7 +780,15 @@ def _bwd_kv(
         lse_base = _at(LSE, bh, N)
         delta_base = _at(DELTA, bh, N)
         if HAS_SEG or HAS_KPM:
-            for start_m in range(lo_m, hi_m, BLOCK_M):
+            # the query tiles known whole from the bounds: a plain loop without masks or branches
+            if BLOCK_D <= 128:  # see _attn_fwd
+                for start_m in range(lo_full, hi_full, BLOCK_M):
+                    dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn,
+                                      sdd, start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
+                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
+            # the others, [lo_m, lo_full) then [hi_full, hi_m), tile by tile
+            for edge_m in range(lo_m, lo_full + (hi_m - hi_full), BLOCK_M):
+                start_m = tl.where(edge_m < lo_full, edge_m, edge_m + (hi_full - lo_full))
                 # skip query tiles of other documents (the causal range is already cut by lo_m); run the
                 # tiles inside one document, past the diagonal, over real keys without a mask
                 visit = start_m < N
@@ -780,15 +885,20 @@ def _attn_bwd_dq(
         hi_n = tl.minimum(N, start_m + BLOCK_M)
     if HAS_KPM or HAS_SEG:
         lo_n, hi_n = _key_range(offs_m, N, 0, hi_n, BOUNDS, b, HAS_KPM, HAS_SEG, BLOCK_N)
-        for start_n in range(lo_n, hi_n, BLOCK_N):
-            empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
-                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
-            whole = whole & (BLOCK_D <= 128)  # a second, unmasked copy of the tile spills at head dim 256
-            if whole:
+        # as in the forward: the tiles known whole in a plain loop, then the others tile by tile
+        lo_full, hi_full = _whole_keys(start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b, CAUSAL, HAS_KPM, HAS_SEG,
+                                       BLOCK_N, BLOCK_D <= 128)  # fmt: skip
+        if BLOCK_D <= 128:
+            for start_n in range(lo_full, hi_full, BLOCK_N):
                 dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m,
                               offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE,
                               BLOCK_N, False)  # fmt: skip
-            elif not empty:
+        for edge_n in range(lo_n, lo_full + (hi_n - hi_full), BLOCK_N):
+            start_n = tl.where(edge_n < lo_full, edge_n, edge_n + (hi_full - lo_full))
+            empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
+                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+            if not empty:  # a whole tile here (between holes of the padding) is masked too: unlike the
+                # forward's, a third, unmasked copy of the tile body spills the dQ kernel's tiles
                 dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m,
                               offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE,
                               BLOCK_N)  # fmt: skip
@@ -829,20 +939,34 @@ def _segment_extent(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _bounds(kpm: torch.Tensor | None, seg: torch.Tensor | None, B: int, N: int, device) -> torch.Tensor | None:
-    """int32 (B, 2N + 2): per position the first and last position of its segment id in the row, then
-    the row's first and last real key (N and -1 when there is none). The kernels visit only the tiles
-    between them, so packed documents and padding cost what they hold, not the square of the row."""
+    """int32 (B, 4N + 3), per row: columns [0, N) and [N, 2N), per position the first and the last
+    position of its segment id in the row; 2N and 2N + 1, the row's first and last real key (N and -1
+    when there is none); [2N + 2, 3N + 2) and [3N + 2, 4N + 2), per position the first and the last
+    position of the run of equal segment ids that holds it (a document, unless its id recurs); 4N + 2,
+    the last real key again when the real keys are contiguous (no padding between them), else -1.
+    The kernels visit only the tiles between the first pair and the real keys, so packed documents
+    and padding cost what they hold, not the square of the row, and run the tiles that the runs and
+    contiguous real keys make whole in plain loops without masks (see _whole_keys, _whole_queries)."""
     if kpm is None and seg is None:
         return None
-    bounds = torch.zeros((B, 2 * N + 2), dtype=torch.int32, device=device)
+    bounds = torch.zeros((B, 4 * N + 3), dtype=torch.int32, device=device)
+    pos = torch.arange(N, device=device)
     if seg is not None:
         first, last = _segment_extent(seg)
         bounds[:, :N], bounds[:, N : 2 * N] = first, last
+        starts = torch.ones_like(seg, dtype=torch.bool)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        ends = torch.ones_like(seg, dtype=torch.bool)
+        ends[:, :-1] = starts[:, 1:]
+        bounds[:, 2 * N + 2 : 3 * N + 2] = torch.where(starts, pos, 0).cummax(1).values
+        bounds[:, 3 * N + 2 : 4 * N + 2] = torch.where(ends, pos, N).flip(1).cummin(1).values.flip(1)
     if kpm is not None:
-        pos = torch.arange(N, device=device)
         real = kpm != 0
-        bounds[:, -2] = torch.where(real, pos, N).amin(1)  # columns 2N and 2N + 1
-        bounds[:, -1] = torch.where(real, pos, -1).amax(1)
+        first_real = torch.where(real, pos, N).amin(1)
+        last_real = torch.where(real, pos, -1).amax(1)
+        bounds[:, 2 * N], bounds[:, 2 * N + 1] = first_real, last_real
+        contiguous = real.sum(1) == last_real - first_real + 1  # no padding between the real keys
+        bounds[:, 4 * N + 2] = torch.where(contiguous, last_real, -1)
     return bounds
 
 

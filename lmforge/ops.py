@@ -196,15 +196,13 @@ def linear_cross_entropy(
     """
     check_backend("loss", backend)
     if backend == "torch":
-        if check_targets:
-            from lmforge.kernels.linear_cross_entropy import check_target_range
+        from lmforge.kernels.linear_cross_entropy import target_scale
 
-            check_target_range(targets, weight.shape[0], ignore_index)
+        # 1/count for a mean (1 for a sum), the targets checked first (also inside a compiled graph)
+        scale = target_scale(targets, weight.shape[0], ignore_index, reduction, check_targets)
         logits = hidden @ weight.t()  # (N, V)
         loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
-        if reduction == "sum":
-            return loss_sum
-        return loss_sum / (targets != ignore_index).sum().clamp(min=1).to(loss_sum.dtype)
+        return loss_sum * scale.to(loss_sum.dtype)
     from lmforge.kernels.linear_cross_entropy import linear_cross_entropy as chunked
 
     use_triton = backend == "triton" or (_on_cuda(hidden) and triton_available())

@@ -8,10 +8,10 @@ read the targets back, a device sync in every step.
 
 from __future__ import annotations
 
+import lmforge.kernels.linear_cross_entropy as lce
 import pytest
 import torch
 
-import lmforge.kernels.linear_cross_entropy as lce
 from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
 from lmforge.pretrain import PretrainModule

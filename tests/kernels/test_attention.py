@@ -305,7 +305,11 @@ def test_segment_extent_and_bounds():
     assert last.tolist() == [[5, 5, 4, 4, 4, 5, 7, 7], [6, 6, 6, 6, 5, 5, 6, 7]]
     kpm = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 0], [0] * 8], dtype=torch.int8)
     bounds = _bounds(kpm, seg, 2, 8, "cpu")
-    assert bounds[:, 16:].tolist() == [[1, 4], [8, -1]]  # first and last real key; none in row 1
+    assert bounds[:, 16:18].tolist() == [[1, 4], [8, -1]]  # first and last real key; none in row 1
+    # the runs of equal ids holding each position, and the last real key where the real keys are contiguous
+    assert bounds[:, 18:26].tolist() == [[0, 0, 2, 2, 2, 5, 6, 6], [0, 0, 0, 0, 4, 4, 6, 7]]
+    assert bounds[:, 26:34].tolist() == [[1, 1, 4, 4, 4, 5, 7, 7], [3, 3, 3, 3, 5, 5, 6, 7]]
+    assert bounds[:, 34].tolist() == [-1, -1]  # row 0 has a hole at 3; row 1 has no real key
 
 
 def test_segment_ids_isolate_documents():
