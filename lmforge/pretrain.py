@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ from lmforge import callbacks, parallel, plugins
 from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
 from lmforge.tokenizers import save_tokenizer, tokenizer_to_dict
+
+# LMForgeModule checks each batch's targets in on_before_batch_transfer. A data module that defines that
+# hook itself wins (Lightning calls one of the two) and the loss then checks the targets instead; Lightning
+# warns about the module's hook whenever any data module is passed, which is expected here.
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in"
+)
 
 
 class LMForgeModule(L.LightningModule):

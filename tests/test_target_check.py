@@ -8,9 +8,14 @@ read the targets back, a device sync in every step.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import lightning as L
 import lmforge.kernels.linear_cross_entropy as lce
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
@@ -66,3 +71,43 @@ def test_module_outside_a_trainer_still_checks_in_the_loss():
     y[0, 2] = -5
     with pytest.raises(ValueError, match="got -5 at position 2"):
         module._train_loss((x, y))
+
+
+class _Data(L.LightningDataModule):
+    def train_dataloader(self):
+        x = torch.randint(0, 64, (4, 8))
+        return DataLoader(TensorDataset(x, x.roll(-1, 1)), batch_size=2)
+
+
+class _DataWithHook(_Data):
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        return batch
+
+
+@pytest.mark.parametrize("data", [_Data, _DataWithHook])
+def test_a_data_module_hook_wins_safely(data):
+    module = PretrainModule(GPTConfig(**TINY))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, datamodule=data())
+    # the data module's own hook replaces the module's: then the loss checks the targets itself
+    assert module._targets_checked is (data is _Data)
+
+
+def test_fit_with_a_data_module_does_not_warn_about_the_hook():
+    """Lightning warns whenever a module defines the hook and a data module is passed; lmforge expects
+    that and filters it (pytest's own warning capture would hide the filter: a fresh process)."""
+    code = (
+        "import torch, lightning as L; from torch.utils.data import DataLoader, TensorDataset\n"
+        "from lmforge.model import GPTConfig; from lmforge.pretrain import PretrainModule\n"
+        "class D(L.LightningDataModule):\n"
+        "    def train_dataloader(self):\n"
+        "        x = torch.randint(0, 64, (4, 8)); return DataLoader(TensorDataset(x, x), batch_size=2)\n"
+        f"m = PretrainModule(GPTConfig(**{TINY!r}))\n"
+        "L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,"
+        " accelerator='cpu').fit(m, datamodule=D())\n"
+        "assert m._targets_checked\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "on_before_batch_transfer" not in done.stderr + done.stdout

@@ -84,9 +84,13 @@ def run(tiles, dtype, *, H=2, H_kv=1, D=32, seed=0, **kwargs):
                 check_against_reference(q, k, v, dout, dtype, deterministic=deterministic, **kwargs)
 
 
-@pytest.mark.parametrize("tiles", ["16x16", "fwd32x16-bwd16x32"])
+# every layout with the unequal tiles; the interpreter's 16x16 tile (test_attention.py's packed cases run
+# it too) on the layouts whose edges fall on its tile edges
+SEGMENT_CASES = [(docs, "fwd32x16-bwd16x32") for docs in SEGMENTS] + [("edges", "16x16"), ("across", "16x16")]
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("docs", list(SEGMENTS))
+@pytest.mark.parametrize("docs, tiles", SEGMENT_CASES)
 def test_segments(docs, causal, tiles):
     run(tiles, torch.float32, causal=causal, segment_ids=segments(docs), seed=1)
 
