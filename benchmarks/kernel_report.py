@@ -109,36 +109,13 @@ class Report:
 def _attention_pointers(kernel: str, dtype: str) -> dict[str, str]:
     """The pointer types of an attention kernel's runtime arguments."""
     fp = f"*{dtype}"
+    # the fused backward and the deterministic dK/dV kernel share one body, so one argument list
+    dkdv = dict(Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DK=fp, DV=fp, DQA="*fp32", KPM="*i8",
+                SEG="*i64", BOUNDS="*i32")  # fmt: skip
     return {
         "attn-fwd": dict(Q=fp, K=fp, V=fp, Out=fp, LSE="*fp32", KPM="*i8", SEG="*i64", BOUNDS="*i32"),
-        "attn-bwd": dict(
-            Q=fp,
-            K=fp,
-            V=fp,
-            DO=fp,
-            LSE="*fp32",
-            DELTA="*fp32",
-            DK=fp,
-            DV=fp,
-            DQA="*fp32",
-            KPM="*i8",
-            SEG="*i64",
-            BOUNDS="*i32",
-        ),
-        "attn-dkdv": dict(
-            Q=fp,
-            K=fp,
-            V=fp,
-            DO=fp,
-            LSE="*fp32",
-            DELTA="*fp32",
-            DK=fp,
-            DV=fp,
-            DQA="*fp32",
-            KPM="*i8",
-            SEG="*i64",
-            BOUNDS="*i32",
-        ),
+        "attn-bwd": dkdv,
+        "attn-dkdv": dkdv,
         "attn-dq": dict(
             Q=fp, K=fp, V=fp, DO=fp, LSE="*fp32", DELTA="*fp32", DQ=fp, KPM="*i8", SEG="*i64", BOUNDS="*i32"
         ),
