@@ -44,6 +44,27 @@ def build_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
 
 
+# -- what failed to build here -------------------------------------------------------------------------
+# One memory, for the whole process, of the kernel cases that could not be compiled or launched on this
+# machine: a case is a tuple naming the op and what its compiled kernel is specialised on, e.g.
+# ("flash_attn_bwd", "cuda:0", torch.bfloat16, 128, True, True, True). Whoever has a torch fallback for
+# a case goes straight to it once the case is here, instead of rebuilding the kernel every step.
+_failures: dict[tuple, str] = {}
+
+
+def build_failed(case: tuple, error: BaseException) -> str:
+    """Remember that ``case`` cannot be built or launched here; returns why, one line ("Name: first line")."""
+    lines = str(error).strip().splitlines()
+    why = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    _failures[case] = why
+    return why
+
+
+def known_failure(case: tuple) -> str:
+    """Why ``case`` failed to build here before ("" when it has not)."""
+    return _failures.get(case, "")
+
+
 # The ops defined in this process, and the function each one runs now (see custom_op).
 _ops: dict[str, torch.library.CustomOpDef] = {}
 _impls: dict[str, Callable] = {}

@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import build_errors, custom_op, sdpa
+from . import build_errors, build_failed, custom_op, known_failure, sdpa
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -1137,11 +1137,10 @@ def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds, deterministi
 
 
 _fallback_warned = False  # the backward fallback's warning is logged once per process
-_backward_broken: set[tuple] = set()  # (device, dtype, BLOCK_D, masks) whose Triton backward failed to build
-_forward_broken: set[tuple] = set()  # the same, for the forward (ops with fallback=True only)
 
 
 def _backward_key(q, causal, kpm, seg) -> tuple:
+    """What a compiled attention kernel is specialised on: a case of the failure memory (kernels.known_failure)."""
     return (str(q.device), q.dtype, max(16, triton.next_power_of_2(q.shape[-1])), causal, kpm is None, seg is None)
 
 
@@ -1211,17 +1210,16 @@ def flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, fallback, determini
     """(out like q, fp32 logsumexp (B, H, N) in base 2). kpm, seg, bounds: as made by ``_masks``;
     deterministic: pinned or first-listed tiles, never the autotuner's run-dependent pick."""
     key = _backward_key(q, causal, kpm, seg)
-    if not (fallback and key in _forward_broken):
+    if not (fallback and known_failure(("flash_attn_fwd", *key))):
         try:
             return _forward(q, k, v, causal, scale, kpm, seg, bounds, deterministic)
         except BUILD_ERRORS as error:
             if not fallback:
                 raise
-            _forward_broken.add(key)
-            lines = str(error).strip().splitlines()
+            why = build_failed(("flash_attn_fwd", *key), error)
             log.warning(
-                "flash_attention: the Triton forward could not be built or launched (%s: %s); computing %s "
-                "with torch attention from now on", type(error).__name__, lines[0] if lines else "", key[1:],
+                "flash_attention: the Triton forward could not be built or launched (%s); computing %s "
+                "with torch attention from now on", why, key[1:],
             )  # fmt: skip
     with torch.no_grad():
         out = _like(q, _torch_attention(causal, scale, kpm, seg)(q, k, v))
@@ -1240,14 +1238,14 @@ def flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fal
     """(dq, dk, dv), each like its input, for the upstream gradient ``dout`` of ``out``; deterministic:
     the two-kernel backward without atomics, on pinned or first-listed tiles."""
     key = _backward_key(q, causal, kpm, seg)
-    if not (fallback and (key in _backward_broken or key in _forward_broken)):
+    if not (fallback and (known_failure(("flash_attn_bwd", *key)) or known_failure(("flash_attn_fwd", *key)))):
         try:
             return _backward(dout, q, k, v, out, lse, causal, scale, kpm, seg, bounds, deterministic)
         except BUILD_ERRORS as error:
             if not fallback:
                 raise
             _warn_fallback(error)
-            _backward_broken.add(key)
+            build_failed(("flash_attn_bwd", *key), error)
     grads = _torch_backward(dout, q, k, v, causal, scale, kpm, seg)
     return tuple(_like(t, g) for t, g in zip((q, k, v), grads))
 
@@ -1294,8 +1292,8 @@ class _CallableFallbackFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         fallback = ctx.backward_fallback
-        key = _backward_key(q, ctx.causal, ctx.kpm, ctx.seg)
-        if key in _backward_broken:  # it failed before: do not rebuild it every step
+        case = ("flash_attn_bwd", *_backward_key(q, ctx.causal, ctx.kpm, ctx.seg))
+        if known_failure(case):  # it failed before: do not rebuild it every step
             dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
         else:
             try:
@@ -1304,7 +1302,7 @@ class _CallableFallbackFunction(torch.autograd.Function):
                 )
             except BUILD_ERRORS as error:
                 _warn_fallback(error)
-                _backward_broken.add(key)
+                build_failed(case, error)
                 dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
         return dq, dk, dv, None, None, None, None, None, None, None
 

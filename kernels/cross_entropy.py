@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import custom_op
-from .linear_cross_entropy import target_scale
+from .utils import target_scale
 
 
 @triton.jit

@@ -36,6 +36,7 @@ import logging
 import torch
 
 from . import custom_op
+from .utils import target_scale
 
 log = logging.getLogger(__name__)
 
@@ -100,68 +101,6 @@ def torch_rows(
     if loss_out is not None:
         loss_out.copy_(loss)
     return loss, grad
-
-
-def mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """1 / (number of counted targets) for a mean (1 when there are none), 1 for a sum."""
-    if reduction == "sum":
-        return torch.ones((), device=targets.device, dtype=torch.float32)
-    if reduction != "mean":
-        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
-    return 1.0 / (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
-
-
-def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Raise ``ValueError`` when a target is outside [0, vocab_size) and not ``ignore_index``.
-
-    One reduction (the least and greatest target, ignored ones read as 0) and one read back to the
-    host: a device sync on CUDA. Nothing while a CUDA graph is being captured (it cannot sync).
-    """
-    if targets.numel() == 0 or (targets.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    lo, hi = torch.stack(torch.aminmax(torch.where(targets == ignore_index, 0, targets))).tolist()
-    if 0 <= lo and hi < vocab_size:
-        return
-    flat = targets.reshape(-1)
-    bad = ((flat != ignore_index) & ((flat < 0) | (flat >= vocab_size))).nonzero()
-    position = int(bad[0])
-    more = f" ({len(bad)} targets out of range)" if len(bad) > 1 else ""
-    raise ValueError(
-        f"targets must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
-        f"got {int(flat[position])} at position {position}{more}"
-    )
-
-
-@custom_op("ce_target_scale", "(Tensor targets, int vocab_size, int ignore_index, str reduction) -> Tensor")
-def ce_target_scale(targets, vocab_size, ignore_index, reduction):
-    """:func:`mean_scale` after :func:`check_target_range`, as an op for traced code: it runs eagerly
-    inside a compiled graph, so the check reads the targets back without a graph break (and no pass
-    drops it, as its result scales the loss)."""
-    check_target_range(targets, vocab_size, ignore_index)
-    return mean_scale(targets, ignore_index, reduction)
-
-
-@ce_target_scale.register_fake
-def _(targets, vocab_size, ignore_index, reduction):
-    return targets.new_empty((), dtype=torch.float32)
-
-
-def target_scale(
-    targets: torch.Tensor, vocab_size: int, ignore_index: int, reduction: str, check: bool = True
-) -> torch.Tensor:
-    """The loss's scale (:func:`mean_scale`), the targets checked first (:func:`check_target_range`) with ``check``."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
-    if not check:
-        return mean_scale(targets, ignore_index, reduction)
-    if torch.compiler.is_compiling() or type(targets) is not torch.Tensor:
-        # traced (torch.compile, or any tracer's tensor subclass): the op, which reads the targets
-        # eagerly when the graph runs
-        return ce_target_scale(targets, vocab_size, ignore_index, reduction)
-    # eager: the same without the op's dispatch, which would import torch._dynamo (and triton) on
-    # the first call of the torch path
-    check_target_range(targets, vocab_size, ignore_index)
-    return mean_scale(targets, ignore_index, reduction)
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -327,7 +266,6 @@ def _scaled(grad_hidden, grad_weight, factor, ctx):
 
 
 # The Triton-rows path, as a custom op: torch.compile keeps it in the graph as one opaque node.
-_rows_broken: set[tuple] = set()  # (device, dtype) whose Triton rows failed to build (ops with fallback=True)
 _LINEAR_CE_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, float label_smoothing, float z_loss, "
     "float? softcap, int chunk_size, ScalarType dtype, bool grad_hidden, bool grad_weight, bool fallback) "
@@ -344,10 +282,10 @@ def linear_ce_fwd(
     bf16 for bf16 products), each gradient an empty (0,) tensor when its flag is False; products in
     ``dtype``; chunk_size 0: the default for these sizes. With ``fallback`` a row kernel that cannot
     be built here (one of ``build_errors()``) gives way to the torch rows, with a warning once per case."""
-    from . import build_errors
+    from . import build_errors, build_failed, known_failure
     from .cross_entropy import ce_rows_
 
-    case = (str(hidden.device), dtype)
+    case = ("ce_rows", str(hidden.device), dtype)
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.is_cuda)
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
@@ -357,18 +295,17 @@ def linear_ce_fwd(
         # (outputs of an op may not share memory: two distinct empties)
         return losses.sum(), hidden.new_empty(0) if dh is None else dh, hidden.new_empty(0) if dw is None else dw
 
-    if fallback and case in _rows_broken:
+    if fallback and known_failure(case):
         return run(torch_rows)
     try:
         return run(ce_rows_)
     except build_errors() as error:
         if not fallback:
             raise
-        _rows_broken.add(case)
-        lines = str(error).strip().splitlines()
+        why = build_failed(case, error)
         log.warning(
-            "linear_cross_entropy: the Triton row kernel could not be built or launched (%s: %s); using the "
-            "torch rows for %s from now on", type(error).__name__, lines[0] if lines else "", case,
+            "linear_cross_entropy: the Triton row kernel could not be built or launched (%s); using the "
+            "torch rows for %s from now on", why, case[1:],
         )  # fmt: skip
     return run(torch_rows)
 

@@ -17,6 +17,7 @@ Nothing here imports Lightning, so ``lmforge generate`` and ``lmforge export`` s
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import pickle
@@ -30,7 +31,7 @@ import torch
 
 from lmforge.errors import CheckpointError, MissingFileError, UserError
 from lmforge.model import GPT, GPTConfig
-from lmforge.tokenizers import Tokenizer, tokenizer_from_dict
+from lmforge.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger("lmforge")
 
@@ -301,6 +302,29 @@ def read_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     return ckpt.config, ckpt.state, ckpt.tokenizer
 
 
+def load_exported(directory: str | Path) -> tuple[GPT, Tokenizer | None]:
+    """The GPT (and tokenizer) from a folder written by :func:`lmforge.export.export_safetensors`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / "model.safetensors").is_file():
+        raise MissingFileError(f"{directory} has no model.safetensors; is it a complete lmforge export?")
+    try:
+        values = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        model = GPT(GPTConfig.from_dict(values))
+    except (UnicodeDecodeError, ValueError, TypeError) as err:
+        raise UserError(f"{directory / 'config.json'}: not an lmforge model config ({err})") from None
+    try:
+        state = load_file(str(directory / "model.safetensors"))
+    except Exception as err:  # SafetensorError: a damaged file
+        raise UserError(f"{directory / 'model.safetensors'} cannot be read ({str(err).strip()[:200]})") from None
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    has_tokenizer = (directory / "lmforge_tokenizer.json").is_file() or (directory / "tokenizer.json").is_file()
+    return model, load_tokenizer(directory) if has_tokenizer else None
+
+
 # -- base models ----------------------------------------------------------------------------------------
 
 
@@ -310,7 +334,7 @@ def load_base(source: str, revision: str | None = None) -> tuple[GPT, Any, dict]
     info: ``source``, ``kind`` (lmforge or hf), ``family`` (gpt2, llama or None) and, for Hugging
     Face models, ``revision``.
     """
-    from lmforge import export, hf
+    from lmforge import hf
 
     path = Path(str(source)).expanduser()
     if path.is_file():
@@ -324,7 +348,7 @@ def load_base(source: str, revision: str | None = None) -> tuple[GPT, Any, dict]
         tokenizer = ckpt.tokenizer
         info = {"source": str(source), "kind": "lmforge"}
     elif path.is_dir() and (path / "config.json").is_file() and not hf.is_hf_folder(path):
-        model, tokenizer = export.load_exported(path)
+        model, tokenizer = load_exported(path)
         info = {"source": str(source), "kind": "lmforge"}
     else:
         model, tokenizer, hf_info = hf.load_model(str(source), revision)

@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from lmforge.errors import ExistingPathError, UserError
+from lmforge.errors import ExistingPathError, MissingFileError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,6 +45,20 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.endswith(".ckpt") or source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def _pick_device(name: str, command: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{command}: --device cuda but no CUDA device is available; use --device cpu")
+    return torch.device(name)
 
 
 def parse_arg_values(items: list[str], command: str) -> dict:
@@ -161,18 +184,291 @@ def export_command(argv: list[str]) -> None:
             print(f"lmforge: pushed the demo to {url}")
 
 
+# -- generate ---------------------------------------------------------------------------------------------
+
+
+def _number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
+    return number
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="lmforge generate",
+        description="Continue prompts with a trained model: greedy or sampled, with a key/value cache. "
+        "One prompt streams to the terminal; several print one block each.",
+    )
+    parser.add_argument(
+        "model", metavar="CKPT_OR_HF_DIR", help="an lmforge .ckpt or export folder, or a Hugging Face folder or Hub id"
+    )
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    parser.add_argument(
+        "--prompts-file", metavar="FILE", help='prompts, one per line (or .jsonl with a "prompt" field)'
+    )
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="tokens per prompt (64)")
+    parser.add_argument("--temperature", type=_number, default=0.0, metavar="T", help="0 is greedy (the default)")
+    parser.add_argument("--top-k", type=positive_int, metavar="K", help="sample among the K most likely tokens")
+    parser.add_argument("--top-p", type=_number, metavar="P", help="sample within probability mass P (nucleus)")
+    parser.add_argument(
+        "--stop",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="stop at these strings (\\n, \\t understood)",
+    )
+    parser.add_argument("--seed", type=int, metavar="N", help="seed for sampling (reproducible)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: bfloat16 on a GPU that supports it, else float32",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list of {prompt, completion, ...}")
+    return parser
+
+
+def _unescape(text: str) -> str:
+    """--stop '\\n' means a newline (a shell passes the backslash through)."""
+    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def generate_command(argv: list[str]) -> None:
-    """``lmforge generate MODEL --prompt TEXT``: see lmforge.generate."""
+    """``lmforge generate CKPT_OR_HF_DIR --prompt TEXT [...]``: continue prompts (lmforge.generate); bad input
+    raises a one-line UserError."""
     from lmforge import generate
 
-    generate.main(argv)
+    args = _generate_parser().parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += generate.read_prompts_file(args.prompts_file)
+    if not prompts:
+        raise UserError("generate: no prompt; give --prompt TEXT or --prompts-file FILE")
+    generate.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    source = args.model
+    if not Path(source).expanduser().exists() and _looks_like_path(source):
+        raise MissingFileError(f"generate: model {source} does not exist")
+    device = _pick_device(args.device, "generate")
+    dtype = _pick_dtype(args.dtype, device)
+
+    from lmforge.checkpoint import load_base
+
+    model, tokenizer, info = load_base(source)
+    model = model.to(device=device, dtype=dtype).eval()
+    family = info.get("family") or "custom"
+    print(
+        f"lmforge: loaded {source} ({info['kind']}, {family}, {model.num_parameters() / 1e6:.1f}M parameters) "
+        f"on {device.type} in {str(dtype).removeprefix('torch.')}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    streaming = len(prompts) == 1 and not args.json
+    stream = None
+    if streaming:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+        def stream(row: int, piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    completions = generate.generate_completions(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=[_unescape(s) for s in args.stop],
+        seed=args.seed,
+        use_cache=not args.no_cache,
+        stream=stream,
+    )
+    seconds = time.perf_counter() - start
+    if streaming:
+        sys.stdout.write("\n")
+    elif args.json:
+        records = [
+            {"prompt": c.prompt, "completion": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+            for c in completions
+        ]
+        print(json.dumps(records, indent=2, ensure_ascii=False))
+    else:
+        for i, c in enumerate(completions, 1):
+            print(f"=== prompt {i} ===\n{c.prompt}\n--- completion {i} ({c.finish_reason}) ---\n{c.text}\n")
+    sys.stdout.flush()
+    total = sum(len(c.token_ids) for c in completions)
+    rate = total / seconds if seconds > 0 else float("inf")
+    print(f"lmforge: generated {total} tokens in {seconds:.2f} s ({rate:.1f} tokens/s)", file=sys.stderr, flush=True)
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    from lmforge.evaluate import NORMALIZE, TASKS
+
+    parser = OneLineParser(
+        prog="lmforge evaluate",
+        description="Evaluate a model on a data file: multiple-choice accuracy, generation metrics "
+        "(BLEU, ROUGE, exact match) or perplexity. Prints a table and writes the results as JSON.",
+    )
+    parser.add_argument(
+        "model", metavar="MODEL", help="an lmforge .ckpt or export folder, or a Hugging Face folder or Hub id"
+    )
+    parser.add_argument("--task", required=True, choices=TASKS, help="what to measure")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help=".jsonl/.json records: question/choices/answer (multiple_choice), prompt/completion (generation), "
+        "text (perplexity; also a .txt file)",
+    )
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N records only")
+    parser.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="sequences per batch (16)")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, metavar="N", help="generation: tokens per prompt (32)"
+    )
+    parser.add_argument("--stop", action="append", default=[], metavar="S", help="generation: stop at this string")
+    parser.add_argument(
+        "--smooth-bleu", action="store_true", help="generation: add-one smoothing of BLEU's 2- to 4-gram precisions"
+    )
+    parser.add_argument(
+        "--normalize", choices=NORMALIZE, default="both", help="multiple_choice: acc (none), acc_norm (length) or both"
+    )
+    parser.add_argument("--block-size", type=positive_int, metavar="N", help="perplexity: window length (model's)")
+    parser.add_argument("--stride", type=positive_int, metavar="N", help="perplexity: window step (block size / 2)")
+    parser.add_argument("--revision", help="a Hugging Face Hub id's branch, tag or commit")
+    parser.add_argument("--output", metavar="PATH", help="the JSON results file (default: next to the model)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    parser.add_argument(
+        "--bad-lines",
+        choices=["error", "skip"],
+        default="error",
+        help="a .jsonl line that does not parse: stop or skip",
+    )
+    return parser
+
+
+def default_output(model: str, task: str, data: str) -> Path:
+    """``<run>/eval/<task>-<data stem>.json`` for ``<run>/checkpoints/*.ckpt``, else ``./eval/<task>-<stem>.json``."""
+    name = f"{task}-{Path(data).stem}.json"
+    source = Path(model).expanduser()
+    if source.suffix == ".ckpt" and source.parent.name == "checkpoints":
+        return source.parent.parent / "eval" / name
+    return Path("eval") / name
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
+    return str(value)
 
 
 def evaluate_command(argv: list[str]) -> None:
-    """``lmforge evaluate MODEL --task ... --data FILE``: see lmforge.evaluate."""
+    """``lmforge evaluate MODEL --task TASK --data FILE``: score a model (lmforge.evaluate); bad input raises a
+    one-line UserError."""
+    import lmforge
     from lmforge import evaluate
+    from lmforge.atomic import write_json
 
-    evaluate.main(argv)
+    prefix = evaluate.PREFIX
+    args = _evaluate_parser().parse_args(argv)
+    records = evaluate.read_data(args.data, args.task, args.bad_lines)
+    if args.limit is not None:
+        records = records[: args.limit]
+    checks = {
+        "multiple_choice": evaluate.choice_records,
+        "generation": evaluate.generation_records,
+        "perplexity": evaluate.text_records,
+    }
+    checks[args.task](records)  # every record is checked before the model loads
+    source = args.model
+    if not Path(source).expanduser().exists() and _looks_like_path(source):
+        raise MissingFileError(f"{prefix}: model {source} does not exist")
+    device = _pick_device(args.device, prefix)
+
+    from lmforge.checkpoint import load_base
+
+    model, tokenizer, info = load_base(source, args.revision)
+    model = model.to(device).eval()
+    print(
+        f"lmforge: evaluating {source} ({info['kind']}, {info.get('family') or 'custom'}, "
+        f"{model.num_parameters() / 1e6:.1f}M parameters) on {device.type}: {args.task}, "
+        f"{len(records)} examples from {args.data}",
+        file=sys.stderr,
+        flush=True,
+    )
+    settings: dict[str, Any] = {"batch_size": args.batch_size, "limit": args.limit, "device": device.type}
+    if args.task == "multiple_choice":
+        settings["normalize"] = args.normalize
+        result = evaluate.multiple_choice(model, tokenizer, records, args.normalize, args.batch_size, progress=True)
+    elif args.task == "generation":
+        settings.update(max_new_tokens=args.max_new_tokens, stop=args.stop, smooth_bleu=args.smooth_bleu)
+        result = evaluate.generation_metrics(
+            model,
+            tokenizer,
+            records,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            smooth=args.smooth_bleu,
+            stop=args.stop or None,
+            progress=True,
+        )
+    else:
+        result = evaluate.perplexity(
+            model, tokenizer, records, args.block_size, args.stride, args.batch_size, progress=True
+        )
+        settings.update(block_size=result["metrics"]["block_size"], stride=result["metrics"]["stride"])
+
+    metrics = result["metrics"]
+    print(format_table(["metric", "value"], [[key, _format(value)] for key, value in metrics.items()]))
+    if args.task == "generation" and not args.smooth_bleu:
+        words = [len(r.split()) for e in result["examples"] for r in e["references"]]
+        if words and sum(words) / len(words) < 4:
+            print(
+                "note: the references average fewer than 4 words, so unsmoothed BLEU-4 is 0 or close to it; "
+                "--smooth-bleu scores short outputs by their word matches",
+                file=sys.stderr,
+            )
+    output = Path(args.output).expanduser() if args.output else default_output(source, args.task, args.data)
+    values = {
+        "task": args.task,
+        "model": source,
+        "model_info": {k: v for k, v in info.items() if k in ("kind", "family", "revision")},
+        "data": args.data,
+        "num_examples": len(records),
+        "metrics": metrics,
+        "settings": settings,
+        "lmforge_version": lmforge.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "examples": result["examples"],
+    }
+    write_json(output, values)
+    print(f"lmforge: results written to {output}", file=sys.stderr, flush=True)
 
 
 COMMANDS = {

@@ -2,7 +2,8 @@
 
 Three tasks, each a function that takes a model, its tokenizer and records, and returns
 ``{"metrics": {...}, "examples": [...]}`` (the metrics and one result per example, in record order);
-:func:`main` is the ``lmforge evaluate MODEL --task TASK --data FILE`` command around them.
+:func:`lmforge.commands.evaluate_command` is the ``lmforge evaluate MODEL --task TASK --data FILE`` command
+around them.
 
 Multiple choice (:func:`multiple_choice`), as lm-evaluation-harness scores MMLU and HellaSwag
     A record is ``{"question": str, "choices": [str, ...], "answer": int}``; HellaSwag's names are
@@ -49,7 +50,7 @@ Perplexity (:func:`perplexity`)
     ``nats_per_byte`` (total NLL over the texts' UTF-8 bytes, comparable across tokenizers and with the
     embedded corpus's entropy).
 
-Record files are ``.jsonl`` or ``.json`` (read as for fine-tuning, :func:`lmforge.data.sft.read_records`);
+Record files are ``.jsonl`` or ``.json`` (read as for fine-tuning, :func:`lmforge.data.records.read_records`);
 perplexity also takes a ``.txt`` file (one text) or records with a ``text`` field. A bad record stops
 with one line naming the file, the line and the key. Example files: ``configs/data/mc-example.jsonl``
 and ``configs/data/gen-example.jsonl`` (sentences of the embedded grammar, as ``configs/data/sft-*.jsonl``).
@@ -57,21 +58,17 @@ and ``configs/data/gen-example.jsonl`` (sentences of the embedded grammar, as ``
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lmforge.atomic import write_json
-from lmforge.commands import OneLineParser, positive_int
 from lmforge.data.sources import CorpusError
 from lmforge.errors import MissingFileError, UserError
 
@@ -92,7 +89,7 @@ Normalize = Literal["none", "length", "both"]
 
 
 def _where(record: Any, i: int) -> str:
-    """Where a record came from: ``file line N`` for a :class:`lmforge.data.sft.Record`, else ``record N``."""
+    """Where a record came from: ``file line N`` for a :class:`lmforge.data.records.Record`, else ``record N``."""
     where = getattr(record, "where", None)
     return where if isinstance(where, str) else f"record {i + 1}"
 
@@ -151,7 +148,7 @@ class ChoiceRecord:
 
 
 def choice_records(records: Iterable[Any]) -> list[ChoiceRecord]:
-    """Check multiple-choice records (dicts, or :class:`lmforge.data.sft.Record` for file and line in errors)."""
+    """Check multiple-choice records (dicts, or :class:`lmforge.data.records.Record` for file and line in errors)."""
     out = []
     for i, record in enumerate(records):
         where = _where(record, i)
@@ -318,7 +315,7 @@ def multiple_choice(
         model: A causal LM: ``model(idx)`` gives logits (B, T, V); its ``config.block_size``, when it has
             one, bounds the context.
         tokenizer: ``encode``, ``eos_id`` and optionally ``bos_id``.
-        records: Dicts, or :class:`lmforge.data.sft.Record` (errors then name file and line).
+        records: Dicts, or :class:`lmforge.data.records.Record` (errors then name file and line).
         normalize: Which accuracy to report: ``none`` (``acc``: the highest summed log-likelihood),
             ``length`` (``acc_norm``: the highest log-likelihood per byte of the choice) or ``both``.
         batch_size: Sequences (one per choice) per forward pass.
@@ -553,7 +550,7 @@ def perplexity(
     """Token-weighted mean negative log-likelihood and perplexity of texts (sliding windows for long ones).
 
     Args:
-        texts: Strings, or records with a ``text`` field (dicts or :class:`lmforge.data.sft.Record`).
+        texts: Strings, or records with a ``text`` field (dicts or :class:`lmforge.data.records.Record`).
         block_size: Tokens per window; default (and at most) the model's ``config.block_size``.
         stride: How far a window moves; default ``block_size // 2``. Equal to ``block_size``: disjoint windows.
         batch_size: Windows per forward pass.
@@ -623,55 +620,9 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else float("inf")
 
 
-# -- the command ---------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="lmforge evaluate",
-        description="Evaluate a model on a data file: multiple-choice accuracy, generation metrics "
-        "(BLEU, ROUGE, exact match) or perplexity. Prints a table and writes the results as JSON.",
-    )
-    parser.add_argument(
-        "model", metavar="MODEL", help="an lmforge .ckpt or export folder, or a Hugging Face folder or Hub id"
-    )
-    parser.add_argument("--task", required=True, choices=TASKS, help="what to measure")
-    parser.add_argument(
-        "--data",
-        required=True,
-        metavar="FILE",
-        help=".jsonl/.json records: question/choices/answer (multiple_choice), prompt/completion (generation), "
-        "text (perplexity; also a .txt file)",
-    )
-    parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N records only")
-    parser.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="sequences per batch (16)")
-    parser.add_argument(
-        "--max-new-tokens", type=positive_int, default=32, metavar="N", help="generation: tokens per prompt (32)"
-    )
-    parser.add_argument("--stop", action="append", default=[], metavar="S", help="generation: stop at this string")
-    parser.add_argument(
-        "--smooth-bleu", action="store_true", help="generation: add-one smoothing of BLEU's 2- to 4-gram precisions"
-    )
-    parser.add_argument(
-        "--normalize", choices=NORMALIZE, default="both", help="multiple_choice: acc (none), acc_norm (length) or both"
-    )
-    parser.add_argument("--block-size", type=positive_int, metavar="N", help="perplexity: window length (model's)")
-    parser.add_argument("--stride", type=positive_int, metavar="N", help="perplexity: window step (block size / 2)")
-    parser.add_argument("--revision", help="a Hugging Face Hub id's branch, tag or commit")
-    parser.add_argument("--output", metavar="PATH", help="the JSON results file (default: next to the model)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    parser.add_argument(
-        "--bad-lines",
-        choices=["error", "skip"],
-        default="error",
-        help="a .jsonl line that does not parse: stop or skip",
-    )
-    return parser
-
-
 def read_data(path: str, task: str, bad_lines: str = "error") -> list[Any]:
-    """The records of a data file: :class:`lmforge.data.sft.Record` items, or one string for a .txt file."""
-    from lmforge.data.sft import read_records
+    """The records of a data file: :class:`lmforge.data.records.Record` items, or one string for a .txt file."""
+    from lmforge.data.records import read_records
 
     file = Path(path).expanduser()
     suffixes = (".jsonl", ".json", ".txt") if task == "perplexity" else (".jsonl", ".json")
@@ -689,113 +640,3 @@ def read_data(path: str, task: str, bad_lines: str = "error") -> list[Any]:
         return read_records(path, PREFIX, "--data", bad_lines).records
     except CorpusError as err:
         raise CorpusError(str(err).replace("set data.bad_lines: skip", "use --bad-lines skip")) from None
-
-
-def default_output(model: str, task: str, data: str) -> Path:
-    """``<run>/eval/<task>-<data stem>.json`` for ``<run>/checkpoints/*.ckpt``, else ``./eval/<task>-<stem>.json``."""
-    name = f"{task}-{Path(data).stem}.json"
-    source = Path(model).expanduser()
-    if source.suffix == ".ckpt" and source.parent.name == "checkpoints":
-        return source.parent.parent / "eval" / name
-    return Path("eval") / name
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.endswith(".ckpt") or source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{PREFIX}: --device cuda but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
-    return str(value)
-
-
-def main(argv: list[str]) -> None:
-    """``lmforge evaluate MODEL --task TASK --data FILE``; bad input raises a one-line ValueError,
-    CorpusError or FileNotFoundError."""
-    import lmforge
-    from lmforge.commands import format_table
-
-    args = _parser().parse_args(argv)
-    records = read_data(args.data, args.task, args.bad_lines)
-    if args.limit is not None:
-        records = records[: args.limit]
-    checks = {"multiple_choice": choice_records, "generation": generation_records, "perplexity": text_records}
-    checks[args.task](records)  # every record is checked before the model loads
-    source = args.model
-    if not Path(source).expanduser().exists() and _looks_like_path(source):
-        raise MissingFileError(f"{PREFIX}: model {source} does not exist")
-    device = _pick_device(args.device)
-
-    from lmforge.checkpoint import load_base
-
-    model, tokenizer, info = load_base(source, args.revision)
-    model = model.to(device).eval()
-    print(
-        f"lmforge: evaluating {source} ({info['kind']}, {info.get('family') or 'custom'}, "
-        f"{model.num_parameters() / 1e6:.1f}M parameters) on {device.type}: {args.task}, "
-        f"{len(records)} examples from {args.data}",
-        file=sys.stderr,
-        flush=True,
-    )
-    settings: dict[str, Any] = {"batch_size": args.batch_size, "limit": args.limit, "device": device.type}
-    if args.task == "multiple_choice":
-        settings["normalize"] = args.normalize
-        result = multiple_choice(model, tokenizer, records, args.normalize, args.batch_size, progress=True)
-    elif args.task == "generation":
-        settings.update(max_new_tokens=args.max_new_tokens, stop=args.stop, smooth_bleu=args.smooth_bleu)
-        result = generation_metrics(
-            model,
-            tokenizer,
-            records,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            smooth=args.smooth_bleu,
-            stop=args.stop or None,
-            progress=True,
-        )
-    else:
-        result = perplexity(model, tokenizer, records, args.block_size, args.stride, args.batch_size, progress=True)
-        settings.update(block_size=result["metrics"]["block_size"], stride=result["metrics"]["stride"])
-
-    metrics = result["metrics"]
-    print(format_table(["metric", "value"], [[key, _format(value)] for key, value in metrics.items()]))
-    if args.task == "generation" and not args.smooth_bleu:
-        words = [len(r.split()) for e in result["examples"] for r in e["references"]]
-        if words and sum(words) / len(words) < 4:
-            print(
-                "note: the references average fewer than 4 words, so unsmoothed BLEU-4 is 0 or close to it; "
-                "--smooth-bleu scores short outputs by their word matches",
-                file=sys.stderr,
-            )
-    output = Path(args.output).expanduser() if args.output else default_output(source, args.task, args.data)
-    values = {
-        "task": args.task,
-        "model": source,
-        "model_info": {k: v for k, v in info.items() if k in ("kind", "family", "revision")},
-        "data": args.data,
-        "num_examples": len(records),
-        "metrics": metrics,
-        "settings": settings,
-        "lmforge_version": lmforge.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "examples": result["examples"],
-    }
-    write_json(output, values)
-    print(f"lmforge: results written to {output}", file=sys.stderr, flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -7,7 +7,7 @@ stale staging folders of killed exports are removed by the next export into the 
 
 The ``safetensors`` export is lmforge's own portable format: ``model.safetensors`` (the GPT's
 weights, a tied head stored once), ``config.json`` (the GPTConfig) and the tokenizer files.
-:func:`load_exported` reads it back.
+:func:`lmforge.checkpoint.load_exported` reads it back.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from lmforge.checkpoint import (  # noqa: F401 (Checkpoint and load_checkpoint: 
     read_checkpoint,
     read_lmforge_checkpoint,
 )
-from lmforge.errors import ExistingPathError, MissingFileError, UserError
-from lmforge.model import GPT, GPTConfig
-from lmforge.tokenizers import Tokenizer, load_tokenizer, save_tokenizer
+from lmforge.errors import ExistingPathError, UserError
+from lmforge.tokenizers import save_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,26 +69,3 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path, dtype: str =
     if tokenizer is not None:
         save_tokenizer(tokenizer, out_dir)
     return out_dir
-
-
-def load_exported(directory: str | Path) -> tuple[GPT, Tokenizer | None]:
-    """The GPT (and tokenizer) from a folder written by :func:`export_safetensors`."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    if not (directory / "model.safetensors").is_file():
-        raise MissingFileError(f"{directory} has no model.safetensors; is it a complete lmforge export?")
-    try:
-        values = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        model = GPT(GPTConfig.from_dict(values))
-    except (UnicodeDecodeError, ValueError, TypeError) as err:
-        raise UserError(f"{directory / 'config.json'}: not an lmforge model config ({err})") from None
-    try:
-        state = load_file(str(directory / "model.safetensors"))
-    except Exception as err:  # SafetensorError: a damaged file
-        raise UserError(f"{directory / 'model.safetensors'} cannot be read ({str(err).strip()[:200]})") from None
-    if model.config.tie_embeddings:
-        state["lm_head.weight"] = state["wte.weight"]
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    has_tokenizer = (directory / "lmforge_tokenizer.json").is_file() or (directory / "tokenizer.json").is_file()
-    return model, load_tokenizer(directory) if has_tokenizer else None

@@ -36,7 +36,7 @@ from lmforge.atomic import write_json
 from lmforge.checkpoint import load_base
 from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
-from lmforge.pretrain import LMForgeModule
+from lmforge.task import LMForgeModule
 from lmforge.tokenizers import tokenizer_to_dict
 
 log = logging.getLogger("lmforge")
@@ -347,6 +347,7 @@ class ClassifierModule(FinetuneModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         names = getattr(self._datamodule(), "label_names", None)
         if self.labels is None:
             if names is None:

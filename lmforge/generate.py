@@ -4,9 +4,10 @@
   row at the end-of-text token, at a stop string (cut off) or after ``max_new_tokens``, and can
   stream the text as it is produced.
 - :func:`generate_ids` is the same loop on token ids.
-- :func:`main` is ``lmforge generate MODEL --prompt TEXT``: MODEL is an lmforge ``.ckpt``, a folder
-  written by ``lmforge export``, or a Hugging Face folder or Hub id (loaded by
-  :func:`lmforge.checkpoint.load_base`).
+- :func:`generate_completions` decodes token by token so stop strings cut the text, as the
+  ``lmforge generate MODEL --prompt TEXT`` command (:func:`lmforge.commands.generate_command`) runs it:
+  MODEL is an lmforge ``.ckpt``, a folder written by ``lmforge export``, or a Hugging Face folder or Hub
+  id (loaded by :func:`lmforge.checkpoint.load_base`).
 
 Context length: a prompt and its continuation together never exceed the model's ``block_size``
 tokens. A prompt that leaves no room (``block_size`` tokens or more, a beginning-of-text token
@@ -20,12 +21,9 @@ The cache (``use_cache=True``, the default) runs the prompt once and then one to
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmforge.commands import OneLineParser, positive_int
 from lmforge.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
@@ -341,57 +338,6 @@ def generate(
     ]
 
 
-# -- the command ----------------------------------------------------------------------------------------
-
-
-def _number(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
-    return number
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="lmforge generate",
-        description="Continue prompts with a trained model: greedy or sampled, with a key/value cache. "
-        "One prompt streams to the terminal; several print one block each.",
-    )
-    parser.add_argument(
-        "model", metavar="CKPT_OR_HF_DIR", help="an lmforge .ckpt or export folder, or a Hugging Face folder or Hub id"
-    )
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    parser.add_argument(
-        "--prompts-file", metavar="FILE", help='prompts, one per line (or .jsonl with a "prompt" field)'
-    )
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="tokens per prompt (64)")
-    parser.add_argument("--temperature", type=_number, default=0.0, metavar="T", help="0 is greedy (the default)")
-    parser.add_argument("--top-k", type=positive_int, metavar="K", help="sample among the K most likely tokens")
-    parser.add_argument("--top-p", type=_number, metavar="P", help="sample within probability mass P (nucleus)")
-    parser.add_argument(
-        "--stop",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="S",
-        help="stop at these strings (\\n, \\t understood)",
-    )
-    parser.add_argument("--seed", type=int, metavar="N", help="seed for sampling (reproducible)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="auto: bfloat16 on a GPU that supports it, else float32",
-    )
-    parser.add_argument("--json", action="store_true", help="print a JSON list of {prompt, completion, ...}")
-    return parser
-
-
 def read_prompts_file(path: str | Path) -> list[str]:
     """Prompts from a file: one per line, or JSON objects with a "prompt" field per line (.jsonl)."""
     path = Path(path)
@@ -412,96 +358,3 @@ def read_prompts_file(path: str | Path) -> list[str]:
             raise UserError(f'generate: {path} line {number}: needs a "prompt" string field')
         prompts.append(record["prompt"])
     return prompts
-
-
-def _unescape(text: str) -> str:
-    """--stop '\\n' means a newline (a shell passes the backslash through)."""
-    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.endswith(".ckpt") or source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("generate: --device cuda but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def main(argv: list[str]) -> None:
-    """``lmforge generate CKPT_OR_HF_DIR --prompt TEXT [...]``; bad input raises a one-line ValueError/FileNotFoundError."""
-    args = _parser().parse_args(argv)
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        prompts += read_prompts_file(args.prompts_file)
-    if not prompts:
-        raise UserError("generate: no prompt; give --prompt TEXT or --prompts-file FILE")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    source = args.model
-    if not Path(source).expanduser().exists() and _looks_like_path(source):
-        raise MissingFileError(f"generate: model {source} does not exist")
-    device = _pick_device(args.device)
-    dtype = _pick_dtype(args.dtype, device)
-
-    from lmforge.checkpoint import load_base
-
-    model, tokenizer, info = load_base(source)
-    model = model.to(device=device, dtype=dtype).eval()
-    family = info.get("family") or "custom"
-    print(
-        f"lmforge: loaded {source} ({info['kind']}, {family}, {model.num_parameters() / 1e6:.1f}M parameters) "
-        f"on {device.type} in {str(dtype).removeprefix('torch.')}",
-        file=sys.stderr,
-        flush=True,
-    )
-
-    streaming = len(prompts) == 1 and not args.json
-    stream = None
-    if streaming:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
-
-        def stream(row: int, piece: str) -> None:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    start = time.perf_counter()
-    completions = generate_completions(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop=[_unescape(s) for s in args.stop],
-        seed=args.seed,
-        use_cache=not args.no_cache,
-        stream=stream,
-    )
-    seconds = time.perf_counter() - start
-    if streaming:
-        sys.stdout.write("\n")
-    elif args.json:
-        records = [
-            {"prompt": c.prompt, "completion": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
-            for c in completions
-        ]
-        print(json.dumps(records, indent=2, ensure_ascii=False))
-    else:
-        for i, c in enumerate(completions, 1):
-            print(f"=== prompt {i} ===\n{c.prompt}\n--- completion {i} ({c.finish_reason}) ---\n{c.text}\n")
-    sys.stdout.flush()
-    total = sum(len(c.token_ids) for c in completions)
-    rate = total / seconds if seconds > 0 else float("inf")
-    print(f"lmforge: generated {total} tokens in {seconds:.2f} s ({rate:.1f} tokens/s)", file=sys.stderr, flush=True)

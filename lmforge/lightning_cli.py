@@ -11,7 +11,7 @@ and ``/tensorboard``; ``trainer.precision: null`` means bf16-mixed on GPUs that 
 ``--ckpt_path`` is checked before anything runs (a missing, damaged, foreign or hostile file is one
 line, with the newest readable checkpoint beside it offered), and the checkpoint never overrides the
 config: the run uses the config's settings and says which differ from the checkpoint's (see
-:meth:`lmforge.pretrain.LMForgeModule.on_load_checkpoint`).
+:meth:`lmforge.task.LMForgeModule.on_load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lmforge import callbacks, ops, parallel, plugins
 from lmforge.errors import UserError
-from lmforge.pretrain import LMForgeModule
+from lmforge.task import LMForgeModule
 
 # jsonargparse parses a subclass's init_args in "omegaconf" mode before registering that loader's
 # exceptions (a KeyError 'omegaconf'); registering the loader first avoids it.

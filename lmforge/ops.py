@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge import kernels
 from lmforge.errors import UserError
 from lmforge.kernels import sdpa
 
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON = importlib.util.find_spec("triton") is not None  # looked up once: an install does not change mid-run
 _told: set[str] = set()
-_unbuildable: dict[tuple, str] = {}  # kernel cases that failed to build here -> why, for the fallback's log line
 
 
 # Under torch.compile the dispatch below is traced by dynamo: every decision depends only on what the
@@ -70,15 +70,15 @@ def _tell_once(message: str) -> bool:
 
 @_constant_when_traced
 def _known_unbuildable(case: tuple) -> str:
-    """Why ``case`` failed to build here before ("" when it did not): it goes to torch from then on."""
-    return _unbuildable.get(case, "")
+    """Why ``case`` failed to build here before ("" when it did not): it goes to torch from then on.
+    The memory is the kernels' own (lmforge.kernels.known_failure), shared with their in-op fallbacks."""
+    why = kernels.known_failure(case)
+    return f"the Triton kernel failed to build here ({why})" if why else ""
 
 
 def _build_failed(case: tuple, op: str, err: BaseException) -> str:
     """Remember that ``case`` cannot be built here, warn once, and return the reason for later log lines."""
-    first = (str(err).strip().splitlines() or [""])[0][:200]
-    why = f"the Triton kernel failed to build here ({type(err).__name__}: {first})"
-    _unbuildable[case] = why
+    why = f"the Triton kernel failed to build here ({kernels.build_failed(case, err)})"
     log.warning(f"{op}: {why}; using the torch path for {case[1:]} from now on")
     return why
 
@@ -196,7 +196,7 @@ def linear_cross_entropy(
     """
     check_backend("loss", backend)
     if backend == "torch":
-        from lmforge.kernels.linear_cross_entropy import target_scale
+        from lmforge.kernels.utils import target_scale
 
         # 1/count for a mean (1 for a sum), the targets checked first (also inside a compiled graph)
         scale = target_scale(targets, weight.shape[0], ignore_index, reduction, check_targets)

@@ -61,6 +61,10 @@ class Group:
     protocol: str
     required_params: tuple[str, ...]
     """Positional parameters the factory must accept before its keyword arguments."""
+    check: str | None = None
+    """``module:function`` that takes what a factory built and returns what is wrong with it (None: nothing),
+    named as entry points name their targets and imported only when such a plugin is built: the registry
+    knows the kinds' protocols without importing the modules that define them."""
 
 
 GROUPS: dict[str, Group] = {
@@ -81,6 +85,7 @@ GROUPS: dict[str, Group] = {
             "decode, fingerprint, to_dict and save, and a from_dict classmethod on its class "
             "(see lmforge.tokenizers.Tokenizer)",
             ("corpus", "cache_dir"),
+            check="lmforge.tokenizers:round_trip_problem",
         ),
         Group(
             "lmforge.optimizers",
@@ -418,10 +423,9 @@ def build(kind: str, spec: dict[str, Any] | str, *args: Any) -> Any:
     _check_result(info, result)
     if kind == "dataset":
         _check_corpus_key(info, result)
-    if kind == "tokenizer":
-        from lmforge.tokenizers import round_trip_problem
-
-        problem = round_trip_problem(result)
+    check = _group(kind).check
+    if check is not None:
+        problem = import_target(check)(result)
         if problem:
             raise PluginError(f"{info.describe()} cannot be saved in checkpoints: {problem}")
     return result

@@ -131,7 +131,7 @@ def test_fit_validate_test_predict_and_files_beside_the_checkpoint(run_cli, tmp_
     # the built-in safetensors exporter: same weights, same logits, atomic folder
     out = run_cli("export", ckpt_path, "--to", "exported", "--arg", "dtype=float32", check=True)
     assert "exported" in out.stdout
-    from lmforge.export import load_exported, read_checkpoint
+    from lmforge.checkpoint import load_exported, read_checkpoint
     from lmforge.model import GPT
 
     config, state, _ = read_checkpoint(ckpt_path)

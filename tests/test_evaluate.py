@@ -14,6 +14,7 @@ from torch import nn
 
 import lmforge
 from lmforge import evaluate
+from lmforge.commands import evaluate_command
 from lmforge.data.sources import CorpusError
 from lmforge.model import GPT, GPTConfig
 from lmforge.tokenizers import ByteTokenizer
@@ -296,7 +297,7 @@ def save_run(tmp_path: Path) -> Path:
 
 def test_main_writes_json_and_prints_table(tmp_path, capsys, monkeypatch):
     ckpt = save_run(tmp_path)
-    evaluate.main([str(ckpt), "--task", "multiple_choice", "--data", str(DATA / "mc-example.jsonl"), "--limit", "6"])
+    evaluate_command([str(ckpt), "--task", "multiple_choice", "--data", str(DATA / "mc-example.jsonl"), "--limit", "6"])
     out = capsys.readouterr()
     assert "acc_norm" in out.out and "metric" in out.out and "results written to" in out.err
     results = json.loads((tmp_path / "run" / "eval" / "multiple_choice-mc-example.json").read_text())
@@ -305,7 +306,7 @@ def test_main_writes_json_and_prints_table(tmp_path, capsys, monkeypatch):
     assert results["lmforge_version"] == lmforge.__version__ and results["date"]
     assert 0 <= results["metrics"]["acc"] <= 1 and results["examples"][1]["line"] == 2
 
-    evaluate.main(
+    evaluate_command(
         [str(ckpt), "--task", "generation", "--data", str(DATA / "gen-example.jsonl"), "--limit", "3"]
         + ["--max-new-tokens", "4", "--batch-size", "2", "--smooth-bleu"]
     )
@@ -318,14 +319,14 @@ def test_main_writes_json_and_prints_table(tmp_path, capsys, monkeypatch):
     text.write_text("Every quiet fox follows the lantern beyond the river. " * 6)
     monkeypatch.chdir(tmp_path)
     out_file = tmp_path / "ppl.json"
-    evaluate.main([str(ckpt), "--task", "perplexity", "--data", str(text), "--output", str(out_file)])
+    evaluate_command([str(ckpt), "--task", "perplexity", "--data", str(text), "--output", str(out_file)])
     results = json.loads(out_file.read_text())
     assert results["metrics"]["tokens"] == len(text.read_text()) and results["metrics"]["perplexity"] > 1
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".ppl.json.*"))
     # a model outside <run>/checkpoints: results in ./eval
     other = tmp_path / "model.ckpt"
     other.write_bytes(ckpt.read_bytes())
-    evaluate.main([str(other), "--task", "perplexity", "--data", str(text)])
+    evaluate_command([str(other), "--task", "perplexity", "--data", str(text)])
     assert (tmp_path / "eval" / "perplexity-corpus.json").is_file()
 
 
@@ -343,7 +344,7 @@ def test_bad_input_is_one_line_naming_file_line_and_key(tmp_path):
         data = tmp_path / "data.jsonl"
         data.write_text("\n".join(lines) + "\n")
         with pytest.raises((ValueError, FileNotFoundError)) as err:
-            evaluate.main([str(ckpt), "--task", task, "--data", str(data)])
+            evaluate_command([str(ckpt), "--task", task, "--data", str(data)])
         return one_line(err)
 
     msg = run([json.dumps(good), json.dumps({"question": "Q", "answer": 0})])
@@ -362,15 +363,15 @@ def test_bad_input_is_one_line_naming_file_line_and_key(tmp_path):
     assert "line 1" in msg and "'text'" in msg
 
     with pytest.raises(FileNotFoundError) as err:
-        evaluate.main([str(ckpt), "--task", "perplexity", "--data", str(tmp_path / "missing.jsonl")])
+        evaluate_command([str(ckpt), "--task", "perplexity", "--data", str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl not found" in one_line(err)
     with pytest.raises(FileNotFoundError) as err:
-        evaluate.main(
+        evaluate_command(
             [str(tmp_path / "nope.ckpt"), "--task", "multiple_choice", "--data", str(DATA / "mc-example.jsonl")]
         )
     assert "nope.ckpt does not exist" in one_line(err)
     with pytest.raises(ValueError) as err:
-        evaluate.main([str(ckpt), "--task", "nonsense", "--data", "x.jsonl"])
+        evaluate_command([str(ckpt), "--task", "nonsense", "--data", "x.jsonl"])
     assert one_line(err).startswith("evaluate: argument --task")
 
 

@@ -15,7 +15,8 @@ import lmforge
 from lmforge import lora as lora_lib
 from lmforge.checkpoint import load_checkpoint
 from lmforge.data.classify import ClassificationDataModule
-from lmforge.data.sft import IGNORE_INDEX, SFTDataModule
+from lmforge.data.packing import IGNORE_INDEX
+from lmforge.data.sft import SFTDataModule
 from lmforge.finetune import ClassifierModule, SFTModule
 from lmforge.model import GPT, GPTConfig
 

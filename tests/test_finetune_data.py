@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lmforge.data.classify import ClassificationDataModule
-from lmforge.data.sft import IGNORE_INDEX, SFTDataModule, pack
+from lmforge.data.packing import IGNORE_INDEX, pack
+from lmforge.data.sft import SFTDataModule
 from lmforge.data.sources import CorpusError
 from lmforge.model import GPTConfig
 from lmforge.tokenizers import ByteTokenizer, HFTokenizer
@@ -293,8 +294,10 @@ def test_file_errors(tmp_path):
         sft(write_text(tmp_path / "a.txt", "hi"), val=good)
     with pytest.raises(CorpusError, match=r"empty.jsonl has no records"):
         sft(write_text(tmp_path / "empty.jsonl", "\n\n"), val=good)
+    unconnected = SFTDataModule(good)
+    unconnected.setup("fit")  # waits for connect()
     with pytest.raises(CorpusError, match=r"no tokenizer"):
-        SFTDataModule(good).setup("fit")
+        unconnected.train_dataloader()
 
 
 def test_json_list_format_and_line_numbers(tmp_path):
@@ -339,8 +342,8 @@ def test_tokenizer_and_max_length_from_the_model(tmp_path):
     train = write_jsonl(tmp_path / "long.jsonl", LONG)
     dm = SFTDataModule(train, val=train, truncation="drop")
     module = SimpleNamespace(tokenizer=ByteTokenizer(), config=GPTConfig(vocab_size=320, block_size=10))
-    dm.trainer = SimpleNamespace(lightning_module=module)
     dm.setup("fit")
+    dm.connect(tokenizer=module.tokenizer, max_seq_length=module.config.block_size)  # as the task's setup does
     assert dm.tokenizer is module.tokenizer and dm.stats["dropped"] == 2
 
 

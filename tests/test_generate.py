@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import lmforge
-from lmforge.generate import generate, generate_completions, generate_ids, main, sample_next
+from lmforge.commands import generate_command as main
+from lmforge.generate import generate, generate_completions, generate_ids, sample_next
 from lmforge.model import GPT, GPTConfig, KVCache
 from lmforge.tokenizers import ByteTokenizer
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import lightning as L
-import lmforge.kernels.linear_cross_entropy as lce
+import lmforge.kernels.utils as lce
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset

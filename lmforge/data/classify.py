@@ -21,28 +21,15 @@ import logging
 from collections import Counter
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from lmforge.data.sft import (
-    ExampleLoaders,
-    Record,
-    RecordFile,
-    bos_ids,
-    check_common,
-    encode,
-    fields_of,
-    read_records,
-    resolve_tokenizer,
-    split_off,
-)
+from lmforge.data.examples import ExampleDataModule, bos_ids, check_common, encode, split_off
+from lmforge.data.records import FORMATS, Record, RecordFile, fields_of, read_records
 from lmforge.data.sources import CorpusError
 from lmforge.errors import UserError
 
 log = logging.getLogger(__name__)
-
-FORMATS = (".jsonl", ".json", ".csv")
 
 
 def sort_labels(labels) -> list[str]:
@@ -91,12 +78,15 @@ class ClassifyCollator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
+class ClassificationDataModule(ExampleDataModule):
     """Text classification data: texts with labels from .jsonl, .json or .csv files.
 
     Each text is tokenized once (truncated to max_length, keeping the beginning); labels are class indices
-    into :attr:`label_names`. Batches are right-padded (see :mod:`lmforge.data.classify`).
+    into :attr:`label_names`. Batches are right-padded (see :mod:`lmforge.data.classify`). The tokenizer and
+    max_length not given here come from the task (:meth:`~lmforge.data.examples.ExampleDataModule.connect`).
     """
+
+    prefix = "classify"
 
     def __init__(
         self,
@@ -131,9 +121,8 @@ class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
             batch_size: Texts per batch.
             num_workers: DataLoader worker processes.
             seed: Seeds the validation split and the shuffling.
-            tokenizer: A tokenizer object (Python use); default: the model's tokenizer (model.tokenizer).
+            tokenizer: A tokenizer object (Python use); default: the task's (the base model's tokenizer).
         """
-        super().__init__()
         check_common("classify", val_fraction, batch_size, max_length, bad_lines)
         if labels is not None:
             names = [str(x).strip() for x in labels]
@@ -142,19 +131,14 @@ class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
                 why = f"repeats {', '.join(map(repr, duplicates))}" if duplicates else "has an empty name"
                 raise UserError(f"classify: data.labels {why if names else 'is empty'}; give distinct label names")
             labels = names
+        super().__init__(tokenizer, max_length, batch_size, num_workers, seed)
         self.train_path, self.val_path, self.test_path = train, val, test
         self.val_fraction = val_fraction
         self.text_field = text_field
         self.label_field = label_field
         self.labels = labels
-        self.max_length = max_length
         self.bad_lines = bad_lines
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.tokenizer = tokenizer
         self.stats: dict[str, Any] = {}
-        self.datasets: dict[str, Dataset] = {}
         self._train_file: list[tuple[Record, str, str]] | None = None
         self._label_names: list[str] | None = None
         self._skipped = 0
@@ -191,13 +175,6 @@ class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
         if "train" in self.datasets:
             return len(self.datasets["train"])
         return len(self._train_rows())
-
-    def set_tokenizer(self, tokenizer, max_length: int | None = None) -> None:
-        """Use ``tokenizer`` (and ``max_length``, when given) without a trainer; the next setup() re-tokenizes."""
-        self.tokenizer = tokenizer
-        if max_length is not None:
-            self.max_length = max_length
-        self.datasets = {}
 
     # -- reading -------------------------------------------------------------------------------------------
     def _train_rows(self) -> list[tuple[Record, str, str]]:
@@ -247,12 +224,8 @@ class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
             raise CorpusError(f"classify: {record.where}: the label ({self.label_field!r}) is empty; give one")
         return label
 
-    # -- LightningDataModule -------------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        tokenizer, max_length = resolve_tokenizer(self, "classify")
-        self.tokenizer = tokenizer
+    # -- building the datasets -----------------------------------------------------------------------------
+    def _build(self, tokenizer: Any, max_length: int) -> None:
         names = self.label_names
         index = {name: i for i, name in enumerate(names)}
         train = self._train_rows()
@@ -265,7 +238,7 @@ class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
             splits["test"] = self._read(self.test_path, "data.test")
         bos = bos_ids(tokenizer)
         truncated = 0
-        self.datasets = {}
+        datasets: dict[str, Dataset] = {}
         for name, rows in splits.items():
             all_ids, labels = [], []
             for record, text, label in rows:
@@ -281,10 +254,11 @@ class ClassificationDataModule(ExampleLoaders, L.LightningDataModule):
                     truncated += 1
                 all_ids.append(torch.tensor(ids, dtype=torch.long))
                 labels.append(index[label])
-            self.datasets[name] = TextLabelDataset(all_ids, labels)
-        self.datasets.setdefault("test", self.datasets["val"])
+            datasets[name] = TextLabelDataset(all_ids, labels)
+        datasets.setdefault("test", datasets["val"])
         self.collate = ClassifyCollator(int(tokenizer.eos_id))
-        train_set = self.datasets["train"]
+        self.datasets = datasets
+        train_set = datasets["train"]
         lengths = [len(ids) for ids in train_set.ids]
         counts = Counter(train_set.labels)
         self.stats = {

@@ -124,6 +124,18 @@ class PretrainDataModule(ResumableData, L.LightningDataModule):
         self.tokenizer = plugins.build("tokenizer", self.tokenizer_spec, self.corpus, self.cache_dir)
         self.token_file = build_token_file(self.corpus, self.tokenizer, self.cache_dir, self.token_dtype, progress)
 
+    def connect(self, tokenizer: Tokenizer | None = None, batch_size: int | None = None,
+                max_seq_length: int | None = None) -> None:  # fmt: skip
+        """What the task hands down before the run. Pretraining builds its tokenizer from the corpus (the
+        config's ``tokenizer``), so a task's tokenizer is not taken; windows must fit ``max_seq_length``."""
+        if batch_size is not None:
+            self.batch_size = batch_size
+        if max_seq_length is not None and self.seq_len > max_seq_length:
+            raise UserError(
+                f"data.seq_len={self.seq_len} exceeds the model's block_size={max_seq_length}; "
+                f"lower data.seq_len or raise model.config.block_size"
+            )
+
     # -- LightningDataModule ----------------------------------------------------------------
     def prepare_data(self) -> None:
         self._prepare(progress=True)

@@ -24,6 +24,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the import of the kernel module (see conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import lmforge.kernels  # noqa: E402
 import lmforge.kernels.attention as attention_module  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
@@ -467,7 +468,7 @@ def broken_backward(monkeypatch):
 
     monkeypatch.setattr(attention_module, "_backward", fail)
     monkeypatch.setattr(attention_module, "_fallback_warned", False)
-    monkeypatch.setattr(attention_module, "_backward_broken", set())
+    monkeypatch.setattr(lmforge.kernels, "_failures", {})
     return calls
 
 

@@ -23,6 +23,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the import of the kernel modules (see conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import lmforge.kernels  # noqa: E402
 import lmforge.kernels.attention as attention_kernels  # noqa: E402
 import lmforge.kernels.cross_entropy as ce_kernels  # noqa: E402
 import lmforge.kernels.linear_cross_entropy as lce_kernels  # noqa: E402
@@ -45,7 +46,7 @@ def _fresh_compiler(monkeypatch):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     monkeypatch.setattr(ops, "_told", set())
-    monkeypatch.setattr(ops, "_unbuildable", {})
+    monkeypatch.setattr(lmforge.kernels, "_failures", {})
     yield
     torch._dynamo.reset()
 
@@ -266,11 +267,9 @@ def test_fallback_inside_a_compiled_graph(broken, monkeypatch, caplog):
     if broken == "forward":
         monkeypatch.setattr(attention_kernels, "_forward", fail)
     monkeypatch.setattr(attention_kernels, "_backward", fail)
-    monkeypatch.setattr(attention_kernels, "_forward_broken", set())
-    monkeypatch.setattr(attention_kernels, "_backward_broken", set())
+    monkeypatch.setattr(lmforge.kernels, "_failures", {})
     monkeypatch.setattr(attention_kernels, "_fallback_warned", False)
     monkeypatch.setattr(ce_kernels, "ce_rows_", fail)
-    monkeypatch.setattr(lce_kernels, "_rows_broken", set())
     g = torch.Generator().manual_seed(6)
     B, H, H_kv, N, D, V = 2, 4, 2, 12, 16, 40
     q = torch.randn(B, H, N, D, generator=g)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import lmforge.kernels
 import lmforge.kernels.attention as attention_kernels
 import lmforge.kernels.linear_cross_entropy as lce_kernels
 import pytest
@@ -22,9 +23,8 @@ from lmforge import ops
 
 @pytest.fixture(autouse=True)
 def _fresh_dispatch_state(monkeypatch):
-    monkeypatch.setattr(ops, "_unbuildable", {})
+    monkeypatch.setattr(lmforge.kernels, "_failures", {})
     monkeypatch.setattr(ops, "_told", set())
-    monkeypatch.setattr(attention_kernels, "_backward_broken", set())
     monkeypatch.setattr(attention_kernels, "_fallback_warned", False)
 
 

@@ -22,7 +22,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the import of the kernel modules (see conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import lmforge.kernels.linear_cross_entropy as lce  # noqa: E402
+import lmforge.kernels.utils as lce  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
