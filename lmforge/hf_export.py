@@ -44,20 +44,13 @@ import torch
 from torch import Tensor
 
 import lmforge
-from lmforge import hf
+from lmforge import families, hf
 from lmforge.errors import UserError
 from lmforge.export import DTYPES, Checkpoint, load_checkpoint
 from lmforge.hub import card_license, card_metadata
 from lmforge.model import GPTConfig
 from lmforge.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer
 
-ARCHITECTURES = {
-    ("gpt2", False): "GPT2LMHeadModel",
-    ("llama", False): "LlamaForCausalLM",
-    ("gpt2", True): "GPT2ForSequenceClassification",
-    ("llama", True): "LlamaForSequenceClassification",
-}
-FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}
 PAD_TOKENS = ("<|pad|>", "<|lmforge_pad|>")
 """The padding token an exported classifier gets: the first of these its tokenizer does not have already."""
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -80,6 +73,20 @@ _DATA_FILES = {".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow", 
 """Suffixes of local data files, which a Hub dataset id does not end in."""
 _PROMPT = "Once upon a time"
 _TEXTS = ["This is great!", "Not for me."]
+
+
+def __getattr__(name: str) -> Any:
+    """``ARCHITECTURES`` ((family, classifier?) -> transformers class) and ``FAMILY_NAMES`` (family -> name in
+    prose), the constants these once were: computed from :data:`lmforge.families.FAMILIES` on access."""
+    if name == "ARCHITECTURES":
+        return {
+            (f.name, classify): f.architecture(classify)
+            for classify in (False, True)
+            for f in families.FAMILIES.values()
+        }
+    if name == "FAMILY_NAMES":
+        return {f.name: f.display for f in families.FAMILIES.values()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ExportError(UserError):
@@ -392,7 +399,7 @@ def hf_config(ckpt: Checkpoint, config: GPTConfig, family: str, special: dict, d
     """config.json: the architecture of ``config`` (:func:`lmforge.hf.config_to_hf`) plus what transformers
     reads beside it."""
     classify = ckpt.task == "classify"
-    values: dict[str, Any] = {"architectures": [ARCHITECTURES[family, classify]]}
+    values: dict[str, Any] = {"architectures": [families.family(family).architecture(classify)]}
     values.update(hf.config_to_hf(config, family))
     if special:
         values.update(bos_token_id=special["bos_id"], eos_token_id=special["eos_id"], pad_token_id=special["pad_id"])
@@ -828,7 +835,7 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
         metrics=sorted({r.metric_type for r in results}) or None,
     )
     train = training_facts(ckpt)
-    arch = FAMILY_NAMES[facts.family]
+    arch = families.family(facts.family).display
     lines = [f"# {facts.name}", "", summary(ckpt, facts), *_base_note(facts)]
     if classify and ckpt.labels:
         lines += ["", "Labels (id: name): " + ", ".join(f"{i}: `{label}`" for i, label in enumerate(ckpt.labels)) + "."]
@@ -922,7 +929,8 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
 
 def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
     """The card's first sentence: what the model is, what it was trained from and how, and where it came from."""
-    arch = FAMILY_NAMES[facts.family]
+    fam = families.family(facts.family)
+    arch = fam.display
     size = f"{_fmt_count(facts.num_params)}-parameter {arch}-architecture"
     base = f"`{facts.base.name}`" if facts.base else None
     weights = "LoRA" if ckpt.lora else "all weights"
@@ -962,7 +970,7 @@ def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
             else f", pretrained from scratch {tool} and"
         )
     return (
-        f"{what}{how} exported to transformers format (`{ARCHITECTURES[facts.family, ckpt.task == 'classify']}`, "
+        f"{what}{how} exported to transformers format (`{fam.architecture(ckpt.task == 'classify')}`, "
         f"{facts.dtype} weights) from {origin}."
     )
 

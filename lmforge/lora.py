@@ -14,7 +14,7 @@ an existing folder, as the ``hf`` exporter does); GPT-2's fused ``c_attn`` gets 
 ``r * parts`` with a block-diagonal ``B``, which is exactly the per-part LoRAs.
 
 Targets use PEFT's list semantics: a target matches a module whose qualified name equals it or
-ends with ``"." + target``. Hugging Face names are accepted as aliases (:data:`ALIASES`).
+ends with ``"." + target``. Hugging Face names are accepted as aliases (:func:`aliases`).
 """
 
 from __future__ import annotations
@@ -24,23 +24,16 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge import families
 from lmforge.atomic import staged_folder
 from lmforge.errors import ExistingPathError, UserError
 from lmforge.model import GPTConfig
-
-ALIASES: dict[str, tuple[str, ...]] = {
-    "c_attn": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("attn.c_proj",),
-    "up_proj": ("mlp.c_fc",),
-    "gate_proj": ("mlp.gate",),
-    "down_proj": ("mlp.c_proj",),
-}
-"""Hugging Face module names -> the lmforge targets they stand for (GPT-2's c_proj / c_fc coincide)."""
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 _SUFFIXES = (".lora_A", ".lora_B")
@@ -154,8 +147,25 @@ def _as_targets(targets: str | Iterable[str]) -> list[str]:
     return [t.strip() for t in items]
 
 
-def _aliases_text() -> str:
-    return ", ".join(f"{k} ({' '.join(v)})" for k, v in ALIASES.items())
+def aliases() -> dict[str, tuple[str, ...]]:
+    """Hugging Face module names -> the lmforge targets they stand for, from every family's weight template
+    (``c_attn`` -> q, k and v; names both share, such as GPT-2's ``c_proj``, need none)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for fam in families.FAMILIES.values():
+        for theirs, ours in fam.lora_aliases().items():
+            out[theirs] = tuple(dict.fromkeys((*out.get(theirs, ()), *ours)))
+    return out
+
+
+def __getattr__(name: str) -> Any:
+    """``ALIASES``, the name :func:`aliases` had as a constant: computed on access, so it follows the registry."""
+    if name == "ALIASES":
+        return aliases()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _aliases_text(table: dict[str, tuple[str, ...]]) -> str:
+    return ", ".join(f"{k} ({' '.join(v)})" for k, v in table.items())
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -182,8 +192,9 @@ def apply_lora(
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen: set[str] = set()
     unmatched = []
+    table = aliases()
     for target in wanted:
-        patterns = ALIASES.get(target, ()) + (target,)
+        patterns = table.get(target, ()) + (target,)
         hits = {name for name in linears if any(_matches(name, p) for p in patterns)}
         if not hits:
             unmatched.append(target)
@@ -192,7 +203,7 @@ def apply_lora(
         kinds = list(dict.fromkeys(_kind(n) for n in linears))
         raise UserError(
             f"lora: targets {unmatched} match no Linear module of the model; its Linear modules are "
-            f"{', '.join(kinds) or '(none)'}; Hugging Face aliases accepted: {_aliases_text()}"
+            f"{', '.join(kinds) or '(none)'}; Hugging Face aliases accepted: {_aliases_text(table)}"
         )
     # A weight shared with another parameter (a tied lm_head) cannot carry a LoRA of its own.
     owners: dict[int, list[str]] = {}
@@ -356,38 +367,42 @@ def _fmt_number(value: float) -> int | float:
 def peft_adapter_tensors(
     adapters: dict[str, Tensor], config: GPTConfig, r: int
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], str]:
-    """(HF module name -> (A, B)) and the family, GPT-2's q/k/v parts fused into ``c_attn``."""
-    from lmforge.hf import HFError, family_of, linear_module_map
-
-    family = family_of(config)
-    mapping = linear_module_map(family, config.n_layer)
-    hs = config.head_dim
-    sizes = [config.n_head * hs, config.kv_heads * hs, config.kv_heads * hs]
+    """(HF module name -> (A, B)) and the family, the parts of a fused module (GPT-2's q/k/v in ``c_attn``)
+    joined into one LoRA."""
+    family = families.family_of(config)
+    mapping = families.family(family).linear_modules(config.n_layer)
+    shapes = families.shapes(config)
     grouped: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
-    parts_of: dict[str, int] = {}
+    members: dict[str, list[str]] = {}  # HF module -> the lmforge modules it holds, by part
+    for name, (hf_name, part, parts) in mapping.items():
+        members.setdefault(hf_name, [""] * parts)[part] = name
     for name, (a, b) in _pairs(adapters).items():
         if name not in mapping:
-            raise HFError(f"lora: adapters for {name!r}, which has no {family} transformers counterpart")
+            raise families.HFError(f"lora: adapters for {name!r}, which has no {family} transformers counterpart")
         if name == "lm_head" and config.tie_embeddings:
-            raise HFError("lora: adapters for lm_head, which is tied to wte (tie_embeddings); untie or drop lm_head")
-        hf_name, part, parts = mapping[name]
+            raise families.HFError(
+                "lora: adapters for lm_head, which is tied to wte (tie_embeddings); untie or drop lm_head"
+            )
+        hf_name, part, _ = mapping[name]
         grouped.setdefault(hf_name, {})[part] = (a, b)
-        parts_of[hf_name] = parts
     out: dict[str, tuple[Tensor, Tensor]] = {}
     for hf_name, pieces in grouped.items():
-        if parts_of[hf_name] == 1:
+        if len(members[hf_name]) == 1:
             out[hf_name] = pieces[0]
             continue
+        sizes = [shapes[f"{name}.weight"][0] for name in members[hf_name]]  # out features of each part
         present = sorted(pieces)
-        a = torch.cat([pieces[p][0] for p in present], dim=0)
+        a = torch.cat([pieces[p][0] for p in present], dim=0)  # (sum of ranks, in)
         b_ref = pieces[present[0]][1]
-        b = torch.zeros(sum(sizes), a.shape[0], dtype=b_ref.dtype, device=b_ref.device)
+        b = torch.zeros(sum(sizes), a.shape[0], dtype=b_ref.dtype, device=b_ref.device)  # block-diagonal
         col = 0
         for p in present:
             piece = pieces[p][1]
             row = sum(sizes[:p])
             if piece.shape[0] != sizes[p]:
-                raise HFError(f"lora: lora_B for part {p} of {hf_name} has {piece.shape[0]} rows, expected {sizes[p]}")
+                raise families.HFError(
+                    f"lora: lora_B for part {p} of {hf_name} has {piece.shape[0]} rows, expected {sizes[p]}"
+                )
             b[row : row + sizes[p], col : col + piece.shape[1]] = piece
             col += piece.shape[1]
         out[hf_name] = (a, b)
@@ -459,8 +474,6 @@ def _peft_adapter(
     modules_to_save: dict[str, Tensor] | None,
 ) -> tuple[dict, dict[str, Tensor]]:
     """(adapter_config.json values, adapter_model.safetensors tensors) of a PEFT LoRA adapter."""
-    from lmforge.hf import linear_module_map
-
     r, alpha = _settings(lora)
     if not adapters:
         raise UserError("lora: no adapters to save")
@@ -480,7 +493,8 @@ def _peft_adapter(
         tensors[f"{_PEFT_PREFIX}{key}"] = tensor.detach().cpu().contiguous()
     module_names = list(dict.fromkeys(module_names))
 
-    universe = [hf for hf, _, _ in linear_module_map(family, config.n_layer).values()] + ["score"]
+    fam = families.family(family)
+    universe = [hf for hf, _, _ in fam.linear_modules(config.n_layer).values()] + ["score"]
     targets = _shortest_suffixes({name: True for name in fused}, universe)
     patterned = {name: value for name, value in ranks.items() if value[0] != r}
     rank_pattern: dict[str, int] = {}
@@ -495,7 +509,7 @@ def _peft_adapter(
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
-        "fan_in_fan_out": family == "gpt2",  # GPT-2's Conv1D stores weights (in, out)
+        "fan_in_fan_out": fam.conv1d,  # e.g. GPT-2's Conv1D stores weights (in, out)
         "inference_mode": True,
         "init_lora_weights": True,
         "layers_pattern": None,

@@ -8,6 +8,7 @@ a cycle hidden behind one still means two modules that cannot be understood apar
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,15 @@ def test_data_modules_do_not_reach_up(module):
         pytest.skip(f"{module} is a package")
     source = path.read_text(encoding="utf-8")
     assert "lightning_module" not in source, f"{module} reaches up to trainer.lightning_module"
+
+
+def test_readme_map_matches_the_package():
+    """README's "Where things live" names every top-level module of lmforge/, and only modules that exist."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^(lmforge/[\w/]+\.py)", section, flags=re.M))
+    missing = sorted(p for p in named if not (ROOT / p).is_file())
+    assert not missing, f"README names modules that do not exist: {missing}"
+    modules = {f"lmforge/{p.name}" for p in (ROOT / "lmforge").glob("*.py") if not p.name.startswith("__")}
+    unnamed = sorted(modules - named)
+    assert not unnamed, f"README's map leaves out: {unnamed}"

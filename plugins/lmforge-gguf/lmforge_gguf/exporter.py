@@ -1,6 +1,9 @@
 """The ``gguf`` exporter: an lmforge checkpoint as one GGUF file for llama.cpp.
 
-It writes what llama.cpp's convert_hf_to_gguf.py writes for the same model in Hugging Face form:
+It writes what llama.cpp's convert_hf_to_gguf.py writes for the same model in Hugging Face form: the
+architecture is the one the model's family names (:data:`lmforge.families.FAMILIES`), and the tensors are
+the family's Hugging Face tensors (its weight template, fused parts concatenated) renamed by gguf-py's own
+map of Hugging Face names (``gguf.TensorNameMap``), so that:
 
 - GPT-2 family models (learned positions, LayerNorm, GELU) as the ``gpt2`` architecture: q, k and v
   fused into ``attn_qkv`` (in that order, weights and biases), every bias present (zeros for a model
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 
 from lmforge.export import read_checkpoint
+from lmforge.families import FAMILIES, Family, shapes
 from lmforge.model import GPTConfig
 from lmforge_gguf.errors import GGUFError
 from lmforge_gguf.vocab import Vocab, vocab_for
@@ -46,11 +51,25 @@ DTYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
 }
 """dtype argument -> (general.file_type, the type of 2-D weight matrices)."""
 
-ARCHS: dict[gguf.MODEL_ARCH, dict[str, str]] = {
-    gguf.MODEL_ARCH.GPT2: {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu"},
-    gguf.MODEL_ARCH.LLAMA: {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
-}
+
+def _families_by_arch() -> dict[gguf.MODEL_ARCH, Family]:
+    """llama.cpp architecture -> the lmforge family it computes (the first, where several name one)."""
+    by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+    out: dict[gguf.MODEL_ARCH, Family] = {}
+    for fam in FAMILIES.values():
+        if fam.gguf_arch:
+            out.setdefault(by_name[fam.gguf_arch], fam)
+    return out
+
+
+_FAMILIES = _families_by_arch()
+ARCHS: dict[gguf.MODEL_ARCH, dict[str, str]] = {arch: dict(fam.features) for arch, fam in _FAMILIES.items()}
 """The llama.cpp architectures written, and the lmforge model options each one computes."""
+
+_ALL_BIASES = {gguf.MODEL_ARCH.GPT2}
+"""llama.cpp architectures that require every bias (zeros compute the same function as none)."""
+_INTERLEAVED_ROPE = {gguf.MODEL_ARCH.LLAMA}
+"""llama.cpp architectures whose RoPE rotates interleaved pairs: q and k rows are permuted (LlamaModel.permute)."""
 
 
 def export_gguf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f16", filename: str | None = None) -> Path:
@@ -87,7 +106,7 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "f16",
 
     writer = _Writer(out_dir / file, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        _add_metadata(writer, arch, config, name, file_type, vocab)
+        _add_metadata(writer, config, name, file_type, vocab)
         for tensor_name, data, qtype in tensors:
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
         writer.write_header_to_file()
@@ -141,64 +160,26 @@ def gguf_tensors(
     config: GPTConfig, state: dict[str, torch.Tensor], arch: gguf.MODEL_ARCH
 ) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array in PyTorch (out, in) orientation) for every tensor of the file."""
-    gpt2 = arch == gguf.MODEL_ARCH.GPT2
     allowed = gguf.MODEL_TENSORS[arch]
-    out: list[tuple[str, np.ndarray]] = []
-
-    def get(key: str) -> np.ndarray:
+    names = gguf.TensorNameMap(arch, config.n_layer)
+    needed = [k for k in shapes(config) if not (config.tie_embeddings and k == "lm_head.weight")]  # tied: not stored
+    for key in needed:
         if key not in state:
             raise GGUFError(f"exporter gguf: the checkpoint has no tensor {key!r} although its model config needs it")
-        return state[key].detach().to(torch.float32).cpu().numpy()
-
-    def bias(key: str, size: int) -> np.ndarray | None:
-        if config.bias:
-            return get(key)
-        # llama.cpp's gpt2 requires every bias; a zero bias computes the same function as none
-        return np.zeros(size, dtype=np.float32) if gpt2 else None
-
-    def add(kind: T, value: np.ndarray | None, bid: int | None = None, suffix: str = "weight") -> None:
-        assert kind in allowed, f"{kind.name} is not a {gguf.MODEL_ARCH_NAMES[arch]} tensor"
-        if value is not None:
-            out.append((f"{gguf.TENSOR_NAMES[kind].format(bid=bid)}.{suffix}", value))
-
-    C, nh, nkv, hs, ff = config.n_embd, config.n_head, config.kv_heads, config.head_dim, config.mlp_width
-    add(T.TOKEN_EMBD, get("wte.weight"))
-    if gpt2:
-        add(T.POS_EMBD, get("wpe.weight"))
-    for i in range(config.n_layer):
-        p = f"blocks.{i}."
-        add(T.ATTN_NORM, get(p + "ln_1.weight"), i)
-        if gpt2:
-            add(T.ATTN_NORM, bias(p + "ln_1.bias", C), i, "bias")
-        q, k, v = (get(f"{p}attn.{x}_proj.weight") for x in "qkv")
-        bq, bk, bv = (bias(f"{p}attn.{x}_proj.bias", n) for x, n in zip("qkv", (nh * hs, nkv * hs, nkv * hs)))
-        if gpt2:
-            add(T.ATTN_QKV, np.concatenate([q, k, v]), i)
-            add(T.ATTN_QKV, np.concatenate([bq, bk, bv]), i, "bias")
-        else:
-            add(T.ATTN_Q, permute_rope(q, nh), i)
-            add(T.ATTN_K, permute_rope(k, nkv), i)
-            add(T.ATTN_V, v, i)
-            add(T.ATTN_Q, None if bq is None else permute_rope(bq, nh), i, "bias")
-            add(T.ATTN_K, None if bk is None else permute_rope(bk, nkv), i, "bias")
-            add(T.ATTN_V, bv, i, "bias")
-        add(T.ATTN_OUT, get(p + "attn.c_proj.weight"), i)
-        add(T.ATTN_OUT, bias(p + "attn.c_proj.bias", C), i, "bias")
-        add(T.FFN_NORM, get(p + "ln_2.weight"), i)
-        if gpt2:
-            add(T.FFN_NORM, bias(p + "ln_2.bias", C), i, "bias")
-        if config.mlp == "swiglu":  # h = silu(gate(x)) * c_fc(x): llama.cpp's silu(ffn_gate) * ffn_up
-            add(T.FFN_GATE, get(p + "mlp.gate.weight"), i)
-            add(T.FFN_GATE, bias(p + "mlp.gate.bias", ff), i, "bias")
-        add(T.FFN_UP, get(p + "mlp.c_fc.weight"), i)
-        add(T.FFN_UP, bias(p + "mlp.c_fc.bias", ff), i, "bias")
-        add(T.FFN_DOWN, get(p + "mlp.c_proj.weight"), i)
-        add(T.FFN_DOWN, bias(p + "mlp.c_proj.bias", C), i, "bias")
-    add(T.OUTPUT_NORM, get("ln_f.weight"))
-    if gpt2:
-        add(T.OUTPUT_NORM, bias("ln_f.bias", C), None, "bias")
-    if not config.tie_embeddings:
-        add(T.OUTPUT, get("lm_head.weight"))
+    tensors = {key: state[key].detach().to(torch.float32).cpu() for key in needed}
+    if arch in _ALL_BIASES and not config.bias:
+        for key, shape in shapes(replace(config, bias=True)).items():
+            if key.endswith(".bias"):
+                tensors[key] = torch.zeros(shape)  # (out,)
+    out: list[tuple[str, np.ndarray]] = []
+    for hf_name, tensor in _FAMILIES[arch].to_hf(tensors, config.n_layer, transpose=False).items():
+        module, _, suffix = hf_name.rpartition(".")
+        kind, gguf_name = names.get_type_and_name(module) or (None, None)
+        assert kind in allowed, f"{hf_name} is not a {gguf.MODEL_ARCH_NAMES[arch]} tensor"
+        data = tensor.numpy()  # (out, in) or (out,)
+        if arch in _INTERLEAVED_ROPE and kind in (T.ATTN_Q, T.ATTN_K):
+            data = permute_rope(data, data.shape[0] // config.head_dim)  # heads of q (n_head) or k (kv_heads)
+        out.append((f"{gguf_name}.{suffix}", data))
     return out
 
 
@@ -217,9 +198,7 @@ def encode(name: str, data: np.ndarray, matrix_type: QType) -> tuple[np.ndarray,
         return gguf.quants.quantize(data, QType.F16), QType.F16
 
 
-def _add_metadata(
-    writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, config: GPTConfig, name: str, file_type: int, vocab: Vocab
-) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, config: GPTConfig, name: str, file_type: int, vocab: Vocab) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_context_length(config.block_size)
@@ -229,10 +208,11 @@ def _add_metadata(
     writer.add_head_count(config.n_head)
     writer.add_head_count_kv(config.kv_heads)
     writer.add_vocab_size(config.vocab_size)
-    if arch == gguf.MODEL_ARCH.GPT2:
-        writer.add_layer_norm_eps(config.norm_eps)
-    else:
+    if config.norm == "rmsnorm":
         writer.add_layer_norm_rms_eps(config.norm_eps)
+    else:
+        writer.add_layer_norm_eps(config.norm_eps)
+    if config.pos_encoding == "rope":
         writer.add_rope_dimension_count(config.head_dim)
         writer.add_rope_freq_base(config.rope_theta)
     writer.add_file_type(int(file_type))

@@ -1,0 +1,422 @@
+"""The Hugging Face architectures lmforge reads and writes, one :class:`Family` entry each.
+
+An entry says everything lmforge knows about a transformers architecture: its ``model_type`` and class
+names, the lmforge model options that make a GPT one of it, how its ``config.json`` keys map to
+:class:`~lmforge.model.GPTConfig` fields (both ways), and a template of its weight names. Everything
+else derives from the entry: :mod:`lmforge.hf` (loading, and the key maps of export),
+:mod:`lmforge.hf_export` (class names, the model card), :mod:`lmforge.lora` (PEFT module names,
+Hugging Face aliases of LoRA targets) and the gguf exporter (llama.cpp architecture; tensor names via
+gguf-py's map of transformers names). Adding an architecture is adding an entry to :data:`FAMILIES`.
+
+The weight template maps lmforge modules to transformers modules, ``{i}`` standing for the layer;
+each mapping covers the module's ``weight`` and ``bias``. Both directions derive from it, as in
+torchtitan's state-dict adapters: :meth:`Family.tensors` (lmforge -> transformers) and
+:meth:`Family.hf_tensors` (its inverse). Two transforms are marked on the entries: ``conv1d`` (GPT-2's
+Conv1D stores weights (in, out), transposed from nn.Linear's (out, in)), and fusion (entries sharing
+one transformers module are its parts, concatenated along the output features in template order, as
+GPT-2's ``c_attn`` holds q, k and v). A head tied to the embedding is lmforge's and transformers'
+convention for every family (it is left out of a transformers checkpoint), so it is not in the table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import UserError
+from lmforge.model import GPT, GPTConfig
+
+_REQUIRED: Any = object()
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation lmforge's GELU MLP computes
+
+
+class HFError(UserError):
+    """A Hugging Face folder lmforge cannot use (one line: what and what to do)."""
+
+
+# -- the parts of an entry ------------------------------------------------------------------------
+
+
+def _lookup(values: dict, path: str) -> Any:
+    """``values[a][b]`` for the path ``a.b``; None where any step is missing or not an object."""
+    for step in path.split("."):
+        if not isinstance(values, dict):
+            return None
+        values = values.get(step)
+    return values
+
+
+@dataclass(frozen=True)
+class Key:
+    """A config.json key holding a GPTConfig value: read on import, written on export."""
+
+    key: str
+    field: str | None
+    """The GPTConfig field it sets on import; None for a key only written (its value follows from others)."""
+    attr: str | None = None
+    """The GPTConfig attribute written on export (a field, or a property such as ``kv_heads``); default: field."""
+    write: Callable[[GPTConfig], Any] | None = None
+    """The value written on export as a function of the config, where no attribute holds it (instead of attr)."""
+    read: tuple[str, ...] = ()
+    """Where import looks, in order (``a.b``: key b of the object under a); default: the key. The first one
+    set (present and not null) wins."""
+    default: Any = _REQUIRED
+    """On import, when none is set: a value, or a function of the fields read so far (earlier keys); when
+    there is none, the key is required."""
+    cast: Callable[[Any], Any] | None = None
+    """Applied to the value read on import (e.g. float for a number transformers may write as an int)."""
+
+    def from_hf(self, values: dict, got: dict[str, Any]) -> Any:
+        """The field's value from config.json ``values``; KeyError(key) when required and not set."""
+        for path in self.read or (self.key,):
+            value = _lookup(values, path)
+            if value is not None:
+                break
+        else:
+            if self.default is _REQUIRED:
+                raise KeyError(self.key)
+            value = self.default(got) if callable(self.default) else self.default
+        return self.cast(value) if self.cast else value
+
+    def to_hf(self, config: GPTConfig) -> Any:
+        """The value config.json gets for ``config``."""
+        return self.write(config) if self.write else getattr(config, self.attr or self.field)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A config.json key whose value lmforge's computation fixes (an activation, a dropout of zero)."""
+
+    key: str
+    value: Any
+    """What export writes, and what import assumes when the key is not set."""
+    accept: tuple[Any, ...] = ()
+    """Other values import accepts (they compute the same function)."""
+    why: str | None = None
+    """Why import refuses any other value (the end of its error message); None: import does not check it."""
+    written: bool = True
+    """Whether export writes it (False for a key transformers defaults to the value anyway)."""
+
+    def refusal(self, values: dict) -> str | None:
+        """What is wrong with config.json ``values`` for this key (``key=value why``), or None."""
+        value = values.get(self.key)
+        if self.why is None or value is None or value in (self.value, *self.accept):
+            return None
+        return f"{self.key}={value!r} {self.why}"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One lmforge module and the transformers module holding its weight and bias; ``{i}`` is the layer."""
+
+    ours: str
+    theirs: str
+    linear: bool = False
+    """An nn.Linear of lmforge's GPT: something LoRA can adapt."""
+    conv1d: bool = False
+    """transformers stores the weight transposed, (in, out), as GPT-2's Conv1D does."""
+
+
+class Slot(NamedTuple):
+    """Where one lmforge tensor lives in a transformers state dict."""
+
+    hf: str
+    """The transformers tensor name."""
+    part: int
+    """Which of the fused parts it is (0 when not fused)."""
+    parts: int
+    """How many lmforge tensors the transformers tensor holds, concatenated along dim 0 (out features)."""
+    transpose: bool
+    """Stored (in, out) by transformers."""
+    linear: bool
+    """Of an nn.Linear module."""
+
+
+# -- the entry -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """One transformers architecture, as lmforge reads and writes it."""
+
+    name: str
+    """Its ``model_type`` (and the family name lmforge reports)."""
+    display: str
+    """Its name in prose: "GPT-2"."""
+    causal_lm: str
+    """The transformers class of the language model (config.json ``architectures``)."""
+    classifier: str
+    """The transformers class of a sequence classifier (head ``score``)."""
+    features: Mapping[str, Any]
+    """The GPTConfig options that make a GPT this architecture (import sets them, export matches on them)."""
+    config: tuple[Key | Fixed, ...]
+    """The config.json keys, in the order export writes them (model_type first, always)."""
+    weights: tuple[Weights, ...]
+    """The weight-name template, in transformers' module order."""
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    """Further GPTConfig fields import sets (that export requires through check_export)."""
+    check_import: Callable[[dict, dict[str, Any]], str | None] | None = None
+    """What makes config.json values (and the fields read from them) unloadable, beyond the keys' own checks;
+    None when nothing does."""
+    check_export: Callable[[GPTConfig], str | None] | None = None
+    """What this architecture cannot express about a config with its features; None when nothing."""
+    buffers: tuple[str, ...] = ()
+    """Regular expressions for tensor names transformers checkpoints may carry that hold no weights."""
+    bare_prefix: str | None = None
+    """The prefix of the backbone's names that a backbone-only checkpoint (GPT2Model) leaves out, which import
+    puts back; None: such checkpoints are not accepted."""
+    gguf_arch: str | None = None
+    """The llama.cpp architecture (``general.architecture``) computing it; None: no GGUF export."""
+
+    def architecture(self, classify: bool = False) -> str:
+        """The transformers class: the language model's, or the sequence classifier's."""
+        return self.classifier if classify else self.causal_lm
+
+    @property
+    def conv1d(self) -> bool:
+        """Whether transformers stores some of its Linear weights (in, out) (PEFT's ``fan_in_fan_out``)."""
+        return any(w.conv1d for w in self.weights)
+
+    def is_buffer(self, name: str) -> bool:
+        """Whether the transformers tensor ``name`` is a buffer that holds no weights."""
+        return any(re.search(pattern, name) for pattern in self.buffers)
+
+    def tensors(self, n_layer: int) -> dict[str, Slot]:
+        """lmforge tensor name -> where transformers keeps it, for every weight and bias the template can map
+        (also those a given config does not have, such as biases of a model without them)."""
+        block = [w for w in self.weights if "{i}" in w.ours]
+        out: dict[str, Slot] = {}
+        for entry in self.weights:
+            if "{i}" not in entry.ours:
+                self._expand(entry, None, out)
+            elif entry is block[0]:  # all layers, in order, where the block's entries start
+                for i in range(n_layer):
+                    for b in block:
+                        self._expand(b, i, out)
+        return out
+
+    def _expand(self, entry: Weights, layer: int | None, out: dict[str, Slot]) -> None:
+        siblings = [w for w in self.weights if w.theirs == entry.theirs]
+        ours, theirs = entry.ours.format(i=layer), entry.theirs.format(i=layer)
+        for kind in ("weight", "bias"):
+            transpose = entry.conv1d and kind == "weight"
+            slot = Slot(f"{theirs}.{kind}", siblings.index(entry), len(siblings), transpose, entry.linear)
+            out[f"{ours}.{kind}"] = slot
+
+    def hf_tensors(self, n_layer: int) -> dict[str, tuple[str, ...]]:
+        """transformers tensor name -> the lmforge tensors it holds (fused parts in order): the inverse of
+        :meth:`tensors`."""
+        grouped: dict[str, list[str]] = {}
+        for name, slot in self.tensors(n_layer).items():
+            grouped.setdefault(slot.hf, [""] * slot.parts)[slot.part] = name
+        return {hf_name: tuple(names) for hf_name, names in grouped.items()}
+
+    def linear_modules(self, n_layer: int) -> dict[str, tuple[str, int, int]]:
+        """lmforge Linear module name -> (transformers module name, part index, number of parts)."""
+        return {
+            name.removesuffix(".weight"): (slot.hf.removesuffix(".weight"), slot.part, slot.parts)
+            for name, slot in self.tensors(n_layer).items()
+            if slot.linear and name.endswith(".weight")
+        }
+
+    def lora_aliases(self) -> dict[str, tuple[str, ...]]:
+        """transformers Linear module names (as PEFT targets name them) -> the lmforge modules they stand for,
+        named within a block, where the names differ: ``{"o_proj": ("attn.c_proj",)}``."""
+        out: dict[str, tuple[str, ...]] = {}
+        for entry in self.weights:
+            theirs = entry.theirs.rsplit(".", 1)[-1]
+            ours = entry.ours.split("{i}.", 1)[-1]
+            if entry.linear and theirs != ours.rsplit(".", 1)[-1]:
+                out[theirs] = (*out.get(theirs, ()), ours)
+        return out
+
+    def to_hf(self, state: dict[str, Tensor], n_layer: int, transpose: bool = True) -> dict[str, Tensor]:
+        """The tensors of ``state`` the template maps, under their transformers names, fused parts concatenated;
+        stored (in, out) where transformers does, unless ``transpose`` is False (llama.cpp keeps (out, in))."""
+        slots = self.tensors(n_layer)
+        out: dict[str, Tensor] = {}
+        for hf_name, names in self.hf_tensors(n_layer).items():
+            if not any(name in state for name in names):
+                continue
+            # (sum of parts' out, in): a fused tensor needs all of its parts
+            tensor = state[names[0]] if len(names) == 1 else torch.cat([state[name] for name in names], dim=0)
+            out[hf_name] = tensor.t().contiguous() if transpose and slots[names[0]].transpose else tensor
+        return out
+
+
+# -- the families ----------------------------------------------------------------------------------
+
+
+def _gpt2_check_export(config: GPTConfig) -> str | None:
+    if not config.bias:
+        return "model has no biases; GPT-2 (learned positions, LayerNorm, GELU) needs bias: true"
+    if config.kv_heads != config.n_head:
+        return f"model uses grouped-query attention (n_kv_head={config.kv_heads}), which GPT-2 cannot express"
+    return None
+
+
+def _llama_check_import(values: dict, got: dict[str, Any]) -> str | None:
+    head_dim = got["n_embd"] // got["n_head"]
+    if values.get("head_dim") not in (None, head_dim):
+        return (
+            f"head_dim={values['head_dim']!r} differs from hidden_size / num_attention_heads = {head_dim}; "
+            "not supported"
+        )
+    if bool(values.get("attention_bias", False)) != bool(values.get("mlp_bias", False)):
+        return (
+            f"attention_bias={values.get('attention_bias')!r} differs from mlp_bias={values.get('mlp_bias')!r}; "
+            "lmforge has one bias switch"
+        )
+    rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        key = "rope_parameters" if values.get("rope_parameters") else "rope_scaling"
+        return f"{key} uses rope_type={rope_type!r}; only the default RoPE is supported"
+    return None
+
+
+GPT2 = Family(
+    name="gpt2",
+    display="GPT-2",
+    causal_lm="GPT2LMHeadModel",
+    classifier="GPT2ForSequenceClassification",
+    features={"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu"},
+    fixed={"bias": True},
+    config=(
+        Key("vocab_size", "vocab_size"),
+        Key("n_positions", "block_size", read=("n_positions", "n_ctx"), default=1024),
+        Key("n_embd", "n_embd"),
+        Key("n_layer", "n_layer"),
+        Key("n_head", "n_head"),
+        Key("n_inner", "mlp_hidden", attr="mlp_width", default=lambda got: 4 * got["n_embd"]),
+        Fixed(
+            "activation_function",
+            GPT2_ACTIVATIONS[0],
+            accept=GPT2_ACTIVATIONS[1:],
+            why=f"is not supported (lmforge's GPT-2 MLP is {' / '.join(GPT2_ACTIVATIONS)})",
+        ),
+        Fixed("scale_attn_by_inverse_layer_idx", False, why="is not supported", written=False),
+        Key("layer_norm_epsilon", "norm_eps", default=1e-5),
+        Key("tie_word_embeddings", "tie_embeddings", default=True),
+        Fixed("resid_pdrop", 0.0),
+        Fixed("embd_pdrop", 0.0),
+        Fixed("attn_pdrop", 0.0),
+        Fixed("scale_attn_weights", True, why="is not supported (lmforge always scales by 1/sqrt(head_dim))"),
+    ),
+    weights=(
+        Weights("wte", "transformer.wte"),
+        Weights("wpe", "transformer.wpe"),
+        Weights("blocks.{i}.ln_1", "transformer.h.{i}.ln_1"),
+        Weights("blocks.{i}.attn.q_proj", "transformer.h.{i}.attn.c_attn", linear=True, conv1d=True),
+        Weights("blocks.{i}.attn.k_proj", "transformer.h.{i}.attn.c_attn", linear=True, conv1d=True),
+        Weights("blocks.{i}.attn.v_proj", "transformer.h.{i}.attn.c_attn", linear=True, conv1d=True),
+        Weights("blocks.{i}.attn.c_proj", "transformer.h.{i}.attn.c_proj", linear=True, conv1d=True),
+        Weights("blocks.{i}.ln_2", "transformer.h.{i}.ln_2"),
+        Weights("blocks.{i}.mlp.c_fc", "transformer.h.{i}.mlp.c_fc", linear=True, conv1d=True),
+        Weights("blocks.{i}.mlp.c_proj", "transformer.h.{i}.mlp.c_proj", linear=True, conv1d=True),
+        Weights("ln_f", "transformer.ln_f"),
+        Weights("lm_head", "lm_head", linear=True),  # an nn.Linear in transformers too
+    ),
+    check_export=_gpt2_check_export,
+    buffers=(r"(^|\.)attn\.(bias|masked_bias)$",),  # old checkpoints' causal masks
+    bare_prefix="transformer.",
+    gguf_arch="gpt2",
+)
+
+LLAMA = Family(
+    name="llama",
+    display="Llama",
+    causal_lm="LlamaForCausalLM",
+    classifier="LlamaForSequenceClassification",
+    features={"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+    config=(
+        Key("vocab_size", "vocab_size"),
+        Key("max_position_embeddings", "block_size", default=2048),
+        Key("hidden_size", "n_embd"),
+        Key("intermediate_size", "mlp_hidden", attr="mlp_width"),
+        Key("num_hidden_layers", "n_layer"),
+        Key("num_attention_heads", "n_head"),
+        Key("num_key_value_heads", "n_kv_head", attr="kv_heads", default=lambda got: got["n_head"]),
+        Key("head_dim", None, attr="head_dim"),
+        Fixed("hidden_act", "silu", why="is not supported (Llama's SwiGLU uses silu)"),
+        Key("rms_norm_eps", "norm_eps", default=1e-6),
+        Key(
+            "rope_theta",
+            "rope_theta",
+            read=("rope_parameters.rope_theta", "rope_scaling.rope_theta", "rope_theta"),
+            default=10000.0,
+            cast=float,
+        ),
+        Key("rope_parameters", None, write=lambda config: {"rope_type": "default", "rope_theta": config.rope_theta}),
+        Key("attention_bias", "bias", default=False, cast=bool),
+        Key("mlp_bias", None, attr="bias"),
+        Fixed("attention_dropout", 0.0),
+        Key("tie_word_embeddings", "tie_embeddings", default=False),
+        Fixed("pretraining_tp", 1, why="is not supported (must be 1)", written=False),
+    ),
+    weights=(
+        Weights("wte", "model.embed_tokens"),
+        Weights("blocks.{i}.ln_1", "model.layers.{i}.input_layernorm"),
+        Weights("blocks.{i}.attn.q_proj", "model.layers.{i}.self_attn.q_proj", linear=True),
+        Weights("blocks.{i}.attn.k_proj", "model.layers.{i}.self_attn.k_proj", linear=True),
+        Weights("blocks.{i}.attn.v_proj", "model.layers.{i}.self_attn.v_proj", linear=True),
+        Weights("blocks.{i}.attn.c_proj", "model.layers.{i}.self_attn.o_proj", linear=True),
+        Weights("blocks.{i}.ln_2", "model.layers.{i}.post_attention_layernorm"),
+        Weights("blocks.{i}.mlp.gate", "model.layers.{i}.mlp.gate_proj", linear=True),
+        Weights("blocks.{i}.mlp.c_fc", "model.layers.{i}.mlp.up_proj", linear=True),
+        Weights("blocks.{i}.mlp.c_proj", "model.layers.{i}.mlp.down_proj", linear=True),
+        Weights("ln_f", "model.norm"),
+        Weights("lm_head", "lm_head", linear=True),
+    ),
+    check_import=_llama_check_import,
+    buffers=(r"rotary_emb\.inv_freq$",),  # RoPE tables of old checkpoints
+    gguf_arch="llama",
+)
+# lmforge's RoPE uses transformers' rotate-half layout, so Llama's q and k weights are copied as they are.
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA)}
+"""model_type -> Family: every architecture lmforge reads and writes."""
+
+
+# -- lookups ---------------------------------------------------------------------------------------
+
+
+def family(name: Any, where: str | None = None) -> Family:
+    """The entry for ``name``; an HFError for an unsupported one, naming the config file ``where`` if given."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if where is not None:
+        raise HFError(
+            f"{where}: model_type={name!r} is not supported; lmforge loads {' and '.join(FAMILIES)} checkpoints"
+        )
+    raise HFError(f"unknown family {name!r}; one of {', '.join(FAMILIES)}")
+
+
+def family_of(config: GPTConfig) -> str:
+    """The name of the family whose architecture expresses ``config`` exactly; an HFError naming why none does."""
+    for fam in FAMILIES.values():
+        if all(getattr(config, key) == value for key, value in fam.features.items()):
+            problem = fam.check_export(config) if fam.check_export else None
+            if problem:
+                raise HFError(problem)
+            return fam.name
+    keys = dict.fromkeys(key for fam in FAMILIES.values() for key in fam.features)
+    have = ", ".join(f"{key}={getattr(config, key)}" for key in keys)
+    known = " nor ".join(f"{fam.display} ({', '.join(map(str, fam.features.values()))})" for fam in FAMILIES.values())
+    raise HFError(f"model ({have}) is neither {known}; transformers has no architecture for this combination")
+
+
+def shapes(config: GPTConfig) -> dict[str, torch.Size]:
+    """Every tensor of the GPT ``config`` describes (a tied head under both names) and its shape.
+
+    Built on the meta device with the torch fallbacks: no memory, no initialisation, no GPU needed.
+    """
+    values = config.to_dict()
+    values.update(attention="torch", loss="torch")
+    with torch.device("meta"):
+        return {name: tensor.shape for name, tensor in GPT(GPTConfig.from_dict(values)).state_dict().items()}
