@@ -58,7 +58,6 @@ at one small shape, fp32, to exercise the timing and reporting path. This takes 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
@@ -86,7 +85,6 @@ SDPA_BACKENDS: dict[str, SDPBackend | None] = {
 PROVIDERS = ("lmforge", *SDPA_BACKENDS)
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_MULTIPLIER = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENS, HIDDEN = 16384, 2048  # B * N and H * D of the anchor sweep
 ANCHOR_N = (1024, 2048, 4096, 8192, 16384)
 ANCHOR_D = (64, 128)
@@ -204,10 +202,7 @@ def write_tuned_tiles(path: Path | None) -> None:
     module = sys.modules.get("lmforge.kernels.attention")
     if path is None or module is None or not hasattr(module, "tuned_tiles"):
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(module.tuned_tiles(), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    harness.replace_file(path, json.dumps(module.tuned_tiles(), indent=1, sort_keys=True) + "\n")
 
 
 def short_error(err: BaseException, caught: Sequence[warnings.WarningMessage] = ()) -> str:
@@ -236,13 +231,6 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return randn(shape.h), randn(shape.kv_heads), randn(shape.kv_heads)
 
 
-def release(device: torch.device) -> None:
-    """Free what the last measurement left behind before the next one."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def probe(attend: Attention, shape: Shape, dtype: torch.dtype, device: torch.device) -> str:
     """One forward and backward call: "" when it works, else the reason it does not."""
     with warnings.catch_warnings(record=True) as caught:
@@ -255,7 +243,7 @@ def probe(attend: Attention, shape: Shape, dtype: torch.dtype, device: torch.dev
         except Exception as err:
             return short_error(err, caught)
         finally:
-            release(device)
+            harness.release(device)
     return ""
 
 
@@ -306,11 +294,9 @@ def measure(
         reset_lmforge_configs()
     fn = bench_fn(attend, mode, *inputs, shape.causal)
     ms = harness.timeit(fn, args.warmup, args.rep, grad_to_none=list(inputs), device=device)
-    for t in inputs:
-        t.grad = None
+    harness.reset_grads(inputs)
     peak = harness.peak_memory(fn, device)
-    for t in inputs:
-        t.grad = None
+    harness.reset_grads(inputs)
     configs = lmforge_configs() if track_configs else ""
     return Result(shape, mode, name, ms, None if peak is None else peak / 2**20, configs)
 
@@ -340,35 +326,35 @@ def measure_shape(
                     notes.append(f"{shape.label} {mode} {name}: skipped, {short_error(err, caught)}")
                 else:
                     recorder.add(result)
-            for t in inputs:
-                t.grad = None
-            release(device)
+            harness.release(device, *inputs)
     del inputs
-    release(device)
+    harness.release(device)
     return notes
 
 
-class Recorder:
-    """Every result as it is measured: kept, written to the CSV (one row, on disk at once) and printed."""
+class Recorder(harness.Recorder):
+    """harness.Recorder of attn.csv, which also rewrites --tiles-json after every lmforge result."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, preset: str) -> None:
-        self.args, self.device, self.preset = args, device, preset
-        self.results: list[Result] = []
-        self.writer = harness.RowWriter(args.out / "attn.csv", common=harness.stamp(device))
+        def row(result: Result, results: list[Result]) -> dict:
+            return csv_row(result, results, args.dtype_name, preset, args, device)
+
+        super().__init__(args.out / "attn.csv", row, progress_line, common=harness.stamp(device), preset=preset)
+        self.tiles_json = args.tiles_json
 
     def add(self, result: Result) -> None:
-        self.results.append(result)
-        row = csv_row(result, self.results, self.args.dtype_name, self.preset, self.args, self.device)
-        self.writer.write(row)
-        ratio = lmforge_ratio(result, self.results)
-        versus = f", lmforge/x {ratio:.2f}" if ratio is not None and result.provider != "lmforge" else ""
-        print(
-            f"    {result.provider:<12} {result.mode:<7} {result.ms:9.3f} ms {fmt_tflops(result.tflops):>7} TFLOP/s"
-            f"{versus}{'  ' + result.configs if result.configs else ''}",
-            flush=True,
-        )
+        super().add(result)
         if result.provider == "lmforge":
-            write_tuned_tiles(self.args.tiles_json)
+            write_tuned_tiles(self.tiles_json)
+
+
+def progress_line(result: Result, results: list[Result]) -> str:
+    ratio = lmforge_ratio(result, results)
+    versus = f", lmforge/x {ratio:.2f}" if ratio is not None and result.provider != "lmforge" else ""
+    return (
+        f"    {result.provider:<12} {result.mode:<7} {result.ms:9.3f} ms {harness.fmt_tflops(result.tflops):>7} TFLOP/s"
+        f"{versus}{'  ' + result.configs if result.configs else ''}"
+    )
 
 
 def run(
@@ -382,24 +368,16 @@ def run(
 ) -> list[Result]:
     """Every shape in turn, each result recorded as soon as it is measured; a KeyboardInterrupt propagates
     (what was recorded stays in ``recorder``), after the notes so far are printed."""
-    notes: list[str] = []
-    try:
+    with harness.printed_notes() as notes:
         for i, shape in enumerate(shapes, 1):
             print(f"  [{i}/{len(shapes)}] {shape.label}", flush=True)
             notes += measure_shape(shape, providers, modes, args, device, dtype, recorder)
         if "math" in providers and any(s.n > args.math_max_n for s in shapes):
             notes.append(f"math: run only for N <= {args.math_max_n} (--math-max-n); it materialises the N x N scores")
-    finally:
-        for note in notes:
-            print(f"note: {note}")
     return recorder.results
 
 
 # -- report -----------------------------------------------------------------------------------------
-def fmt_tflops(value: float) -> str:
-    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
-
-
 def ordered(results: list[Result], shapes: Sequence[Shape], modes: Sequence[str]) -> list[Result]:
     """By shape (as swept), then mode, then provider (lmforge first)."""
     return sorted(results, key=lambda r: (shapes.index(r.shape), modes.index(r.mode), PROVIDERS.index(r.provider)))
@@ -421,7 +399,8 @@ def print_results(results: list[Result], shapes: Sequence[Shape], modes: Sequenc
     rows = []
     for r in ordered(results, shapes, modes):
         s = r.shape
-        row = [s.b, s.h, s.n, s.d, "yes" if s.causal else "no", r.mode, r.provider, f"{r.ms:.3f}", fmt_tflops(r.tflops)]
+        row = [s.b, s.h, s.n, s.d, "yes" if s.causal else "no", r.mode, r.provider, f"{r.ms:.3f}"]
+        row.append(harness.fmt_tflops(r.tflops))
         if with_ratio:
             ratio = lmforge_ratio(r, results)
             row.append("-" if ratio is None else f"{ratio:.2f}")
@@ -480,23 +459,19 @@ def plot(path: Path, results: list[Result], mode: str, title: str) -> bool:
     return harness.plot_lines(path, panels, xlabel="N (sequence length)", ylabel=f"{mode} TFLOP/s", title=title)
 
 
-def write_outputs(results: list[Result], args: argparse.Namespace, device: torch.device, recorder: Recorder) -> None:
+def write_outputs(args: argparse.Namespace, device: torch.device, recorder: Recorder) -> None:
     """Where the CSV rows went, and on a sweep the plot (forward+backward, else the first mode measured)."""
-    if not results:
-        print("nothing was measured; no CSV or plot written")
+    results = recorder.results
+    if not recorder.wrote():
         return
     name = harness.device_name(device)
-    print(f"wrote {recorder.writer.path} ({recorder.writer.count} rows)")
     if len({r.shape.n for r in results}) < 2:
         print("no plot: a single sequence length")
         return
     mode = "fwd+bwd" if any(r.mode == "fwd+bwd" for r in results) else results[0].mode
     png = args.out / f"attn_{args.dtype_name}_{harness.slug(name)}{'_quick' if args.quick else ''}.png"
     title = f"{mode} attention, {args.dtype_name}, B*N = {args.tokens}, H*D = {args.hidden}; {name}"
-    if plot(png, results, mode, title):
-        print(f"wrote {png}")
-    else:
-        print("matplotlib is not installed, so no plot")
+    harness.saved_plot(png, plot(png, results, mode, title))
 
 
 # -- GPU sweep --------------------------------------------------------------------------------------
@@ -524,7 +499,7 @@ def sweep_shapes(args: argparse.Namespace) -> list[Shape]:
 
 
 def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
-    dtype = DTYPES[args.dtype_name]
+    dtype = harness.DTYPES[args.dtype_name]
     shapes = sweep_shapes(args)
     modes = args.modes or list(MODES)
     print(
@@ -533,26 +508,13 @@ def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
     )
     preset = "custom" if args.n or args.d or args.shapes else ("quick" if args.quick else "anchor")
     recorder = Recorder(args, device, preset)
-    try:
-        providers = available_providers(args.providers, shapes, dtype, device)
-        if not providers:
-            print("no provider is available; nothing to measure")
-            return 1
-        run(shapes, providers, modes, args, device, dtype, recorder)
-    except KeyboardInterrupt:
-        return interrupted(recorder, shapes, modes)
-    print()
-    print_results(recorder.results, shapes, modes)
-    write_outputs(recorder.results, args, device, recorder)
-    return 0
-
-
-def interrupted(recorder: Recorder, shapes: Sequence[Shape], modes: Sequence[str]) -> int:
-    """Cut short: the table of what was measured (its rows are in the CSV already); exit code 130."""
-    print(f"\ninterrupted: {len(recorder.results)} measurement(s) kept in {recorder.writer.path}", flush=True)
-    if recorder.results:
-        print_results(recorder.results, shapes, modes)
-    return 130
+    return harness.measure_and_report(
+        recorder,
+        lambda: available_providers(args.providers, shapes, dtype, device),
+        lambda providers: run(shapes, providers, modes, args, device, dtype, recorder),
+        lambda results: print_results(results, shapes, modes),
+        lambda: write_outputs(args, device, recorder),
+    )
 
 
 # -- CPU checks -------------------------------------------------------------------------------------
@@ -570,15 +532,14 @@ def smoke_case(attend: Attention, shape: Shape) -> list[object]:
     cells: list[object] = [shape.b, shape.h, shape.kv_heads, shape.n, shape.d, "yes" if shape.causal else "no"]
     q, k, v = make_inputs(shape, torch.float32, torch.device("cpu"))
     grad = torch.randn_like(q)
-    try:
+
+    def compute() -> list[Tensor]:
         out = attend(q, k, v, shape.causal)
         out.backward(grad)
-        got = [out.detach(), q.grad, k.grad, v.grad]
-    except Exception as err:
-        return [*cells, "-", "-", "-", "-", f"FAIL ({short_error(err)})"]
-    errors = [(a.double() - b).abs().max().item() for a, b in zip(got, reference(q, k, v, grad, shape.causal))]
-    verdict = "pass" if all(e <= SMOKE_TOLERANCE for e in errors) else "FAIL"
-    return [*cells, *(f"{e:.1e}" for e in errors), verdict]
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    expected = lambda: reference(q, k, v, grad, shape.causal)  # noqa: E731
+    return harness.smoke_row(cells, compute, expected, tolerance=SMOKE_TOLERANCE, describe=short_error)
 
 
 def smoke(causal_values: Sequence[bool]) -> bool | None:
@@ -593,10 +554,8 @@ def smoke(causal_values: Sequence[bool]) -> bool | None:
         f"(tolerance {SMOKE_TOLERANCE:g}):"
     )
     rows = [smoke_case(attend, shape) for shape in shapes]
-    harness.print_table(["B", "H", "H_kv", "N", "D", "causal", "out", "dq", "dk", "dv", "result"], rows)
-    passed = all(row[-1] == "pass" for row in rows)
-    print(f"smoke: {'all passed' if passed else 'FAILED'} ({len(rows)} cases; errors are max abs differences)")
-    return passed
+    headers = ["B", "H", "H_kv", "N", "D", "causal", "out", "dq", "dk", "dv", "result"]
+    return harness.print_smoke(headers, rows, "cases; errors are max abs differences")
 
 
 def cpu_timing(args: argparse.Namespace, recorder: Recorder) -> list[Result]:
@@ -623,25 +582,24 @@ def cpu_shapes(args: argparse.Namespace) -> list[Shape]:
 
 
 def cpu_main(args: argparse.Namespace) -> int:
-    print("no CUDA device: no speed is measured (speed claims come only from GPU runs); CPU checks instead")
+    harness.no_speed_claim("measured")
     os.environ["TRITON_INTERPRET"] = "1"  # before lmforge.kernels.attention (and its @triton.jit) is imported
     args.dtype_name = "fp32"
     recorder = Recorder(args, torch.device("cpu"), "cpu")
-    try:
-        passed = None if args.no_smoke or "lmforge" not in args.providers else smoke(args.causal)
-        print()
-        results = cpu_timing(args, recorder)
-    except KeyboardInterrupt:
-        return interrupted(recorder, cpu_shapes(args), args.modes or ["fwd", "fwd+bwd"])
-    write_outputs(results, args, torch.device("cpu"), recorder)
+    modes = args.modes or ["fwd", "fwd+bwd"]
+    report = lambda results: print_results(results, cpu_shapes(args), modes)  # noqa: E731
+    return recorder.until_interrupted(lambda: cpu_checks(args, recorder), report)
+
+
+def cpu_checks(args: argparse.Namespace, recorder: Recorder) -> int:
+    passed = None if args.no_smoke or "lmforge" not in args.providers else smoke(args.causal)
+    print()
+    cpu_timing(args, recorder)
+    write_outputs(args, torch.device("cpu"), recorder)
     return 1 if passed is False else 0
 
 
 # -- command line -----------------------------------------------------------------------------------
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def shape_list(text: str) -> list[tuple[int, int, bool]]:
     """``128:4096:yes,64:1024:no``: (D, N, causal) per item; causal is yes/no (or causal/full)."""
     shapes = []
@@ -659,10 +617,9 @@ def shape_list(text: str) -> list[tuple[int, int, bool]]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"a few shapes: D {QUICK_D}, N {QUICK_N}; shorter on CPU")
-    p.add_argument("--d", type=int_list, help="head dims, comma-separated (default 64,128)")
-    p.add_argument("--n", type=int_list, help="sequence lengths, comma-separated (default 1024,...,16384)")
+    p = harness.bench_parser(__doc__, f"a few shapes: D {QUICK_D}, N {QUICK_N}; shorter on CPU")
+    p.add_argument("--d", type=harness.int_list, help="head dims, comma-separated (default 64,128)")
+    p.add_argument("--n", type=harness.int_list, help="sequence lengths, comma-separated (default 1024,...,16384)")
     p.add_argument("--causal", choices=("yes", "no", "both"), default="both")
     p.add_argument(
         "--order",
@@ -674,37 +631,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--shapes", type=shape_list, help="GPU: exactly these shapes, in this order: D:N:yes|no,... (overrides --d/--n)"
     )
     p.add_argument("--tiles-json", type=Path, help="write lmforge's tuned_tiles() here after each lmforge measurement")
-    p.add_argument("--no-smoke", action="store_true", help="CPU: skip the interpreter correctness smoke (a)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="GPU dtype (CPU checks use fp32)")
     p.add_argument(
         "--modes",
         type=harness.choice_list(MODES),
         help="comma-separated subset of fwd,bwd,fwd+bwd (default all; CPU: fwd,fwd+bwd)",
     )
-    p.add_argument(
-        "--providers",
-        type=harness.choice_list(PROVIDERS),
-        default=list(PROVIDERS),
-        help=f"comma-separated subset of {','.join(PROVIDERS)}",
-    )
-    harness.add_run_args(p)
+    harness.add_bench_args(p, PROVIDERS, default=PROVIDERS)
     p.add_argument("--math-max-n", type=int, default=2048, help="longest N for the math backend (default 2048)")
     p.add_argument("--tokens", type=int, default=TOKENS, help=f"B * N of the sweep (default {TOKENS})")
     p.add_argument("--hidden", type=int, default=HIDDEN, help=f"H * D of the sweep (default {HIDDEN})")
-    args = p.parse_args(argv)
+    args = harness.parse_bench_args(p, argv)
     args.causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
-    args.dtype_name = args.dtype
-    harness.check_run_args(p, args)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    harness.catch_interrupts()
-    try:
-        return harness.run_script(parse_args(argv), cpu_main, gpu_main)
-    except KeyboardInterrupt:  # before anything was measured (importing, probing the providers)
-        print("\ninterrupted before any measurement", flush=True)
-        return 130
+    return harness.bench_main(parse_args, cpu_main, gpu_main, argv)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,6 @@ minute. The exit code is 1 when the check fails.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import random
@@ -103,8 +102,7 @@ Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, k, v) -> out, the mas
 PROVIDERS = ("lmforge", "sdpa-causal-nomask", "sdpa-bool-mask", "flex")
 CPU_PROVIDERS = ("lmforge", "sdpa-causal-nomask", "sdpa-bool-mask")  # the default on CPU
 REFERENCES = ("flex", "sdpa-causal-nomask")  # the "vs X" columns
-BARS = {"packed": "flex", "padding": "sdpa-causal-nomask"}  # lmforge's bar per kind of mask
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BARS = harness.MASKED_BARS  # lmforge's bar per kind of mask: flex for packed documents, plain causal for padding
 HEADS, HEAD_DIM = 16, 128
 CPU_N, CPU_HEADS, CPU_HEAD_DIM, CPU_MAX_BATCH = 1024, 4, 64, 2
 PROBE_N = 256
@@ -140,18 +138,8 @@ CASES = (Case("packed", 2, 8192, 512), Case("packed", 1, 16384, 2048), Case("pad
 QUICK_CASES = (CASES[0], CASES[2])
 SMOKE_CASES = (Case("packed", 2, 48, 12), Case("padding", 2, 48, 28))
 
-# The H200 reference (bf16, H=16, D=128, forward + backward, ms), measured elsewhere.
-REFERENCE_MS = {
-    (CASES[0], "sdpa-causal-nomask"): 3.85,
-    (CASES[0], "sdpa-bool-mask"): 12.19,
-    (CASES[0], "flex"): 0.83,
-    (CASES[1], "sdpa-causal-nomask"): 7.22,
-    (CASES[1], "sdpa-bool-mask"): 25.18,
-    (CASES[1], "flex"): 2.72,
-    (CASES[2], "sdpa-causal-nomask"): 1.16,
-    (CASES[2], "sdpa-bool-mask"): 3.27,
-    (CASES[2], "flex"): 1.67,
-}
+# The H200 reference (bf16, H=16, D=128, forward + backward, ms), measured elsewhere: ANCHORS.md.
+REFERENCE_MS = {(case, provider): ms for case in CASES for provider, ms in harness.ANCHOR_MASKED[case.short].items()}
 
 
 # -- problems ---------------------------------------------------------------------------------------
@@ -318,13 +306,6 @@ MASK_BUILDS: dict[str, Callable[[Problem], object]] = {
 }
 
 
-def release(device: torch.device) -> None:
-    """Free what the last measurement left behind before the next one."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def make_inputs(
     case: Case, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -348,7 +329,7 @@ def probe(setup: Setup, kind: str, head_dim: int, dtype: torch.dtype, device: to
     except Exception as err:  # a missing module, an unsupported device or dtype, a kernel's own error
         return harness.short_error(err)
     finally:
-        release(device)
+        harness.release(device)
     return ""
 
 
@@ -400,11 +381,9 @@ def measure(
     step()  # compiles where there is compiling (flex, lmforge's autotuner), untimed
     harness.sync(device)
     ms = harness.timeit(step, args.warmup, args.rep, grad_to_none=[q, k, v], device=device)
-    for t in (q, k, v):
-        t.grad = None
+    harness.reset_grads((q, k, v))
     peak = harness.peak_memory(step, device)
-    for t in (q, k, v):
-        t.grad = None
+    harness.reset_grads((q, k, v))
     build = MASK_BUILDS.get(name)
     mask_ms = None
     if build is not None:
@@ -414,20 +393,16 @@ def measure(
     )
 
 
-class Recorder:
-    """Every result as it is measured: kept, written to the CSV (one row, on disk at once) and printed."""
+def make_recorder(args: argparse.Namespace, device: torch.device, preset: str) -> harness.Recorder:
+    """attn_masked.csv's recorder: each result's row, and its line with the ratios to the references so far."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, preset: str) -> None:
-        self.args, self.device, self.preset = args, device, preset
-        self.results: list[Result] = []
-        self.writer = harness.RowWriter(args.out / "attn_masked.csv", common=harness.stamp(device))
+    def line(r: Result, results: list[Result]) -> str:
+        return f"    {r.provider:<18} {r.ms:9.3f} ms{harness.versus(r, results, REFERENCES, ratio)}"
 
-    def add(self, result: Result) -> None:
-        self.results.append(result)
-        self.writer.write(csv_row(result, self.results, self.preset, self.args, self.device))
-        versus = [(ref, ratio(result, self.results, ref)) for ref in REFERENCES if ref != result.provider]
-        extra = "".join(f", vs {ref} {x:.2f}x" for ref, x in versus if x is not None)
-        print(f"    {result.provider:<18} {result.ms:9.3f} ms{extra}", flush=True)
+    def row(r: Result, results: list[Result]) -> dict[str, object]:
+        return csv_row(r, results, preset, args, device)
+
+    return harness.Recorder(args.out / "attn_masked.csv", row, line, common=harness.stamp(device), preset=preset)
 
 
 def run(
@@ -438,54 +413,34 @@ def run(
     dtype: torch.dtype,
     heads: int,
     head_dim: int,
-    recorder: Recorder,
+    recorder: harness.Recorder,
 ) -> list[Result]:
     """Every case and provider, each result recorded as soon as it is measured; a KeyboardInterrupt
     propagates (what was recorded stays in ``recorder``), after the notes so far are printed."""
-    notes: list[str] = []
-    try:
-        run_cases(cases, providers, args, device, dtype, heads, head_dim, recorder, notes)
-    finally:
-        for note in notes:
-            print(f"note: {note}")
+    with harness.printed_notes() as notes:
+        for i, case in enumerate(cases, 1):
+            problem = make_problem(case, args.seed, device)
+            print(
+                f"  [{i}/{len(cases)}] {case.label}, H{heads} D{head_dim}: {problem.describe()}; "
+                f"attended {problem.attended_fraction:.1%} of the causal pairs",
+                flush=True,
+            )
+            inputs = make_inputs(case, heads, head_dim, dtype, device, seed=i)
+            for name, setup in providers.items():
+                if name == "flex":
+                    torch._dynamo.reset()  # a fresh compile per case, so the recompile limit never falls back to eager
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        result = measure(name, setup, problem, inputs, args, device, (heads, head_dim))
+                    except Exception as err:  # torch.OutOfMemoryError, a compiler that fails, a kernel's own error
+                        notes.append(f"{case.short} {name}: skipped, {harness.short_error(err)}")
+                    else:
+                        recorder.add(result)
+                harness.release(device, *inputs[:3])
+            del inputs, problem
+            harness.release(device)
     return recorder.results
-
-
-def run_cases(
-    cases: Sequence[Case],
-    providers: dict[str, Setup],
-    args: argparse.Namespace,
-    device: torch.device,
-    dtype: torch.dtype,
-    heads: int,
-    head_dim: int,
-    recorder: Recorder,
-    notes: list[str],
-) -> None:
-    for i, case in enumerate(cases, 1):
-        problem = make_problem(case, args.seed, device)
-        print(
-            f"  [{i}/{len(cases)}] {case.label}, H{heads} D{head_dim}: {problem.describe()}; "
-            f"attended {problem.attended_fraction:.1%} of the causal pairs",
-            flush=True,
-        )
-        inputs = make_inputs(case, heads, head_dim, dtype, device, seed=i)
-        for name, setup in providers.items():
-            if name == "flex":
-                torch._dynamo.reset()  # a fresh compile per case, so the recompile limit never falls back to eager
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    result = measure(name, setup, problem, inputs, args, device, (heads, head_dim))
-                except Exception as err:  # torch.OutOfMemoryError, a compiler that fails, a kernel's own error
-                    notes.append(f"{case.short} {name}: skipped, {harness.short_error(err)}")
-                else:
-                    recorder.add(result)
-            for t in inputs[:3]:
-                t.grad = None
-            release(device)
-        del inputs, problem
-        release(device)
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -607,79 +562,51 @@ def plot(path: Path, results: Sequence[Result], cases: Sequence[Case], title: st
     if plt is None:
         return False
     providers = [p for p in PROVIDERS if any(r.provider == p for r in results)]
-    width = 0.8 / max(1, len(providers))
     fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 2.0 * len(cases)), 4.5))
-    for i, provider in enumerate(providers):
-        offset = (i - (len(providers) - 1) / 2) * width
-        xs, ys = [], []
-        for j, case in enumerate(cases):
-            r = find(results, case, provider)
-            if r is not None:
-                xs.append(j + offset)
-                ys.append(r.ms)
-        bars = ax.bar(xs, ys, width, label=provider, color=f"C{PROVIDERS.index(provider)}")
-        ax.bar_label(bars, [f"{y:.3g}" for y in ys], fontsize=7, padding=2)
+    values = {p: [None if (r := find(results, case, p)) is None else r.ms for case in cases] for p in providers}
+    colors = {p: f"C{PROVIDERS.index(p)}" for p in providers}
+    harness.grouped_bars(ax, values, colors, lambda y: f"{y:.3g}", fontsize=7, padding=2)
     ax.set_xticks(range(len(cases)), [c.label.replace(", ", "\n", 1) for c in cases], fontsize=8)
     ax.margins(y=0.15)
     ax.set_ylabel("forward + backward, ms")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return harness.save_figure(plt, fig, path)
 
 
 def write_outputs(
-    results: Sequence[Result], cases: Sequence[Case], args: argparse.Namespace, device: torch.device, recorder: Recorder
+    cases: Sequence[Case], args: argparse.Namespace, device: torch.device, recorder: harness.Recorder
 ) -> None:
     """Where the CSV rows went, and the plot."""
-    if not results:
-        print("nothing was measured; no CSV or plot written")
+    results = recorder.results
+    if not recorder.wrote():
         return
     name = harness.device_name(device)
-    preset = recorder.preset
-    print(f"wrote {recorder.writer.path} ({recorder.writer.count} rows)")
-    png = args.out / f"attn_masked_{args.dtype_name}_{harness.slug(name)}{'_quick' if preset == 'quick' else ''}.png"
+    quick = "_quick" if recorder.preset == "quick" else ""
+    png = args.out / f"attn_masked_{args.dtype_name}_{harness.slug(name)}{quick}.png"
     r = results[0]
     title = f"masked attention, forward + backward, {args.dtype_name}, H={r.heads}, D={r.head_dim}; {name}"
-    if plot(png, results, [c for c in cases if any(r.case == c for r in results)], title):
-        print(f"wrote {png}")
-    else:
-        print("matplotlib is not installed, so no plot")
+    harness.saved_plot(png, plot(png, results, [c for c in cases if any(r.case == c for r in results)], title))
 
 
 # -- GPU --------------------------------------------------------------------------------------------
 def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
-    dtype = DTYPES[args.dtype_name]
+    dtype = harness.DTYPES[args.dtype_name]
     cases = list(QUICK_CASES if args.quick else CASES)
     names = args.providers or list(PROVIDERS)
     print(
         f"{len(cases)} case(s), {args.dtype_name}, H={args.heads}, D={args.head_dim}, forward + backward, "
         f"do_bench {args.warmup:g} ms warm-up + {args.rep:g} ms timed per measurement (mean)"
     )
-    recorder = Recorder(args, device, "quick" if args.quick else "default")
-    try:
-        providers = available_providers(names, cases, args.head_dim, dtype, device)
-        if not providers:
-            print("no provider is available; nothing to measure")
-            return 1
-        results = run(cases, providers, args, device, dtype, args.heads, args.head_dim, recorder)
-    except KeyboardInterrupt:
-        return interrupted(recorder, cases, args, device)
-    print()
-    print_results(results, cases, args, device)
-    write_outputs(results, cases, args, device, recorder)
-    return 0
-
-
-def interrupted(recorder: Recorder, cases: Sequence[Case], args: argparse.Namespace, device: torch.device) -> int:
-    """Cut short: the table of what was measured (its rows are in the CSV already); exit code 130."""
-    print(f"\ninterrupted: {len(recorder.results)} measurement(s) kept in {recorder.writer.path}", flush=True)
-    if recorder.results:
-        print_results(recorder.results, [c for c in cases if any(r.case == c for r in recorder.results)], args, device)
-    return 130
+    recorder = make_recorder(args, device, "quick" if args.quick else "default")
+    return harness.measure_and_report(
+        recorder,
+        lambda: available_providers(names, cases, args.head_dim, dtype, device),
+        lambda providers: run(cases, providers, args, device, dtype, args.heads, args.head_dim, recorder),
+        lambda results: print_results(results, cases, args, device),
+        lambda: write_outputs(cases, args, device, recorder),
+    )
 
 
 # -- CPU checks -------------------------------------------------------------------------------------
@@ -689,19 +616,19 @@ def smoke_case(case: Case, seed: int) -> list[object]:
     problem = make_problem(case, seed, device)
     cells: list[object] = [case.kind, case.batch, SMOKE_HEADS, case.n, SMOKE_HEAD_DIM, problem.describe()]
     q, k, v, grad = make_inputs(case, SMOKE_HEADS, SMOKE_HEAD_DIM, torch.float32, device, seed=seed)
-    try:
+
+    def compute() -> list[Tensor]:
         out = setup_lmforge(problem)(q, k, v)
         out.backward(grad)
-        got = [out.detach(), q.grad, k.grad, v.grad]
-    except Exception as err:
-        return [*cells, "-", "-", "-", "-", f"FAIL ({harness.short_error(err)})"]
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out64 = setup_bool_mask(problem)(q64, k64, v64)
-    out64.backward(grad.double())
-    expected = [out64.detach(), q64.grad, k64.grad, v64.grad]
-    errors = [(a.double() - b).abs().max().item() for a, b in zip(got, expected)]
-    verdict = "pass" if all(e <= SMOKE_TOLERANCE for e in errors) else "FAIL"
-    return [*cells, *(f"{e:.1e}" for e in errors), verdict]
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    def reference() -> list[Tensor]:
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        out64 = setup_bool_mask(problem)(q64, k64, v64)
+        out64.backward(grad.double())
+        return [out64.detach(), q64.grad, k64.grad, v64.grad]
+
+    return harness.smoke_row(cells, compute, reference, tolerance=SMOKE_TOLERANCE)
 
 
 def smoke(seed: int) -> bool | None:
@@ -720,10 +647,7 @@ def smoke(seed: int) -> bool | None:
     )
     rows = [smoke_case(case, seed) for case in SMOKE_CASES]
     headers = ["mask", "B", "H", "N", "D", "lengths", "out", "dq", "dk", "dv", "result"]
-    harness.print_table(headers, rows)
-    passed = all(row[-1] == "pass" for row in rows)
-    print(f"smoke: {'all passed' if passed else 'FAILED'} ({len(rows)} cases; errors are max abs differences)")
-    return passed
+    return harness.print_smoke(headers, rows, "cases; errors are max abs differences")
 
 
 def cpu_case(case: Case) -> Case:
@@ -732,20 +656,20 @@ def cpu_case(case: Case) -> Case:
 
 
 def cpu_main(args: argparse.Namespace) -> int:
-    print("no CUDA device: no speed is claimed (speed claims come only from GPU runs); CPU checks instead")
+    harness.no_speed_claim()
     os.environ["TRITON_INTERPRET"] = "1"  # before lmforge.kernels.attention (and its @triton.jit) is imported
     device = torch.device("cpu")
     names = args.providers or list(CPU_PROVIDERS)
     args.dtype_name = "fp32"
     cases = list(dict.fromkeys(cpu_case(c) for c in (QUICK_CASES if args.quick else CASES)))
-    recorder = Recorder(args, device, "cpu")
-    try:
-        return cpu_checks(args, names, cases, recorder)
-    except KeyboardInterrupt:
-        return interrupted(recorder, cases, args, device)
+    recorder = make_recorder(args, device, "cpu")
+    report = lambda results: print_results(results, cases, args, device)  # noqa: E731
+    return recorder.until_interrupted(lambda: cpu_checks(args, names, cases, recorder), report)
 
 
-def cpu_checks(args: argparse.Namespace, names: Sequence[str], cases: Sequence[Case], recorder: Recorder) -> int:
+def cpu_checks(
+    args: argparse.Namespace, names: Sequence[str], cases: Sequence[Case], recorder: harness.Recorder
+) -> int:
     device = torch.device("cpu")
     passed = smoke(args.seed) if "lmforge" in names and not args.no_smoke else None
     print()
@@ -765,42 +689,25 @@ def cpu_checks(args: argparse.Namespace, names: Sequence[str], cases: Sequence[C
     results = run(cases, providers, args, device, torch.float32, CPU_HEADS, CPU_HEAD_DIM, recorder) if providers else []
     if results:
         print_results(results, cases, args, device)
-    write_outputs(results, cases, args, device, recorder)
+    write_outputs(cases, args, device, recorder)
     return 1 if passed is False else 0
 
 
 # -- command line -----------------------------------------------------------------------------------
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the first and the third case; shorter budgets on CPU")
+    p = harness.bench_parser(__doc__, "the first and the third case; shorter budgets on CPU")
     p.add_argument("--heads", type=int, default=HEADS, help=f"query (and key/value) heads H (default {HEADS}; GPU)")
     p.add_argument("--head-dim", type=int, default=HEAD_DIM, help=f"head dim D (default {HEAD_DIM}; GPU)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="GPU dtype (the CPU checks use fp32)")
-    p.add_argument(
-        "--providers",
-        type=harness.choice_list(PROVIDERS),
-        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on GPU, {','.join(CPU_PROVIDERS)} on CPU)",
-    )
     p.add_argument("--seed", type=int, default=0, help="seed of the document and padding lengths (default 0)")
-    p.add_argument("--no-smoke", action="store_true", help="CPU: skip the interpreter correctness smoke (a)")
-    harness.add_run_args(p)
-    args = p.parse_args(argv)
-    args.dtype_name = args.dtype
-    harness.check_run_args(p, args)
+    harness.add_bench_args(p, PROVIDERS, cpu_default=CPU_PROVIDERS)
+    args = harness.parse_bench_args(p, argv)
     if args.heads <= 0 or args.head_dim <= 0:
         p.error("--heads and --head-dim must be positive")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    harness.catch_interrupts()
-    try:
-        return harness.run_script(parse_args(argv), cpu_main, gpu_main)
-    except KeyboardInterrupt:  # before anything was measured (importing, probing the providers)
-        print("\ninterrupted before any measurement", flush=True)
-        return 130
+    return harness.bench_main(parse_args, cpu_main, gpu_main, argv)
 
 
 if __name__ == "__main__":

@@ -65,14 +65,11 @@ is not seen). This takes well under a minute.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import gc
 import importlib.util
 import os
-import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,15 +83,13 @@ Loss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (hidden (N, C), weight (V, 
 PROVIDERS = ("lmforge", "torch-eager", "torch-compile", "liger")
 CPU_PROVIDERS = ("lmforge", "torch-eager")  # the default on CPU; the others only when asked for
 REFERENCES = ("torch-eager", "torch-compile", "liger")  # the "vs X" columns
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = harness.DTYPES
 ANCHORS = ((8192, 768, 50257), (8192, 4096, 128256))
 SWEEP_TOKENS = (2048, 4096, 8192, 16384)  # at hidden 768, vocab 50257
 TOKENS_AT = (768, 50257)
 SWEEP_VOCAB = (32000, 50257, 128256, 256000)  # at tokens 8192, hidden 2048
 VOCAB_AT = (8192, 2048)
 CPU_SHAPES = ((1024, 256, 8192), (2048, 256, 32000))
-# Dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of the device name; first match wins.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 # Smoke cases: (tokens, hidden, vocab, chunk_size, fraction of targets ignored).
 SMOKE_CASES = ((37, 24, 101, None, 0.0), (64, 32, 1000, 16, 0.25))
 SMOKE_TOLERANCE = 1e-5  # max abs error <= tolerance x max |float64 reference|, for loss and both gradients
@@ -227,13 +222,6 @@ def load_providers(names: Sequence[str], device: torch.device) -> dict[str, Loss
     return found
 
 
-def is_oom(err: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and re.search(r"out of memory|can't allocate memory", str(err)) is not None
-    )
-
-
 # -- measurement ------------------------------------------------------------------------------------
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[Tensor, ...]:
     """hidden ~ N(0, 1), W ~ N(0, 1/C) (logits ~ N(0, 1), as at initialisation), uniform targets."""
@@ -243,58 +231,6 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     weight = torch.randn((shape.vocab, size), generator=generator, device=device, dtype=dtype).mul_(size**-0.5)
     targets = torch.randint(0, shape.vocab, (shape.tokens,), generator=generator, device=device)
     return hidden.requires_grad_(), weight.requires_grad_(), targets
-
-
-def release(device: torch.device, *tensors: Tensor) -> None:
-    """Drop the gradients of ``tensors`` and free what the last measurement left behind."""
-    for t in tensors:
-        t.grad = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (the profiler's C++ start and stop lines) for the duration."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def cpu_memory_use(fn: Callable[[], object]) -> tuple[int, int] | None:
-    """Bytes held through PyTorch's CPU allocator that ``fn()`` allocated: at the peak, and at its end.
-
-    torch.profiler (profile_memory=True) records a "[memory]" event per allocation (+bytes) and free
-    (-bytes); their running sum in time order peaks at the first answer and ends at the second. Frees of
-    memory allocated before the call are not reported by the profiler, so they do not count. None when
-    the profiler gives no events.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    try:
-        events = prof.profiler.kineto_results.events()
-    except AttributeError:  # a torch whose profiler keeps its results elsewhere
-        return None
-    records = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"), key=lambda r: r[0])
-    live = peak = 0
-    for _, nbytes in records:
-        live += nbytes
-        peak = max(peak, live)
-    return (peak, live) if records else None
-
-
-def memory_use(fn: Callable[[], object], device: torch.device) -> tuple[int, int] | None:
-    """(peak, kept) extra bytes of one call: harness.memory_use on CUDA, the profiler on CPU."""
-    return harness.memory_use(fn, device) if device.type == "cuda" else cpu_memory_use(fn)
 
 
 def measure(
@@ -307,31 +243,26 @@ def measure(
         loss_fn(hidden, weight, targets).backward()
 
     ms = harness.timeit(step, args.warmup, args.rep, grad_to_none=[hidden, weight], device=device, min_rep=3)
-    release(device, hidden, weight)
-    use = memory_use(step, device)
+    harness.release(device, hidden, weight)
+    use = harness.step_memory(step, device)
     if use is None:
         return Result(shape, name, ms, None)
     return Result(shape, name, ms, use[0] / 2**20, kept_mib=use[1] / 2**20)
 
 
-class Recorder:
-    """Every result as it is measured: kept, written to the CSV (one row, on disk at once) and printed."""
+def make_recorder(args: argparse.Namespace, device: torch.device, preset: str, peak: float | None) -> harness.Recorder:
+    """ce.csv's recorder: each result's row, and its line with its memory and the ratios to the references so far."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, preset: str, peak: float | None) -> None:
-        self.args, self.device, self.preset, self.peak = args, device, preset, peak
-        self.results: list[Result] = []
-        self.writer = harness.RowWriter(args.out / "ce.csv")
+    def line(r: Result, results: list[Result]) -> str:
+        if r.ms is None:
+            return f"    {r.provider:<16} {r.status}"
+        memory = "" if r.peak_mib is None else f", peak {r.peak_mib:,.1f} MiB"
+        return f"    {r.provider:<16} {r.ms:9.3f} ms{memory}{harness.versus(r, results, REFERENCES, ratio)}"
 
-    def add(self, result: Result) -> None:
-        self.results.append(result)
-        self.writer.write(csv_row(result, self.results, self.preset, self.peak, self.args, self.device))
-        if result.ms is None:
-            print(f"    {result.provider:<16} {result.status}", flush=True)
-            return
-        memory = "" if result.peak_mib is None else f", peak {result.peak_mib:,.1f} MiB"
-        versus = [(ref, ratio(result, self.results, ref)) for ref in REFERENCES if ref != result.provider]
-        extra = "".join(f", vs {ref} {x:.2f}x" for ref, x in versus if x is not None)
-        print(f"    {result.provider:<16} {result.ms:9.3f} ms{memory}{extra}", flush=True)
+    def row(r: Result, results: list[Result]) -> dict:
+        return csv_row(r, results, preset, peak, args, device)
+
+    return harness.Recorder(args.out / "ce.csv", row, line, preset=preset)
 
 
 def measure_shape(
@@ -341,16 +272,17 @@ def measure_shape(
     device: torch.device,
     dtype: torch.dtype,
     dropped: dict[str, str],
-    recorder: Recorder,
+    notes: list[str],
+    recorder: harness.Recorder,
 ) -> None:
     """Every provider at one shape, each result recorded. Out of memory: an "OOM" row. Any other failure: a
     "failed" row, and the provider is dropped for the remaining shapes (its reason in ``dropped``)."""
     try:
         inputs = make_inputs(shape, dtype, device)
     except Exception as err:
-        if not is_oom(err):
+        if not harness.is_oom(err):
             raise
-        release(device)
+        harness.release(device)
         for name in providers:
             if name not in dropped:
                 recorder.add(Result(shape, name, None, None, "OOM"))
@@ -363,14 +295,15 @@ def measure_shape(
         try:
             result = measure(loss_fn, name, shape, inputs, args, device)
         except Exception as err:  # torch.OutOfMemoryError, a compiler that fails, a kernel's own error
-            status = "OOM" if is_oom(err) else "failed"
+            status = "OOM" if harness.is_oom(err) else "failed"
             result = Result(shape, name, None, None, status)
             if status == "failed":
                 dropped[name] = f"{shape.label}: {harness.short_error(err)}"
+                notes.append(f"{name} failed and was skipped for the remaining shapes: {dropped[name]}")
         recorder.add(result)
-        release(device, *inputs[:2])
+        harness.release(device, *inputs[:2])
     del inputs
-    release(device)
+    harness.release(device)
 
 
 def run(
@@ -379,30 +312,16 @@ def run(
     args: argparse.Namespace,
     device: torch.device,
     dtype: torch.dtype,
-    recorder: Recorder,
+    recorder: harness.Recorder,
 ) -> list[Result]:
     """Every shape in turn, each result recorded as soon as it is measured; a KeyboardInterrupt propagates
     (what was recorded stays in ``recorder``), after the notes so far are printed."""
     dropped: dict[str, str] = {}
-    try:
+    with harness.printed_notes() as notes:
         for i, shape in enumerate(shapes, 1):
             print(f"  [{i}/{len(shapes)}] {shape.label}", flush=True)
-            measure_shape(shape, providers, args, device, dtype, dropped, recorder)
-    finally:
-        for name, why in dropped.items():
-            print(f"note: {name} failed and was skipped for the remaining shapes: {why}")
+            measure_shape(shape, providers, args, device, dtype, dropped, notes, recorder)
     return recorder.results
-
-
-def interrupted(
-    recorder: Recorder, shapes: Sequence[Shape], peak: float | None, dtype: torch.dtype, device: torch.device
-) -> int:
-    """Cut short: the table of what was measured (its rows are in the CSV already); exit code 130."""
-    print(f"\ninterrupted: {len(recorder.results)} measurement(s) kept in {recorder.writer.path}", flush=True)
-    if recorder.results:
-        measured = [s for s in shapes if any(r.shape == s for r in recorder.results)]
-        print_results(recorder.results, measured, peak, dtype, device)
-    return 130
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -412,8 +331,7 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
         return args.peak_tflops
     if device.type != "cuda" or args.dtype_name == "fp32":
         return None
-    name = harness.device_name(device)
-    return next((value for key, value in PEAK_TFLOPS if key in name), None)
+    return harness.peak_tflops(harness.device_name(device))
 
 
 def floor_ms(shape: Shape, peak: float | None) -> float | None:
@@ -563,7 +481,7 @@ def plot_bars(path: Path, results: Sequence[Result], shapes: Sequence[Shape], ti
     if plt is None:
         return False
     providers = sorted({r.provider for r in results}, key=provider_rank)
-    width = 0.8 / len(providers)
+    colors = {p: provider_color(p, providers) for p in providers}
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2.0 + 1.3 * len(shapes)), 11.0))
     panels = (
         ("ms", "forward + backward, ms"),
@@ -571,20 +489,8 @@ def plot_bars(path: Path, results: Sequence[Result], shapes: Sequence[Shape], ti
         ("transient_mib", "transient memory, MiB"),
     )
     for ax, (metric, ylabel) in zip(axes, panels):
-        for i, provider in enumerate(providers):
-            offset = (i - (len(providers) - 1) / 2) * width
-            xs, ys = [], []
-            for j, shape in enumerate(shapes):
-                r = find(results, shape, provider)
-                value = None if r is None else getattr(r, metric)
-                if value is not None:
-                    xs.append(j + offset)
-                    ys.append(value)
-                elif r is not None:
-                    ax.text(j + offset, 0.02, r.status, rotation=90, ha="center", va="bottom", fontsize=7,
-                            transform=ax.get_xaxis_transform())  # fmt: skip
-            bars = ax.bar(xs, ys, width, label=provider, color=provider_color(provider, providers))
-            ax.bar_label(bars, [short_number(y) for y in ys], fontsize=6, rotation=90, padding=2)
+        values = {p: [bar_value(find(results, shape, p), metric) for shape in shapes] for p in providers}
+        harness.grouped_bars(ax, values, colors, short_number, fontsize=6, rotation=90, padding=2)
         ax.set_xticks(range(len(shapes)), [s.short for s in shapes], rotation=20, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(lambda y, _: short_number(y))
@@ -595,10 +501,15 @@ def plot_bars(path: Path, results: Sequence[Result], shapes: Sequence[Shape], ti
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return harness.save_figure(plt, fig, path)
+
+
+def bar_value(r: Result | None, metric: str) -> float | str | None:
+    """A bar's height: the result's ``metric``; its status ("OOM", "failed") when it has none; None without it."""
+    if r is None:
+        return None
+    value = getattr(r, metric)
+    return r.status if value is None else value
 
 
 def sweep_panels(results: Sequence[Result]) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -627,21 +538,18 @@ def write_outputs(
     shapes: Sequence[Shape],
     args: argparse.Namespace,
     device: torch.device,
-    recorder: Recorder,
+    recorder: harness.Recorder,
 ) -> None:
     """Where the CSV rows went, the bar plot and, on a sweep, the line plot."""
     preset = recorder.preset
-    if not results:
-        print("nothing was measured; no CSV or plot written")
+    if not recorder.wrote():
         return
     name = harness.device_name(device)
-    print(f"wrote {recorder.writer.path} ({recorder.writer.count} rows)")
     stem = f"ce_{args.dtype_name}_{harness.slug(name)}{'' if preset in ('full', 'cpu') else '_' + preset}"
     title = f"linear + cross-entropy, forward + backward, {args.dtype_name}; {name}"
-    if not plot_bars(args.out / f"{stem}.png", results, shapes, title):
-        print("matplotlib is not installed, so no plot")
+    png = args.out / f"{stem}.png"
+    if not harness.saved_plot(png, plot_bars(png, results, shapes, title)):
         return
-    print(f"wrote {args.out / f'{stem}.png'}")
     panels = sweep_panels(results)
     sweep_png = args.out / f"ce_sweep_{args.dtype_name}_{harness.slug(name)}.png"
     if panels and harness.plot_lines(
@@ -680,19 +588,24 @@ def gpu_main(args: argparse.Namespace, device: torch.device) -> int:
         f"{len(shapes)} shape(s), {args.dtype_name}, forward + backward, do_bench {args.warmup:g} ms warm-up + "
         f"{args.rep:g} ms timed per measurement (mean)"
     )
-    recorder = Recorder(args, device, preset, peak)
-    try:
-        providers = load_providers(list(args.providers or PROVIDERS) + chunk_names(args), device)
-        if not providers:
-            print("no provider is available; nothing to measure")
-            return 1
-        results = run(shapes, providers, args, device, dtype, recorder)
-    except KeyboardInterrupt:
-        return interrupted(recorder, shapes, peak, dtype, device)
-    print()
-    print_results(results, shapes, peak, dtype, device)
-    write_outputs(results, shapes, args, device, recorder)
-    return 0
+    recorder = make_recorder(args, device, preset, peak)
+    return harness.measure_and_report(
+        recorder,
+        lambda: load_providers(list(args.providers or PROVIDERS) + chunk_names(args), device),
+        lambda providers: run(shapes, providers, args, device, dtype, recorder),
+        lambda results: print_results(results, shapes, peak, dtype, device),
+        lambda: write_outputs(recorder.results, shapes, args, device, recorder),
+        cut_report(shapes, peak, dtype, device),
+    )
+
+
+def cut_report(
+    shapes: Sequence[Shape], peak: float | None, dtype: torch.dtype, device: torch.device
+) -> Callable[[list[Result]], None]:
+    """Cut short: the table of the shapes measured so far."""
+    return lambda results: print_results(
+        results, harness.measured(shapes, results, lambda r: r.shape), peak, dtype, device
+    )
 
 
 # -- CPU checks -------------------------------------------------------------------------------------
@@ -716,16 +629,14 @@ def smoke_case(loss_fn: Callable[..., Tensor], path: str, case: tuple, **options
     tokens, hidden, vocab, chunk, ignored = case
     cells: list[object] = [path, tokens, hidden, vocab, chunk or "auto", f"{ignored:.0%}"]
     h, w, t = smoke_inputs(tokens, hidden, vocab, ignored)
-    try:
+
+    def compute() -> list[Tensor]:
         loss = loss_fn(h, w, t, chunk_size=chunk, ignore_index=IGNORE_INDEX, **options)
         loss.backward()
-        got = [loss.detach(), h.grad, w.grad]
-    except Exception as err:
-        return [*cells, "-", "-", "-", f"FAIL ({harness.short_error(err)})"]
-    expected = reference(h, w, t)
-    errors = [(a.double() - b).abs().max().item() for a, b in zip(got, expected)]
-    ok = all(e <= SMOKE_TOLERANCE * b.abs().max().item() for e, b in zip(errors, expected))
-    return [*cells, *(f"{e:.1e}" for e in errors), "pass" if ok else "FAIL"]
+        return [loss.detach(), h.grad, w.grad]
+
+    expected = lambda: reference(h, w, t)  # noqa: E731
+    return harness.smoke_row(cells, compute, expected, tolerance=SMOKE_TOLERANCE, columns=3, relative=True)
 
 
 def smoke() -> bool | None:
@@ -744,10 +655,7 @@ def smoke() -> bool | None:
         os.environ["TRITON_INTERPRET"] = "1"  # before lmforge.kernels.cross_entropy (and its @triton.jit) is imported
         rows += [smoke_case(linear_cross_entropy, "triton-interp", case, use_triton=True) for case in SMOKE_CASES]
     headers = ["path", "tokens", "hidden", "vocab", "chunk", "ignored", "loss err", "dh err", "dW err", "result"]
-    harness.print_table(headers, rows)
-    passed = all(row[-1] == "pass" for row in rows)
-    print(f"smoke: {'all passed' if passed else 'FAILED'} ({len(rows)} cases)")
-    return passed
+    return harness.print_smoke(headers, rows)
 
 
 def can_interpret() -> bool:
@@ -755,28 +663,20 @@ def can_interpret() -> bool:
     return importlib.util.find_spec("triton") is not None and "lmforge.kernels.cross_entropy" not in sys.modules
 
 
-def load_average() -> str:
-    """The 1-minute load average: how busy the machine was."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
-
-
 def cpu_main(args: argparse.Namespace) -> int:
-    print("no CUDA device: no speed is claimed (speed claims come only from GPU runs); CPU checks instead")
+    harness.no_speed_claim()
     device = torch.device("cpu")
     names = list(args.providers or CPU_PROVIDERS) + chunk_names(args)
     args.dtype_name = "fp32"
     shapes = picked_shape(args, CPU_SHAPES[-1]) or [Shape(*s) for s in CPU_SHAPES]
-    recorder = Recorder(args, device, "cpu", None)
-    try:
-        return cpu_checks(args, names, shapes, recorder)
-    except KeyboardInterrupt:
-        return interrupted(recorder, shapes, None, torch.float32, device)
+    recorder = make_recorder(args, device, "cpu", None)
+    report = cut_report(shapes, None, torch.float32, device)
+    return recorder.until_interrupted(lambda: cpu_checks(args, names, shapes, recorder), report)
 
 
-def cpu_checks(args: argparse.Namespace, names: Sequence[str], shapes: Sequence[Shape], recorder: Recorder) -> int:
+def cpu_checks(
+    args: argparse.Namespace, names: Sequence[str], shapes: Sequence[Shape], recorder: harness.Recorder
+) -> int:
     device = torch.device("cpu")
     passed = smoke() if "lmforge" in names and not args.no_smoke else None
     print()
@@ -785,7 +685,7 @@ def cpu_checks(args: argparse.Namespace, names: Sequence[str], shapes: Sequence[
     print(
         f"(b) forward + backward on CPU, fp32, {torch.get_num_threads()} threads, {args.warmup:g} ms warm-up + "
         f"{args.rep:g} ms timed (at least 3 calls); peak memory from torch.profiler's allocator events; "
-        f"load average {load_average()} (other work on the CPU slows and scatters the times; see --threads):"
+        f"load average {harness.load_average()} (other work on the CPU slows and scatters the times; see --threads):"
     )
     providers = load_providers(names, device)
     results = run(shapes, providers, args, device, torch.float32, recorder) if providers else []
@@ -796,59 +696,32 @@ def cpu_checks(args: argparse.Namespace, names: Sequence[str], shapes: Sequence[
 
 
 # -- command line -----------------------------------------------------------------------------------
-
-
-def positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers, e.g. 256,1024")
-    return values
-
-
 def chunk_names(args: argparse.Namespace) -> list[str]:
     """The ``lmforge@T`` providers asked for by --lmforge-chunks."""
     return [f"lmforge@{t}" for t in dict.fromkeys(args.lmforge_chunks or ())]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the two anchor shapes only; shorter budgets on CPU")
+    p = harness.bench_parser(__doc__, "the two anchor shapes only; shorter budgets on CPU")
     p.add_argument("--tokens", type=int, help="one shape: tokens N (the others default to the first anchor)")
     p.add_argument("--hidden", type=int, help="one shape: hidden size C")
     p.add_argument("--vocab", type=int, help="one shape: vocabulary V")
     p.add_argument(
-        "--providers",
-        type=harness.choice_list(PROVIDERS),
-        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on GPU, {','.join(CPU_PROVIDERS)} on CPU)",
-    )
-    p.add_argument(
         "--lmforge-chunks",
-        type=positive_ints,
+        type=harness.positive_ints,
         help="also measure lmforge with these fixed chunk sizes in tokens, as providers lmforge@T (e.g. 256,1024)",
     )
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="GPU dtype (the CPU checks use fp32)")
-    harness.add_run_args(p)
+    harness.add_bench_args(p, PROVIDERS, cpu_default=CPU_PROVIDERS, dtypes=DTYPES, smoke="the correctness smoke (a)")
     p.add_argument("--peak-tflops", type=float, help="the card's dense peak, TFLOP/s (default: from its name)")
     p.add_argument("--threads", type=int, help="CPU checks: torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--no-smoke", action="store_true", help="CPU: skip the correctness smoke (a)")
-    args = p.parse_args(argv)
-    args.dtype_name = args.dtype
-    harness.check_run_args(p, args)
+    args = harness.parse_bench_args(p, argv)
     if any(v is not None and v <= 0 for v in (args.tokens, args.hidden, args.vocab)):
         p.error("--tokens, --hidden and --vocab must be positive")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    harness.catch_interrupts()
-    try:
-        return harness.run_script(parse_args(argv), cpu_main, gpu_main)
-    except KeyboardInterrupt:  # before anything was measured (importing, loading the providers)
-        print("\ninterrupted before any measurement", flush=True)
-        return 130
+    return harness.bench_main(parse_args, cpu_main, gpu_main, argv)
 
 
 if __name__ == "__main__":

@@ -530,10 +530,7 @@ def run_shard(args: argparse.Namespace, device: torch.device) -> int:
 
 def write_json(path: Path, value: object) -> None:
     """Atomically (several shards write the same plan)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    harness.replace_file(path, json.dumps(value, indent=1))
 
 
 # -- parallel run -----------------------------------------------------------------------------------
@@ -749,31 +746,25 @@ def shard_spec(text: str) -> tuple[int, int]:
     return i, k
 
 
-def names(choices: Sequence[str] | None) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if choices is not None and any(x not in choices for x in items):
-            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
-        return items
-
-    return parse
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/out/gate"), help="result folder")
+    harness.add_out_arg(p, "benchmarks/out/gate", "result")
     p.add_argument("--parallel", type=int, default=1, help="shard processes to start, then merge (default 1)")
     p.add_argument("--shard", type=shard_spec, help="run one shard, i/K, in this process (no merge)")
     p.add_argument("--merge", action="store_true", help="only merge <out>/gate-*.jsonl into gate.csv and the summary")
     p.add_argument("--time-limit", type=float, default=0, help="seconds for the whole gate (default: no limit)")
     p.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)  # epoch seconds, for the shards
     all_cases = sorted({c.name for c in GPU_CASES + CPU_CASES})
-    p.add_argument("--cases", type=names(all_cases), help=f"a subset of the cases: {', '.join(all_cases)}")
-    p.add_argument("--kernels", type=names(KERNELS), help="a subset of fwd,bwd,dkdv,dq (default all)")
-    p.add_argument("--head-dims", type=lambda s: [int(x) for x in s.split(",") if x], help="default 128,64 (CPU 32)")
+    p.add_argument(
+        "--cases", type=harness.choice_list(all_cases), help=f"a subset of the cases: {', '.join(all_cases)}"
+    )
+    p.add_argument("--kernels", type=harness.choice_list(KERNELS), help="a subset of fwd,bwd,dkdv,dq (default all)")
+    p.add_argument("--head-dims", type=harness.int_list, help="default 128,64 (CPU 32)")
     p.add_argument("--max-configs", type=int, help="first M listed tiles per kernel (default all; CPU 1)")
-    p.add_argument("--skip", type=names(("probe", "ce", "auto")), default=[], help="skip probe, ce and/or auto jobs")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument(
+        "--skip", type=harness.choice_list(("probe", "ce", "auto")), default=[], help="skip probe, ce and/or auto jobs"
+    )
+    harness.add_device_arg(p)
     args = p.parse_args(argv)
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
@@ -785,12 +776,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.merge:
         return 1 if merge(args.out) == "FAIL" else 0
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.device == "cuda" and not cuda:
-        raise SystemExit("--device cuda: no CUDA device is available")
-    if not cuda:
+    device = harness.pick_device(args.device)
+    if device.type != "cuda":
         os.environ["TRITON_INTERPRET"] = "1"  # before lmforge's kernels (and their @triton.jit) are imported
-    device = torch.device("cuda" if cuda else "cpu")
     try:
         if args.shard is not None:
             return run_shard(args, device)

@@ -1,21 +1,34 @@
-"""Shared helpers for lmforge's benchmark scripts (``benchmarks/*.py``).
+"""The shared runner of lmforge's benchmark scripts (``benchmarks/*.py``).
 
-What every benchmark needs, in one place so that all of them measure and report alike:
+A benchmark script keeps what is its own: its shapes, its candidates (the lmforge kernel and the anchors it
+races), its correctness check, its bar and its table's columns. Everything they do alike lives here, so that
+all of them measure and report alike:
 
 * the environment: :func:`device_name` (the GPU's name, or the CPU model from ``/proc/cpuinfo``),
   :func:`versions` (python, torch, triton, lightning, lmforge, liger-kernel), :func:`iso_date`, and
-  :func:`stamp`, the three together as the columns put on every CSV row;
+  :func:`stamp`, the three together as the columns put on every CSV row; :func:`pick_device` (``--device``),
+  :func:`load_average`, :func:`process_max_rss_mib` and :func:`peak_tflops` (a card's dense bf16 peak);
 * timing: :func:`timeit` (``triton.testing.do_bench`` on CUDA, a ``time.perf_counter`` loop on CPU; both
-  take the warm-up and measurement budgets in milliseconds and return the mean time of one call in ms)
-  and :func:`peak_memory` (the extra CUDA memory a call allocates at its peak);
-* reporting: :func:`print_table`, :func:`write_csv` (appends, one header per file), :class:`RowWriter`
-  (one row at a time, on disk as soon as it is measured) and the matplotlib (Agg) plots :func:`plot_bars`
-  and :func:`plot_lines`, which return False instead of failing when matplotlib is not installed;
+  take the warm-up and measurement budgets in milliseconds and return the mean time of one call in ms);
+* memory: :func:`peak_memory` and :func:`memory_use` (the extra CUDA memory a call allocates, at its peak and
+  still held at its end), :func:`step_memory` (the same from torch.profiler's allocator events on CPU),
+  :func:`release` between measurements and :func:`is_oom`;
+* reporting: :func:`print_table`, :func:`fmt`, :func:`write_csv` (appends, one header per file),
+  :class:`RowWriter` (one row at a time, on disk as soon as it is measured) and the matplotlib (Agg) plots
+  :func:`plot_bars`, :func:`plot_lines` and :func:`grouped_bars`, which return False instead of failing when
+  matplotlib is not installed;
 * being cut short: :func:`catch_interrupts` makes SIGINT and SIGTERM raise KeyboardInterrupt (also where
   the parent left SIGINT ignored), so that a script under ``timeout -s INT`` prints what it measured and
-  exits; the rows it wrote are already on disk;
-* the GPU session's report: ``python benchmarks/harness.py report WORKDIR`` (:func:`session_report`) turns
-  the CSVs and logs of ``benchmarks/gpu_session.sh`` into the short summary it returns.
+  exits with code 130; the rows it wrote are already on disk;
+* the run of a benchmark script: :func:`bench_parser` and :func:`parse_bench_args` (the options every
+  script takes: --quick, --dtype, --providers, --no-smoke, --out, --warmup, --rep, --device),
+  :func:`bench_main` (interrupts caught, the device picked, the GPU measurement or the CPU checks run),
+  :class:`Recorder` (every result kept, written to the CSV and printed as it is measured; the table of what
+  was measured when cut short), :func:`measure_and_report` (the GPU run: providers, measurements, table,
+  files), :func:`printed_notes`, and the CPU correctness smoke's :func:`smoke_row` and :func:`print_smoke`;
+* the anchors, ANCHORS.md's numbers (``ANCHOR_*``), and the GPU session's report:
+  ``python benchmarks/harness.py report WORKDIR`` (``session_report.py``) turns the CSVs and logs of
+  ``benchmarks/gpu_session.sh`` into the short summary it returns.
 
 This module never imports triton at import time (only :func:`timeit` does, on CUDA), so a script can
 still set ``TRITON_INTERPRET=1`` after importing it and before importing its kernels.
@@ -27,18 +40,22 @@ The scripts run as ``python benchmarks/<name>.py``, which puts this directory on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
+import gc
 import importlib.metadata
 import importlib.util
 import math
+import os
 import platform
 import re
+import resource
 import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +70,9 @@ _PACKAGES = (
 )
 VERSION_KEYS = ("python", "torch", *(name for name, _, _ in _PACKAGES))
 STAMP_KEYS = ("date", "device_name", *VERSION_KEYS)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of the device name; first match wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
 # -- environment ------------------------------------------------------------------------------------
@@ -61,6 +81,14 @@ def as_device(device: torch.device | str | None = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def pick_device(choice: str) -> torch.device:
+    """``--device`` (auto, cuda or cpu) as a torch.device: auto is CUDA when available; cuda without it exits."""
+    cuda = torch.cuda.is_available() and choice != "cpu"
+    if choice == "cuda" and not cuda:
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def device_name(device: torch.device | str | None = None) -> str:
@@ -121,6 +149,29 @@ def stamp(device: torch.device | str | None = None) -> dict[str, str]:
     return {"date": iso_date(), "device_name": device_name(device), **versions()}
 
 
+def environment_line(device: torch.device | str | None = None) -> str:
+    """``device: <name>; <versions>; <date>``: what a script prints first."""
+    return f"device: {device_name(device)}; {format_versions()}; {iso_date()}"
+
+
+def load_average() -> str:
+    """The 1-minute load average: how busy the machine was (other work on the CPU slows and scatters times)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def process_max_rss_mib() -> float:
+    """The process's high-water mark of resident memory so far (Linux reports KiB); never decreases."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_tflops(name: str) -> float | None:
+    """The dense bf16/fp16 peak of a known GPU by its name, TFLOP/s (:data:`PEAK_TFLOPS`); None if unknown."""
+    return next((value for key, value in PEAK_TFLOPS if key in name), None)
+
+
 # -- timing -----------------------------------------------------------------------------------------
 def sync(device: torch.device | str | None = None) -> None:
     """Wait for the GPU's queued work (no-op on CPU)."""
@@ -129,7 +180,8 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_grads(tensors: Iterable[torch.Tensor] | None) -> None:
+def reset_grads(tensors: Iterable[torch.Tensor] | None) -> None:
+    """``t.grad = None`` for each tensor, so that the next call does not accumulate into (or time) old gradients."""
     for t in tensors or ():
         t.grad = None
 
@@ -153,7 +205,7 @@ def _timeit_loop(
         fn()
     times = []
     for _ in range(max(min_rep, int(rep / estimate_ms))):
-        _reset_grads(grad_to_none)
+        reset_grads(grad_to_none)
         sync(device)
         start = time.perf_counter()
         fn()
@@ -193,6 +245,7 @@ def timeit(
     return _timeit_loop(fn, warmup, rep, grad_to_none, device, min_rep)
 
 
+# -- memory -----------------------------------------------------------------------------------------
 def memory_use(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[int, int] | None:
     """CUDA bytes ``fn()`` allocates (at its peak, and still held when it returns) beyond what was
     allocated before; None on CPU. The difference of the two is the call's transient memory."""
@@ -211,6 +264,64 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
     """Bytes of CUDA memory ``fn()`` allocates at its peak beyond what was allocated before; None on CPU."""
     use = memory_use(fn, device)
     return None if use is None else use[0]
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start and stop lines) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_memory_use(fn: Callable[[], object]) -> tuple[int, int] | None:
+    """Bytes held through PyTorch's CPU allocator that ``fn()`` allocated: at the peak, and at its end.
+
+    torch.profiler (profile_memory=True) records a "[memory]" event per allocation (+bytes) and free
+    (-bytes); their running sum in time order peaks at the first answer and ends at the second. Frees of
+    memory allocated before the call are not reported by the profiler, so they do not count. None when
+    the profiler gives no events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:  # a torch whose profiler keeps its results elsewhere
+        return None
+    records = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"), key=lambda r: r[0])
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return (peak, live) if records else None
+
+
+def step_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, int] | None:
+    """(peak, kept) extra bytes of one call: :func:`memory_use` on CUDA, :func:`cpu_memory_use` on CPU."""
+    return memory_use(fn, device) if device.type == "cuda" else cpu_memory_use(fn)
+
+
+def release(device: torch.device, *tensors: torch.Tensor) -> None:
+    """Drop the gradients of ``tensors`` and free what the last measurement left behind before the next one."""
+    reset_grads(tensors)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and re.search(r"out of memory|can't allocate memory", str(err)) is not None
+    )
 
 
 # -- reporting --------------------------------------------------------------------------------------
@@ -253,6 +364,16 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Non
     """Print :func:`format_table`. Cells may be str (shown as is), int (with thousands separators),
     float (3 decimals) or None (empty); format numbers yourself for other precisions."""
     print(format_table(headers, rows), flush=True)
+
+
+def fmt(value: float | None, spec: str = ".1f", missing: str = "-") -> str:
+    """``value`` formatted by ``spec``, or ``missing`` when there is none."""
+    return missing if value is None else format(value, spec)
+
+
+def fmt_tflops(value: float | None) -> str:
+    """A rate with one decimal from 10 up, three significant digits below; "-" for none."""
+    return "-" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def _csv_header(path: Path) -> list[str] | None:
@@ -338,6 +459,25 @@ class RowWriter:
         return self.path
 
 
+def read_csv_rows(folder: Path, stem: str) -> list[dict[str, str]]:
+    """The rows of ``<stem>.csv`` and its ``<stem>-2.csv``... siblings (see :func:`write_csv`) in ``folder``."""
+    rows: list[dict[str, str]] = []
+    for path in sorted(folder.glob(f"{stem}*.csv")):
+        if re.fullmatch(rf"{re.escape(stem)}(-\d+)?\.csv", path.name):
+            with path.open(newline="") as f:
+                rows += list(csv.DictReader(f))
+    return rows
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed over it; several processes may
+    write the same file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 _interrupted_by: str | None = None  # the signal's name, once catch_interrupts' handler ran
 
 
@@ -363,6 +503,7 @@ def catch_interrupts() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+# -- plots ------------------------------------------------------------------------------------------
 def pyplot() -> Any | None:
     """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is not installed."""
     try:
@@ -373,6 +514,14 @@ def pyplot() -> Any | None:
     except ImportError:
         return None
     return plt
+
+
+def save_figure(plt: Any, fig: Any, path: Path | str) -> bool:
+    """Lay out ``fig``, save it to ``path`` (120 dpi) and close it; True, for the plot functions to return."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_bars(
@@ -395,10 +544,7 @@ def plot_bars(
     ax.margins(y=0.15)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 def plot_lines(
@@ -439,10 +585,32 @@ def plot_lines(
         ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
+
+
+def grouped_bars(
+    ax: Any,
+    values: Mapping[str, Sequence[float | str | None]],
+    colors: Mapping[str, str],
+    label: Callable[[float], str],
+    **label_options: Any,
+) -> None:
+    """Groups of bars on ``ax``, one bar per series (a key of ``values``: its legend label) in each group (the
+    position j in the series' values, drawn at x = j). A number is a bar, labelled ``label(value)``; a string
+    (a status such as "OOM") is written upright in the bar's place; None leaves the place empty."""
+    width = 0.8 / max(1, len(values))
+    for i, (series, points) in enumerate(values.items()):
+        offset = (i - (len(values) - 1) / 2) * width
+        xs, ys = [], []
+        for j, value in enumerate(points):
+            if isinstance(value, str):
+                ax.text(j + offset, 0.02, value, rotation=90, ha="center", va="bottom", fontsize=7,
+                        transform=ax.get_xaxis_transform())  # fmt: skip
+            elif value is not None:
+                xs.append(j + offset)
+                ys.append(value)
+        bars = ax.bar(xs, ys, width, label=series, color=colors[series])
+        ax.bar_label(bars, [label(y) for y in ys], **label_options)
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -474,16 +642,83 @@ def short_error(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return []
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers, at least one."""
+    if not (values := _ints(text)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers")
+    return values
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers, at least one."""
+    values = _ints(text)
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers, e.g. 256,1024")
+    return values
+
+
+def add_out_arg(p: argparse.ArgumentParser, default: str = "benchmarks/out", what: str = "CSV and plot") -> None:
+    """--out: the folder the script writes to."""
+    p.add_argument("--out", type=Path, default=Path(default), help=f"{what} directory (default {default})")
+
+
+def add_device_arg(p: argparse.ArgumentParser, help: str = "auto: CUDA when available") -> None:
+    """--device auto|cuda|cpu (see :func:`pick_device`)."""
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help=help)
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The options every benchmark script takes: --out, --warmup, --rep, --device."""
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot directory (default benchmarks/out)"
-    )
+    add_out_arg(p)
     p.add_argument("--warmup", type=float, default=25, help="warm-up budget per measurement, ms (default 25)")
     p.add_argument("--rep", type=float, default=100, help="timed budget per measurement, ms (default 100)")
+    add_device_arg(p, "cpu: the CPU checks even on a GPU machine")
+
+
+def bench_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark script: its docstring's first paragraph as the description, and --quick."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick)
+    return p
+
+
+def add_bench_args(
+    p: argparse.ArgumentParser,
+    providers: Sequence[str],
+    *,
+    default: Sequence[str] | None = None,
+    cpu_default: Sequence[str] | None = None,
+    dtypes: Sequence[str] = ("bf16", "fp16"),
+    smoke: str = "the interpreter correctness smoke (a)",
+) -> None:
+    """--dtype, --providers (a subset of ``providers``; ``default``, or None when the GPU default is all of them
+    and the CPU one ``cpu_default``), --no-smoke, and :func:`add_run_args`."""
+    p.add_argument("--dtype", choices=list(dtypes), default="bf16", help="GPU dtype (the CPU checks use fp32)")
+    listed = ",".join(providers)
     p.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu: the CPU checks even on a GPU machine"
+        "--providers",
+        type=choice_list(providers),
+        default=None if default is None else list(default),
+        help=f"comma-separated subset of {listed}"
+        + (f" (default: all on GPU, {','.join(cpu_default)} on CPU)" if cpu_default else ""),
     )
+    p.add_argument("--no-smoke", action="store_true", help=f"CPU: skip {smoke}")
+    add_run_args(p)
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; ``args.dtype_name`` is --dtype (the CPU checks set it to fp32); --warmup and --rep checked."""
+    args = p.parse_args(argv)
+    args.dtype_name = args.dtype
+    check_run_args(p, args)
+    return args
 
 
 def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -498,20 +733,181 @@ def run_script(
 ) -> int:
     """Pick the device from --device, print it with the versions and date, and run the GPU measurement or
     the CPU checks (with shorter budgets under --quick)."""
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.device == "cuda" and not cuda:
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if cuda else "cpu")
-    print(f"device: {device_name(device)}; {format_versions()}; {iso_date()}")
-    if not cuda:
+    device = pick_device(args.device)
+    print(environment_line(device))
+    if device.type != "cuda":
         if args.quick:
             args.warmup, args.rep = min(args.warmup, 10), min(args.rep, 50)
         return cpu_main(args)
     return gpu_main(args, device)
 
 
-# -- the GPU session's report -----------------------------------------------------------------------
-# ANCHORS.md (one H200, torch 2.11, bf16): what users get today without lmforge, for the report's ratios.
+def until_interrupted(run: Callable[[], int]) -> int:
+    """``run()`` with SIGINT and SIGTERM caught (:func:`catch_interrupts`); cut short before it caught the
+    interrupt itself (importing, probing the providers), a line that says so and exit code 130."""
+    catch_interrupts()
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("\ninterrupted before any measurement", flush=True)
+        return 130
+
+
+def bench_main(
+    parse: Callable[[Sequence[str] | None], argparse.Namespace],
+    cpu_main: Callable[[argparse.Namespace], int],
+    gpu_main: Callable[[argparse.Namespace, torch.device], int],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """A benchmark script's main: :func:`until_interrupted` of :func:`run_script` of its parsed options."""
+    return until_interrupted(lambda: run_script(parse(argv), cpu_main, gpu_main))
+
+
+# -- the run of a benchmark script ------------------------------------------------------------------
+def no_speed_claim(verb: str = "claimed") -> None:
+    """What a script says first without CUDA."""
+    print(f"no CUDA device: no speed is {verb} (speed claims come only from GPU runs); CPU checks instead")
+
+
+class Recorder:
+    """Every result of one run as it is measured: kept (``results``), written to ``path`` (a CSV row, on disk
+    at once) and printed (a line). ``row(result, results)`` and ``line(result, results)`` make them, from the
+    results so far (which include this one), for ratios to what was measured before it. ``common``: the
+    stamp put on every row (default: :func:`stamp` of the default device); ``preset``: the run's name."""
+
+    def __init__(
+        self,
+        path: Path,
+        row: Callable[[Any, list], Mapping[str, object]],
+        line: Callable[[Any, list], str],
+        *,
+        common: Mapping[str, object] | None = None,
+        preset: str = "",
+    ) -> None:
+        self.results: list = []
+        self.writer = RowWriter(path, common=common)
+        self.row, self.line, self.preset = row, line, preset
+
+    def add(self, result: Any) -> None:
+        self.results.append(result)
+        self.writer.write(self.row(result, self.results))
+        print(self.line(result, self.results), flush=True)
+
+    def interrupted(self, report: Callable[[list], None]) -> int:
+        """Cut short: the table of what was measured (its rows are in the CSV already); exit code 130."""
+        print(f"\ninterrupted: {len(self.results)} measurement(s) kept in {self.writer.path}", flush=True)
+        if self.results:
+            report(self.results)
+        return 130
+
+    def until_interrupted(self, run: Callable[[], int], report: Callable[[list], None]) -> int:
+        """``run()``, or :meth:`interrupted` when it is cut short."""
+        try:
+            return run()
+        except KeyboardInterrupt:
+            return self.interrupted(report)
+
+    def wrote(self) -> bool:
+        """Say where the rows went (False, and no file, when nothing was measured)."""
+        if not self.results:
+            print("nothing was measured; no CSV or plot written")
+            return False
+        print(f"wrote {self.writer.path} ({self.writer.count} rows)")
+        return True
+
+
+def measure_and_report(
+    recorder: Recorder,
+    find: Callable[[], Mapping[str, Any]],
+    run: Callable[[Mapping[str, Any]], object],
+    report: Callable[[list], None],
+    write: Callable[[], None],
+    cut_report: Callable[[list], None] | None = None,
+) -> int:
+    """A GPU run: the providers that work here (``find()``; exit code 1 when none does), every measurement
+    (``run(providers)``, each result given to ``recorder``), the table (``report(results)``) and the files
+    (``write()``). Cut short: the table of what was measured (``cut_report``, default ``report``), code 130."""
+    try:
+        providers = find()
+        if not providers:
+            print("no provider is available; nothing to measure")
+            return 1
+        run(providers)
+    except KeyboardInterrupt:
+        return recorder.interrupted(cut_report or report)
+    print()
+    report(recorder.results)
+    write()
+    return 0
+
+
+def measured(items: Sequence[Any], results: Sequence[Any], key: Callable[[Any], Any]) -> list:
+    """The items (shapes, cases) that have at least one result, in their order."""
+    return [item for item in items if any(key(r) == item for r in results)]
+
+
+def versus(result: Any, results: Sequence[Any], references: Sequence[str], ratio: Callable[..., float | None]) -> str:
+    """``, vs X 1.23x`` for each reference X (other than the result's own provider) already measured."""
+    pairs = [(ref, ratio(result, results, ref)) for ref in references if ref != result.provider]
+    return "".join(f", vs {ref} {x:.2f}x" for ref, x in pairs if x is not None)
+
+
+def saved_plot(path: Path, plotted: bool) -> bool:
+    """Say whether the plot was written."""
+    print(f"wrote {path}" if plotted else "matplotlib is not installed, so no plot")
+    return plotted
+
+
+@contextlib.contextmanager
+def printed_notes() -> Iterator[list[str]]:
+    """A list to collect notes in (a provider skipped, and why), printed as ``note: ...`` lines at the end of
+    the block, also when it is cut short."""
+    notes: list[str] = []
+    try:
+        yield notes
+    finally:
+        for note in notes:
+            print(f"note: {note}")
+
+
+def smoke_row(
+    cells: Sequence[object],
+    compute: Callable[[], Sequence[torch.Tensor]],
+    reference: Callable[[], Sequence[torch.Tensor]],
+    *,
+    tolerance: float,
+    columns: int = 4,
+    relative: bool = False,
+    describe: Callable[[BaseException], str] | None = None,
+) -> list[object]:
+    """One row of a correctness smoke: ``cells``, the max abs error of each tensor of ``compute()`` (output,
+    gradients) against ``reference()`` (float64), then "pass" when each is at most ``tolerance`` (``relative``:
+    times the reference's largest magnitude), else "FAIL". ``compute()`` raising: ``columns`` dashes and
+    "FAIL (why)", the error as ``describe`` (default :func:`short_error`) words it."""
+    try:
+        got = compute()
+    except Exception as err:
+        return [*cells, *["-"] * columns, f"FAIL ({(describe or short_error)(err)})"]
+    expected = reference()
+    errors = [(a.double() - b).abs().max().item() for a, b in zip(got, expected)]
+    if relative:
+        ok = all(e <= tolerance * b.abs().max().item() for e, b in zip(errors, expected))
+    else:
+        ok = all(e <= tolerance for e in errors)
+    return [*cells, *(f"{e:.1e}" for e in errors), "pass" if ok else "FAIL"]
+
+
+def print_smoke(headers: Sequence[str], rows: Sequence[Sequence[object]], counted: str = "cases") -> bool:
+    """The smoke's table and verdict line; True when every row passed."""
+    print_table(headers, rows)
+    passed = all(row[-1] == "pass" for row in rows)
+    print(f"smoke: {'all passed' if passed else 'FAILED'} ({len(rows)} {counted})")
+    return passed
+
+
+# -- anchors and the GPU session's report -----------------------------------------------------------
+# ANCHORS.md (one H200, torch 2.11, bf16): what users get today without lmforge, for the report's ratios and
+# the scripts' reference columns.
 # Attention, B*N = 16384, H*D = 2048: (D, N, causal) -> TFLOP/s of flash fwd, flash fwd+bwd, cuDNN fwd, cuDNN fwd+bwd.
 ANCHOR_ATTENTION = {
     (64, 1024, False): (287.5, 231.9, 426.0, 381.7),
@@ -543,175 +939,9 @@ ANCHOR_MASKED = {
 MASKED_BARS = {"packed": "flex", "padding": "sdpa-causal-nomask"}
 
 
-def read_csv_rows(folder: Path, stem: str) -> list[dict[str, str]]:
-    """The rows of ``<stem>.csv`` and its ``<stem>-2.csv``... siblings (see :func:`write_csv`) in ``folder``."""
-    rows: list[dict[str, str]] = []
-    for path in sorted(folder.glob(f"{stem}*.csv")):
-        if re.fullmatch(rf"{re.escape(stem)}(-\d+)?\.csv", path.name):
-            with path.open(newline="") as f:
-                rows += list(csv.DictReader(f))
-    return rows
-
-
-def _float(text: str | None) -> float | None:
-    try:
-        value = float(text) if text not in (None, "") else None
-    except ValueError:
-        return None
-    return None if value is None or math.isnan(value) else value
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a is not None and b else "-"
-
-
-def _num(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _tflops(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
-
-
-def _attention_report(rows: list[dict[str, str]]) -> list[str]:
-    """TFLOP/s of lmforge against cuDNN and flash in this run, and ANCHORS.md's cuDNN/flash numbers."""
-    table: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        key = (int(r["head_dim"]), int(r["seq"]), r["causal"] == "1", r["mode"])
-        value = _float(r.get("tflops"))
-        if value is not None:
-            table.setdefault(key, {})[r["provider"]] = value
-    body = []
-    for (d, n, causal, mode), got in table.items():
-        anchor = ANCHOR_ATTENTION.get((d, n, causal))
-        a_flash = a_cudnn = None
-        if anchor and mode in ("fwd", "fwd+bwd"):
-            a_flash, a_cudnn = (anchor[0], anchor[2]) if mode == "fwd" else (anchor[1], anchor[3])
-        ours = got.get("lmforge")
-        body.append([
-            d, n, "yes" if causal else "no", mode, _tflops(ours), _tflops(got.get("cudnn")), _tflops(got.get("flash")),
-            _ratio(ours, got.get("cudnn")), _ratio(ours, got.get("flash")), _num(a_cudnn), _num(a_flash),
-            _ratio(ours, a_cudnn), _ratio(got.get("cudnn"), a_cudnn),
-        ])  # fmt: skip
-    headers = ["D", "N", "causal", "mode", "lmforge", "cudnn", "flash", "lmf/cudnn", "lmf/flash", "anchor cuDNN",
-               "anchor flash", "lmf/anchor cuDNN", "cudnn/anchor"]  # fmt: skip
-    other = sorted({p for got in table.values() for p in got} - {"lmforge", "cudnn", "flash"})
-    lines = [format_table(headers, body)]
-    lines.append("TFLOP/s (FlashAttention convention); lmf/x = lmforge / x in this run; anchor = ANCHORS.md (H200)")
-    if other:
-        lines.append(f"also in attn.csv: {', '.join(other)}")
-    return lines
-
-
-def _masked_report(rows: list[dict[str, str]]) -> list[str]:
-    table: dict[str, dict[str, float]] = {}
-    kinds: dict[str, str] = {}
-    for r in rows:
-        value = _float(r.get("ms"))
-        if value is not None:
-            table.setdefault(r["case"], {})[r["provider"]] = value
-            kinds[r["case"]] = r.get("kind", "")
-    providers = [
-        p for p in ("lmforge", "flex", "sdpa-causal-nomask", "sdpa-bool-mask") if any(p in t for t in table.values())
-    ]
-    body = []
-    for case, got in table.items():
-        bar = MASKED_BARS.get(kinds[case], "")
-        anchor = ANCHOR_MASKED.get(case, {}).get(bar)
-        body.append([case, *(_num(got.get(p), ".3f") for p in providers), bar, _ratio(got.get("lmforge"), got.get(bar)),
-                     _num(anchor, ".2f"), _ratio(got.get("lmforge"), anchor)])  # fmt: skip
-    headers = ["case", *providers, "bar", "lmf/bar", "anchor bar ms", "lmf/anchor"]
-    return [format_table(headers, body), "ms of forward + backward (below 1: lmforge faster); anchor = ANCHORS.md"]
-
-
-def _ce_report(rows: list[dict[str, str]]) -> list[str]:
-    body = []
-    for r in rows:
-        shape = (int(r["tokens"]), int(r["hidden"]), int(r["vocab"]))
-        ms, transient = _float(r.get("ms")), _float(r.get("transient_mib"))
-        anchor = ANCHOR_CE.get(shape, {})
-        a_compile, a_liger = anchor.get("torch-compile", (None, None)), anchor.get("liger", (None, None))
-        body.append([
-            "x".join(map(str, shape)), r["provider"], r.get("status", ""), _num(ms, ".2f"), _num(transient, ",.0f"),
-            _ratio(ms, a_compile[0]), _ratio(ms, a_liger[0]), _ratio(transient, a_liger[1]),
-        ])  # fmt: skip
-    headers = ["tokens x hidden x vocab", "provider", "status", "ms", "transient MiB", "ms/anchor compile",
-               "ms/anchor liger", "MiB/anchor liger"]  # fmt: skip
-    return [format_table(headers, body), "forward + backward; anchor = ANCHORS.md (torch.compile, Liger; H200)"]
-
-
-def _train_report(rows: list[dict[str, str]]) -> list[str]:
-    speeds = {r["provider"]: _float(r.get("tokens_per_s")) for r in rows}
-    body = []
-    for r in rows:
-        speed = _float(r.get("tokens_per_s"))
-        anchor = ANCHOR_TRAIN.get("plain-compiled") if r.get("shape") == "gpt2-124m" else None
-        body.append([
-            r["provider"], r.get("shape", ""), r.get("status", ""), _num(speed, ",.0f"), r.get("ms_per_step") or "-",
-            _ratio(speed, speeds.get("plain-compiled")), _ratio(speed, anchor), r.get("mfu") or "-",
-            r.get("peak_memory_mib") or "-", r.get("time_to_first_step_s") or "-", (r.get("error") or "")[:60],
-        ])  # fmt: skip
-    headers = ["provider", "shape", "status", "tokens/s", "ms/step", "vs plain-compiled", "vs anchor compiled",
-               "MFU", "peak MiB", "first step s", "error"]  # fmt: skip
-    return [format_table(headers, body), "anchor = ANCHORS.md: plain torch.compile loop, 562,950 tokens/s (H200)"]
-
-
-def _steps_report(path: Path, budget: str) -> list[str]:
-    if not path.exists():
-        return ["(no steps.tsv)"]
-    with path.open(newline="") as f:
-        steps = list(csv.DictReader(f, delimiter="\t"))
-    used = sum(int(s.get("used_s") or 0) for s in steps)
-    lines = [f"budget {budget} s; the steps used {used} s"]
-    lines.append(
-        format_table(
-            ["step", "limit s", "used s", "status"],
-            [[s["step"], s["limit_s"], s["used_s"], s["status"]] for s in steps],
-        )
-    )
-    return lines
-
-
-def session_report(work: Path, budget: str = "?", dry_run: bool = False) -> str:
-    """The summary of a ``gpu_session.sh`` run from its work folder: the gate's verdict first, the budget per
-    step, the environment, then each benchmark's table in short with lmforge/anchor ratios."""
-    lines: list[str] = []
-    if dry_run:
-        lines.append("DRY RUN (CPU, tiny shapes): checks the session's plumbing; no number below is a speed claim")
-    gate = work / "gate" / "gate_summary.txt"
-    lines += gate.read_text().rstrip().splitlines() if gate.exists() else ["GATE: NOT RUN (no gate_summary.txt)"]
-    lines += ["", "== steps", *_steps_report(work / "steps.tsv", budget)]
-    env = work / "env.log"
-    if env.exists():
-        facts = [ln for ln in env.read_text().splitlines() if ln.strip() and not ln.startswith("== ")]
-        lines += ["", "== environment", *facts[:20]]
-    sections = (
-        ("attention (attn.csv)", "attn", _attention_report),
-        ("masked attention (attn_masked.csv)", "attn_masked", _masked_report),
-        ("fused linear + cross-entropy (ce.csv)", "ce", _ce_report),
-        ("training step (train.csv)", "train", _train_report),
-    )
-    for title, stem, report in sections:
-        rows = read_csv_rows(work, stem)
-        lines += ["", f"== {title}"]
-        if not rows:
-            lines.append("no rows (see its log in session.tar.gz)")
-            continue
-        try:
-            lines += report(rows)
-        except (KeyError, ValueError) as err:  # a CSV of other columns: say so, keep the rest of the report
-            lines.append(f"cannot summarise {stem}.csv: {short_error(err)}")
-    tiles = work / "tiles.json"
-    lines += ["", "== tiles.json: " + ("lmforge's tuned_tiles(); pin_tiles(path) or LMFORGE_ATTN_TILES=path to reuse"
-                                      if tiles.exists() else "not written (no lmforge attention measured)")]  # fmt: skip
-    finetune = work / "finetune.log"
-    if finetune.exists():
-        tail = [ln for ln in finetune.read_text(errors="replace").splitlines() if ln.strip()][-8:]
-        lines += ["", "== fine-tune smoke (last lines of finetune.log)", *tail]
-    return "\n".join(lines) + "\n"
-
-
 def _main(argv: Sequence[str] | None = None) -> int:
+    from session_report import session_report  # it imports this module
+
     p = argparse.ArgumentParser(description="the GPU session's report (benchmarks/gpu_session.sh)")
     sub = p.add_subparsers(dest="command", required=True)
     report = sub.add_parser("report", help="print the summary of a session's work folder")

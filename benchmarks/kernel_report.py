@@ -324,22 +324,19 @@ def summary(reports: Sequence[Report]) -> list[str]:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int_list, default=[90], help="compute capabilities, e.g. 90 or 80,90 (default 90)")
-    p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
+    p.add_argument(
+        "--arch", type=harness.int_list, default=[90], help="compute capabilities, e.g. 90 or 80,90 (default 90)"
+    )
+    p.add_argument(
+        "--kernels",
+        type=harness.choice_list(KERNELS),
+        default=list(KERNELS),
+        help=f"comma-separated subset of {','.join(KERNELS)}",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="input dtype (default bf16)")
-    p.add_argument("--head-dims", type=int_list, default=[64, 128], help="attention head dims (default 64,128)")
+    p.add_argument("--head-dims", type=harness.int_list, default=[64, 128], help="attention head dims (default 64,128)")
     p.add_argument("--masks", action="store_true", help="also compile the key-padding and segment-id variants")
     p.add_argument("--quick", action="store_true", help="one config per kernel and variant (the first)")
     p.add_argument(
@@ -349,12 +346,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="attention: compile these tile shapes instead of the tuned lists, e.g. 32x128w8s2,64x64w4s3",
     )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations (default: CPUs)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="CSV directory (default benchmarks/out)")
+    harness.add_out_arg(p, what="CSV")
     args = p.parse_args(argv)
-    args.kernel_list = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    unknown = [k for k in args.kernel_list if k not in KERNELS]
-    if unknown or not args.kernel_list:
-        p.error(f"--kernels: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(KERNELS)}")
+    args.kernel_list = args.kernels
     if any(a not in SHARED_LIMIT for a in args.arch):
         p.error(f"--arch: choose from {', '.join(map(str, SHARED_LIMIT))}")
     return args

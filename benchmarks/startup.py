@@ -70,7 +70,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=5, help="timed runs per command (median reported)")
     p.add_argument("--before", type=Path, help="another lmforge checkout to time side by side")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot directory")
+    harness.add_out_arg(p)
     args = p.parse_args()
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
@@ -79,7 +79,7 @@ def main() -> int:
         if not (args.before / "lmforge" / "__init__.py").is_file():
             p.error(f"--before {args.before}: not an lmforge checkout (no lmforge/__init__.py)")
         trees = {"before": args.before.resolve(), **trees}
-    print(f"device: {harness.device_name('cpu')}; {harness.format_versions()}; {harness.iso_date()}")
+    print(harness.environment_line("cpu"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tiny_checkpoint(Path(tmp) / "tiny.ckpt")

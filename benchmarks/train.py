@@ -68,7 +68,6 @@ import contextlib
 import gc
 import logging
 import os
-import resource
 import statistics
 import sys
 import time
@@ -126,8 +125,6 @@ PRESETS = {
     "gpt2-124m": {"layers": 12, "width": 768, "heads": 12, "batch": 32, "seq": 1024, "vocab": 50304},
     "quick": {"layers": 2, "width": 64, "heads": 2, "batch": 4, "seq": 64, "vocab": 320},
 }
-# bf16 dense peaks, FLOP/s; the first key found in the device name wins (so the PCIe/NVL H100s come first)
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 # the optimizer of both loops (the adamw plugin's defaults), and a schedule that leaves its lr alone
 OPTIMIZER = {"name": "adamw", "lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]}
 SCHEDULER = {"name": "constant", "warmup_steps": 0}
@@ -251,25 +248,13 @@ class Measurement:
 
 # -- environment ------------------------------------------------------------------------------------
 def peak_flops(name: str) -> float | None:
-    """The bf16 dense peak of a known GPU, else None."""
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    """The bf16 dense peak of a known GPU in FLOP/s (harness.PEAK_TFLOPS), else None."""
+    tflops = harness.peak_tflops(name)
+    return None if tflops is None else tflops * 1e12
 
 
 def flops_per_token(shape: Shape, params: int) -> float:
     return 6 * params + 12 * shape.layers * shape.width * shape.seq
-
-
-def load_average() -> str:
-    """The 1-minute load average: how busy the machine was, this benchmark included."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
-
-
-def process_max_rss_mib() -> float:
-    """The process's high-water mark of resident memory so far (Linux reports KiB); never decreases."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def quiet_lightning() -> None:
@@ -544,7 +529,7 @@ def run_provider(
         result.peak_memory = torch.cuda.max_memory_allocated(device)
     if provider.compiled:
         compile_facts(result, args.compile_backend)
-    result.load_average = load_average()
+    result.load_average = harness.load_average()
     return result
 
 
@@ -583,7 +568,7 @@ def csv_row(r: Measurement, shape: Shape, args: argparse.Namespace, device: torc
         "warmup": args.warmup,
         "steps": r.steps,
         "peak_memory_mib": f"{r.peak_memory / 2**20:.1f}" if r.peak_memory is not None else "n/a",
-        "process_max_rss_mib": f"{process_max_rss_mib():.1f}",
+        "process_max_rss_mib": f"{harness.process_max_rss_mib():.1f}",
         "time_to_first_step_s": f"{r.time_to_first_step:.3f}" if r.time_to_first_step is not None else "",
         "final_loss": f"{r.final_loss:.5f}" if r.final_loss is not None else "",
         "graphs": "" if r.graphs is None else r.graphs,
@@ -634,10 +619,6 @@ def summarise(results: list[Measurement], shape: Shape) -> dict[str, Summary]:
     return {n: Summary(PROVIDERS[n], [r for r in results if r.provider.name == n], shape) for n in names}
 
 
-def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
 def ratio(a: float | None, b: float | None, unit: str = "") -> str:
     return f"{a / b:.3f}{unit}" if a and b else "n/a" if unit else "-"
 
@@ -675,8 +656,8 @@ def print_report(results: list[Measurement], shape: Shape, args: argparse.Namesp
             name,
             p.backends,
             compile_cell,
-            _fmt(s.median(lambda r: r.ms_per_step), ".2f"),
-            _fmt(s.median(lambda r: r.median_ms_per_step), ".2f"),
+            harness.fmt(s.median(lambda r: r.ms_per_step), ".2f"),
+            harness.fmt(s.median(lambda r: r.median_ms_per_step), ".2f"),
             f"{speed:,.0f}",
             best,
             spread,
@@ -684,8 +665,8 @@ def print_report(results: list[Measurement], shape: Shape, args: argparse.Namesp
             ratio(speed, base_c),
             f"{speed * flops_per_token(shape, s.good[0].params) / peak:.1%}" if peak else "n/a",
             f"{mem / 2**20:,.0f} MiB" if mem is not None else "n/a",
-            _fmt(first, ".2f") + " s" if first is not None else "-",
-            _fmt(s.median(lambda r: r.final_loss), ".4f"),
+            harness.fmt(first, ".2f") + " s" if first is not None else "-",
+            harness.fmt(s.median(lambda r: r.final_loss), ".4f"),
             graphs or "-",
         ])  # fmt: skip
     print()
@@ -802,7 +783,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps before them (default 5; compilation happens here)")
     p.add_argument("--quick", action="store_true", help="a tiny shape, 2 warmup + 3 timed steps: a smoke test")
     p.add_argument("--repeats", type=int, default=1, help="runs per provider, interleaved; the median is shown")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    harness.add_device_arg(p)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
@@ -810,23 +791,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="lmforge providers keep the weights lmforge initialises (default: they start from the plain loop's)",
     )
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/out"), help="CSV and plot folder (default benchmarks/out)"
-    )
+    harness.add_out_arg(p)
     args = p.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         p.error("--warmup, --steps and --repeats must be at least 1")
     return args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 def build_shape(args: argparse.Namespace, device: torch.device) -> Shape:
@@ -839,12 +810,7 @@ def build_shape(args: argparse.Namespace, device: torch.device) -> Shape:
 
 def main(argv: list[str] | None = None) -> int:
     """0, or 130 when cut short by SIGINT/SIGTERM (the providers measured so far are in the CSV and the table)."""
-    harness.catch_interrupts()
-    try:
-        code = run_all(parse_args(argv))
-    except KeyboardInterrupt:  # before the first provider's row (building the data, warming the compiler)
-        print("\ninterrupted before any measurement", flush=True)
-        code = 130
+    code = harness.until_interrupted(lambda: run_all(parse_args(argv)))  # cut short before the first provider's row
     if code == 130 and __name__ == "__main__":
         # Cut short, often inside a compile: what was measured is written and printed; leave at once rather
         # than wait at exit for inductor's compile workers (a SIGKILL would follow a few seconds later).
@@ -855,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_all(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+    device = harness.pick_device(args.device)
     args.device_type = device.type
     shape = build_shape(args, device)
     providers = [PROVIDERS[n] for n in args.providers]
@@ -873,7 +839,9 @@ def run_all(args: argparse.Namespace) -> int:
         f"shape: {shape_label(shape)}, {precision(device)}; {args.warmup} warmup + {args.steps} timed steps, "
         f"{args.repeats} repeat(s); compile backend {args.compile_backend}"
     )
-    print(f"load average before the runs: {load_average()} (other work on the CPU slows and scatters the numbers)")
+    print(
+        f"load average before the runs: {harness.load_average()} (other work on the CPU slows and scatters the numbers)"
+    )
     batches = Batches.random(shape, args.warmup + args.steps, args.seed)
     lmforge_runs = any(p.loop == "lmforge" for p in providers)
     args.reference_weights = reference_weights(shape, args.seed) if lmforge_runs and not args.own_init else None
@@ -883,7 +851,7 @@ def run_all(args: argparse.Namespace) -> int:
         state = f"failed: {error}" if error else f"{time.perf_counter() - began:.1f} s"
         caches = "kept" if args.compile_caches else "empty for each provider"
         print(f"compiler warm-up (a toy function, {args.compile_backend}): {state}; on-disk compile caches {caches}")
-    csv_path = args.out / "train.csv"
+    writer = harness.RowWriter(args.out / "train.csv", common=env, fields=CSV_FIELDS)
     results: list[Measurement] = []
     for repeat in range(args.repeats):  # interleaved, so that drifting machine load hits every provider alike
         if results and results[-1].interrupted:
@@ -891,10 +859,7 @@ def run_all(args: argparse.Namespace) -> int:
         for provider in providers:
             r = run_provider(provider, repeat, shape, batches, args, device)
             results.append(r)
-            env["date"] = harness.iso_date()
-            csv_path = harness.write_csv(
-                args.out / "train.csv", [csv_row(r, shape, args, device, peak)], common=env, fields=CSV_FIELDS
-            )
+            writer.write(csv_row(r, shape, args, device, peak))
             if r.ok:
                 first = f"{r.time_to_first_step:.2f} s" if r.time_to_first_step is not None else "-"
                 print(
@@ -909,7 +874,7 @@ def run_all(args: argparse.Namespace) -> int:
                 break
     print_report(results, shape, args, peak)
     if results[-1].interrupted:
-        print(f"interrupted: {sum(r.ok for r in results)} provider run(s) measured, kept in {csv_path}; no plot")
+        print(f"interrupted: {sum(r.ok for r in results)} provider run(s) measured, kept in {writer.path}; no plot")
         return 130
     png = args.out / f"train_{harness.slug(shape.name)}_{device.type}.png"
     threads = next((r.threads for r in results if r.threads), torch.get_num_threads())
@@ -917,11 +882,11 @@ def run_all(args: argparse.Namespace) -> int:
         f"{shape_label(shape)}, {precision(device)}\n{name}, {threads} threads, compile backend {args.compile_backend}"
     )
     if not any(r.ok for r in results):
-        print(f"wrote {csv_path}; no provider ran, so no plot")
+        print(f"wrote {writer.path}; no provider ran, so no plot")
     elif plot(png, results, shape, title):
-        print(f"wrote {csv_path} and {png}")
+        print(f"wrote {writer.path} and {png}")
     else:
-        print(f"wrote {csv_path}; matplotlib is not installed, so no plot")
+        print(f"wrote {writer.path}; matplotlib is not installed, so no plot")
     return 0
 
 
