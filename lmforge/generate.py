@@ -4,8 +4,9 @@
   row at the end-of-text token, at a stop string (cut off) or after ``max_new_tokens``, and can
   stream the text as it is produced.
 - :func:`generate_ids` is the same loop on token ids.
-- :func:`generate_completions` decodes token by token so stop strings cut the text, as the
-  ``lmforge generate MODEL --prompt TEXT`` command (:func:`lmforge.commands.generate_command`) runs it:
+- :func:`generate_completions` is :func:`generate` with each continuation's token ids and finish
+  reason; the ``lmforge generate MODEL --prompt TEXT`` command (:func:`lmforge.commands.generate_command`)
+  runs it:
   MODEL is an lmforge ``.ckpt``, a folder written by ``lmforge export``, or a Hugging Face folder or Hub
   id (loaded by :func:`lmforge.checkpoint.load_base`).
 
