@@ -159,7 +159,8 @@ def attention_jobs(
         for causal in (False, True):
             for kpm, seg in mask_sets:
                 variant = f"D{d} {'causal' if causal else 'full'}" + (" +pad" if kpm else "") + (" +seg" if seg else "")
-                flags = dict(CAUSAL=causal, HAS_KPM=kpm, HAS_SEG=seg, IEEE=False, WIDE=False, BLOCK_D=d)
+                flags = dict(CAUSAL=causal, HAS_KPM=kpm, HAS_SEG=seg, HAS_WINDOW=False, IEEE=False, WIDE=False,
+                             BLOCK_D=d)  # fmt: skip
                 if kernel in ("attn-bwd", "attn-dkdv"):  # one kernel: with and without the dQ atomics
                     flags["DQ_ATOMIC"] = kernel == "attn-bwd"
                 for bm, bn, warps, stages in shapes[:1] if quick else shapes:

@@ -94,6 +94,16 @@ def custom_op(name: str, schema: str, *, mutates_args: tuple[str, ...] = ()):
     return define
 
 
+def check_window(window: int | None, causal: bool) -> None:
+    """Refuse a sliding window that is not a positive int, or one without causal attention."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"attention window must be a positive int or None, got {window!r}")
+    if not causal:
+        raise ValueError(f"attention window={window} needs causal=True (a bidirectional window is not supported)")
+
+
 def sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,23 +114,29 @@ def sdpa(
     key_padding_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The same attention as the Triton kernel, in plain torch (``scaled_dot_product_attention``).
 
     q: (B, H, N, D); k, v: (B, H_kv, N, D). key_padding_mask (B, N, nonzero = real token) and
     segment_ids (B, N) restrict the keys a query sees; rows that can see nothing give zeros (and
-    zero gradients). ``lmforge.ops`` runs it as the torch path, and the kernels' fallback (a kernel
-    that cannot be built here) computes with it, so both give the very same numbers.
+    zero gradients). ``window`` (a positive int, causal only; None = unlimited) is Mistral's sliding
+    window: query i sees keys j with i - W < j <= i, as transformers' ``sliding_window_overlay``.
+    ``lmforge.ops`` runs it as the torch path, and the kernels' fallback (a kernel that cannot be
+    built here) computes with it, so both give the very same numbers.
     """
+    check_window(window, causal)
     gqa = k.size(1) != q.size(1)
-    if key_padding_mask is None and segment_ids is None:
+    if key_padding_mask is None and segment_ids is None and window is None:
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
         )
     T = q.size(-2)
     mask = torch.ones(q.size(0), 1, T, T, dtype=torch.bool, device=q.device)  # (B, 1, T, T)
     if causal:
-        mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        # diagonals 0 (the query itself) down to -(W - 1): the W most recent keys
+        band = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
+        mask = mask & (band if window is None else band.triu(1 - window))
     if key_padding_mask is not None:
         mask = mask & key_padding_mask.bool()[:, None, None, :]
     if segment_ids is not None:

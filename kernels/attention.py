@@ -6,8 +6,9 @@ their autograd formula, then the thin public API (:func:`flash_attention`, :clas
 
 What it computes, for q (B, H, N, D) and k, v (B, H_kv, N, D), H_kv dividing H:
 ``softmax(q k^T * scale + mask) v``, where the mask combines, as requested, causality (key index
-<= query index), a key-padding mask (B, N: True = a real token) and segment ids (B, N: a query sees
-only keys of its own packed document). Grouped-query and multi-query attention read each key/value
+<= query index), Mistral's sliding window (with causality: query i sees keys i - W < j <= i), a
+key-padding mask (B, N: True = a real token) and segment ids (B, N: a query sees only keys of its
+own packed document). Grouped-query and multi-query attention read each key/value
 head once for its whole group of query heads: K and V are never repeated in memory.
 
 The forward pass tiles queries into BLOCK_M rows and streams BLOCK_N keys at a time with an online
@@ -48,6 +49,15 @@ documents, or padding with holes, leaves the range empty: the whole row then goe
 does everything at head dims above 128 (an unmasked copy of the tile body spills there). Packed
 documents cost about the sum of their squares, not the square of their sum.
 
+A sliding window W (HAS_WINDOW, with the window as a runtime int; see _window_keys and
+_window_queries) cuts the same ranges: a query block [start_m, +BLOCK_M) never visits the key tiles
+below the one holding start_m - W + 1, and a key block [start_n, +BLOCK_N) never visits the query
+tiles past start_n + BLOCK_N - 1 + W - 1 (fused and deterministic dK/dV alike), so a long row costs
+about N * W, not N^2 / 2. Inside the range a key tile is whole only if the block's last query still
+sees its first key (start_n >= start_m + BLOCK_M - W; for dK/dV, start_m + BLOCK_M <= start_n + W);
+the tiles across that far edge of the window run masked: without other masks, first (forward, dQ)
+or last (dK/dV) of the existing unmasked/masked loops; with them, as edge tiles of the split loop.
+
 Launch grids put batch x head (batch x key/value head for dK/dV) on axis 0, which CUDA does not
 cap at 65535, and the query or key block on axis 1. Offsets are 64-bit where they can pass int32:
 each program advances its base pointers by ``start.to(int64) * stride`` for the batch, the head and
@@ -76,7 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import build_errors, build_failed, custom_op, known_failure, sdpa
+from . import build_errors, build_failed, check_window, custom_op, known_failure, sdpa
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -255,9 +265,12 @@ def _read_env_once() -> None:
         log.info("flash_attention: tiles pinned from %s=%s", TILES_ENV, path)
 
 
-def _tune_key(n_tune: int, block_d: int, dtype: torch.dtype, causal: bool, kpm, seg) -> str:
-    """The autotune key of a launch as a string (kpm, seg: the mask tensors or None)."""
+def _tune_key(n_tune: int, block_d: int, dtype: torch.dtype, causal: bool, kpm, seg, window=None) -> str:
+    """The autotune key of a launch as a string (kpm, seg: the mask tensors or None; window: the
+    sliding window or None, named only when there is one, so keys without one read as before)."""
     flags = f"CAUSAL={int(causal)},HAS_KPM={int(kpm is not None)},HAS_SEG={int(seg is not None)}"
+    if window is not None:
+        flags += ",HAS_WINDOW=1"
     return f"N_TUNE={n_tune},BLOCK_D={block_d},{flags},dtype={str(dtype).removeprefix('torch.')}"
 
 
@@ -294,8 +307,9 @@ def _launch(name: str, kernel, grid, args: tuple, kwargs: dict, key: str, block_
 
 @triton.jit
 def _block_mask(
-    offs_m, offs_n, N, seg_q, kpm_ptr, seg_ptr, mask_base,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, KEYS_FIRST: tl.constexpr = False,
+    offs_m, offs_n, N, seg_q, kpm_ptr, seg_ptr, mask_base, window,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    KEYS_FIRST: tl.constexpr = False,
 ):  # fmt: skip
     """May query offs_m attend to key offs_n? (BLOCK_M, BLOCK_N) booleans, or with KEYS_FIRST the
     transpose, (BLOCK_N, BLOCK_M), for the dK/dV kernel, which works on S^T."""
@@ -308,6 +322,8 @@ def _block_mask(
     valid = (qi < N) & (ki < N)
     if CAUSAL:
         valid = valid & (qi >= ki)
+    if HAS_WINDOW:  # the sliding window (with CAUSAL): the `window` most recent keys, the query's own included
+        valid = valid & (qi - ki < window)
     if HAS_KPM:
         keep = tl.load(kpm_ptr + mask_base + offs_n, mask=offs_n < N, other=0)
         if KEYS_FIRST:
@@ -334,18 +350,21 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _tile_state(
-    start_m, start_n, N, seg_lo, seg_hi, kpm_ptr, seg_ptr, mask_base,
+    start_m, start_n, N, seg_lo, seg_hi, kpm_ptr, seg_ptr, mask_base, window,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):  # fmt: skip
     """(empty, whole) for the tile of queries [start_m, +BLOCK_M) and keys [start_n, +BLOCK_N), whose
     queries have segment ids in [seg_lo, seg_hi]: empty when the masks remove every pair (skip it),
-    whole when they keep every pair of a real key (run it without building a mask)."""
+    whole when they keep every pair of a real key (run it without building a mask). The callers'
+    key range already starts inside the sliding window, so the window only narrows ``whole``."""
     empty = start_n >= N
     whole = start_n + BLOCK_N <= N
     if CAUSAL:
         empty = empty | (start_n > start_m + BLOCK_M - 1)
         whole = whole & (start_n + BLOCK_N - 1 <= start_m)
+    if HAS_WINDOW:  # the block's last query still sees the tile's first key
+        whole = whole & (start_n >= start_m + BLOCK_M - window)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if HAS_KPM:
         keep = tl.load(kpm_ptr + mask_base + offs_n, mask=offs_n < N, other=0).to(tl.int32)
@@ -412,6 +431,23 @@ def _query_range(offs_n, N, lo, BOUNDS, b, HAS_SEG: tl.constexpr, BLOCK_M: tl.co
 
 
 @triton.jit
+def _window_keys(start_m, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Under the sliding window, for the queries [start_m, +BLOCK_M): (lo, first_whole), the first
+    key tile any of them sees (rounded down to BLOCK_N: older tiles are never visited) and the first
+    key that all of them see (from there up to the causal diagonal no window mask is needed)."""
+    lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+    return lo, tl.maximum(start_m + BLOCK_M - window, 0)
+
+
+@triton.jit
+def _window_queries(start_n, window, BLOCK_N: tl.constexpr):
+    """Under the sliding window, for the keys [start_n, +BLOCK_N): (hi, end_whole), the end of the
+    queries any of them is seen by (later query tiles are never visited) and the end of the queries
+    that see all of them (query tiles ending there or before need no window mask)."""
+    return start_n + BLOCK_N - 1 + window, start_n + window
+
+
+@triton.jit
 def _whole_range(lo, first, end, ok, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """[lo_full, hi_full): the tiles of BLOCK, on the grid of lo (a multiple of BLOCK), that lie inside
     the positions [first, end), whose pairs with the program's block the masks keep whole; ok: the
@@ -430,19 +466,22 @@ def _whole_range(lo, first, end, ok, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
 
 @triton.jit
 def _whole_keys(
-    start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,
+    start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b, window,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """The key tiles [lo_full, hi_full) that the queries [start_m, +BLOCK_M) see whole (forward, dQ):
-    inside the row, below the causal diagonal, real keys only (the row's real keys contiguous) and,
-    with segment ids, inside the run of the block's one document (when the block lies in one)."""
+    inside the row, below the causal diagonal, inside every query's sliding window, real keys only
+    (the row's real keys contiguous) and, with segment ids, inside the run of the block's one
+    document (when the block lies in one)."""
     row = _bounds_row(BOUNDS, b, N)
     first = 0
     end = N
     ok = start_m < N  # always: a tensor to combine with
     if CAUSAL:
         end = tl.minimum(end, start_m + 1)
+    if HAS_WINDOW:
+        _, first = _window_keys(start_m, window, BLOCK_M, BLOCK_N)
     if HAS_KPM:
         first = tl.maximum(first, tl.load(row + 2 * N))
         end = tl.minimum(end, tl.load(row + 4 * N + 2) + 1)  # -1 when the real keys have holes
@@ -455,18 +494,22 @@ def _whole_keys(
 
 @triton.jit
 def _whole_queries(
-    start_n, N, lo_m, keys_whole, seg_lo, seg_hi, BOUNDS, b,
-    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    start_n, N, lo_m, keys_whole, seg_lo, seg_hi, BOUNDS, b, window,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The query tiles [lo_full, hi_full) that see the keys [start_n, +BLOCK_N) whole (dK/dV): every
     key real and inside the row (keys_whole), the queries inside the row, at or after the block's
-    last key (causal) and, with segment ids, inside the run of the key block's one document."""
+    last key (causal), still seeing its first key (sliding window) and, with segment ids, inside the
+    run of the key block's one document."""
     first = 0
     end = N
     ok = keys_whole
     if CAUSAL:
         first = start_n + BLOCK_N - 1
+    if HAS_WINDOW:
+        _, window_end = _window_queries(start_n, window, BLOCK_N)
+        end = tl.minimum(end, window_end)
     if HAS_SEG:
         row = _bounds_row(BOUNDS, b, N)
         ok = ok & (seg_lo == seg_hi)
@@ -506,9 +549,9 @@ def _lanes(BLOCK: tl.constexpr, WIDE: tl.constexpr):
 @triton.jit
 def _fwd_tile(
     q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m, offs_d, N, D, qk_scale,
-    seg_q, KPM, SEG, mask_base,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr = True,
+    seg_q, KPM, SEG, mask_base, window,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr = True,
 ):  # fmt: skip
     """One step of the online softmax: fold keys [start_n, start_n + BLOCK_N) into (m_i, l_i, acc).
 
@@ -522,7 +565,7 @@ def _fwd_tile(
     # s stays in raw units: with qk_scale > 0, max(s) * qk_scale == max(s * qk_scale), so only the row
     # max is scaled and exp2(s * qk_scale - m) contracts into one FMA per element (no separate s * scale pass)
     if MASKED:
-        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW)
         s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # base-2 scaled units, as m_i
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet stay at zero
@@ -534,7 +577,7 @@ def _fwd_tile(
     return m_new, l_i, acc
 
 
-_TUNE_KEY = ["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"]
+_TUNE_KEY = ["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG", "HAS_WINDOW"]
 
 
 @triton.autotune(configs=_configs(FWD_TILES), key=_TUNE_KEY,
@@ -543,9 +586,9 @@ _TUNE_KEY = ["N_TUNE", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_SEG"]
 def _attn_fwd(
     Q, K, V, Out, LSE, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    H, GROUP, N, N_TUNE, D, qk_scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, GROUP, N, N_TUNE, D, qk_scale, window,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     start_m = _query_block_start(N, BLOCK_M, CAUSAL)
@@ -567,48 +610,58 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo_n = 0
     hi_n = N
     if CAUSAL:
         hi_n = tl.minimum(N, start_m + BLOCK_M)
+    if HAS_WINDOW:  # key tiles older than the first query's window are never visited
+        lo_n, first_whole = _window_keys(start_m, window, BLOCK_M, BLOCK_N)
     if HAS_KPM or HAS_SEG:  # only these masks can empty a whole tile: branch only then
-        lo_n, hi_n = _key_range(offs_m, N, 0, hi_n, BOUNDS, b, HAS_KPM, HAS_SEG, BLOCK_N)
+        lo_n, hi_n = _key_range(offs_m, N, lo_n, hi_n, BOUNDS, b, HAS_KPM, HAS_SEG, BLOCK_N)
         # the tiles known whole from the bounds: a plain loop without masks or branches (it pipelines)
         # (not at head dims above 128, where an unmasked copy of the tile body spills, nor for the
         # 128x128 tile at head dim 128, which has no registers left for it: those run tile by tile)
         SPLIT: tl.constexpr = BLOCK_D <= 128 and BLOCK_M * BLOCK_N * BLOCK_D <= 128 * 64 * 128
-        lo_full, hi_full = _whole_keys(start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b, CAUSAL, HAS_KPM, HAS_SEG,
-                                       BLOCK_N, SPLIT)  # fmt: skip
+        lo_full, hi_full = _whole_keys(start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b, window, CAUSAL, HAS_KPM,
+                                       HAS_SEG, HAS_WINDOW, BLOCK_M, BLOCK_N, SPLIT)  # fmt: skip
         if SPLIT:
             for start_n in range(lo_full, hi_full, BLOCK_N):
                 m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
-                                          offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
-                                          CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, False)  # fmt: skip
+                                          offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, window,
+                                          CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, BLOCK_N, False)  # fmt: skip
         # the others, [lo_n, lo_full) then [hi_full, hi_n), tile by tile
         for edge_n in range(lo_n, lo_full + (hi_n - hi_full), BLOCK_N):
             start_n = tl.where(edge_n < lo_full, edge_n, edge_n + (hi_full - lo_full))
-            empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
-                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+            empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base, window,
+                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW)  # fmt: skip
             whole = whole & (BLOCK_D <= 128)  # a second, unmasked copy of the tile spills at head dim 256
             if whole:  # inside one document, every key real, below the diagonal: no mask to build
                 m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
-                                          offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
-                                          CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, False)  # fmt: skip
+                                          offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, window,
+                                          CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, BLOCK_N, False)  # fmt: skip
             elif not empty:
                 m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
                                           offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
-                                          CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N)  # fmt: skip
+                                          window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, BLOCK_N)  # fmt: skip
     else:  # whole tiles first, without masks; then the diagonal (causal) or the ragged end
         lo_mask = (N // BLOCK_N) * BLOCK_N
         if CAUSAL:
             lo_mask = (start_m // BLOCK_N) * BLOCK_N
-        for start_n in range(0, lo_mask, BLOCK_N):
+        lo_whole = lo_n
+        if HAS_WINDOW:  # before them, masked, the tiles across the far edge of some query's window
+            lo_whole = tl.minimum(((first_whole + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo_mask)
+            for start_n in range(lo_n, lo_whole, BLOCK_N):
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
+                                          offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
+                                          window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, BLOCK_N)  # fmt: skip
+        for start_n in range(lo_whole, lo_mask, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
                                       offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
-                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, False)  # fmt: skip
+                                      window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, BLOCK_N, False)  # fmt: skip
         for start_n in range(lo_mask, hi_n, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n,
                                       offs_m, offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base,
-                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N, True)  # fmt: skip
+                                      window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, BLOCK_N, True)  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -620,9 +673,9 @@ def _attn_fwd(
 @triton.jit
 def _dq_tile(
     q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m, offs_d, N, D, qk_scale,
-    seg_q, KPM, SEG, mask_base,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr = True,
+    seg_q, KPM, SEG, mask_base, window,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr = True,
 ):  # fmt: skip
     """dQ += dS K for the keys [start_n, start_n + BLOCK_N) (MASKED as in _fwd_tile)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -633,7 +686,7 @@ def _dq_tile(
     dp = _dot(do, tl.trans(v), IEEE)
     p = tl.math.exp2(s * qk_scale - lse[:, None])  # rows past the end have lse = inf: p = 0
     if MASKED:
-        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG)
+        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW)
         p = tl.where(valid, p, 0.0)
     ds = p * (dp - delta[:, None])
     dq += _dot(ds.to(k.dtype), k, IEEE)
@@ -643,8 +696,8 @@ def _dq_tile(
 @triton.jit
 def _kv_tile(
     k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn, sdd, start_m, lanes_m, offs_n,
-    offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
+    offs_d, N, D, qk_scale, KPM, SEG, mask_base, window,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr = True,
 ):  # fmt: skip
     """dV += P^T dO and dK += dS^T Q for the queries [start_m, start_m + BLOCK_M) of one head; with
@@ -667,7 +720,9 @@ def _kv_tile(
     p_t = tl.math.exp2(_dot(k, q_t, IEEE) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
     if MASKED:
         seg_q, _, _ = _segment_range(offs_m, N, SEG, mask_base, HAS_SEG)
-        valid = _block_mask(offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, True)
+        valid = _block_mask(
+            offs_m, offs_n, N, seg_q, KPM, SEG, mask_base, window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, True
+        )
         p_t = tl.where(valid, p_t, 0.0)
     dv += _dot(p_t.to(do.dtype), do, IEEE)
     ds_t = (p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])).to(q_t.dtype)
@@ -733,9 +788,9 @@ def _bwd_kv(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
-    H, HKV, GROUP, N, N_TUNE, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, HKV, GROUP, N, N_TUNE, D, qk_scale, sm_scale, window,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    WIDE: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key block of one key/value head, summed over the query heads of its group; with
     DQ_ATOMIC (the fused backward) also every query head's dQ share, added into DQA. Grid axis 0 is
@@ -763,14 +818,17 @@ def _bwd_kv(
     hi_m = N
     if HAS_SEG:  # only the queries of documents that have keys in this block
         lo_m, hi_m = _query_range(offs_n, N, lo_m, BOUNDS, b, HAS_SEG, BLOCK_M)
+    if HAS_WINDOW:  # query tiles past the window of the block's last key are never visited
+        hi_window, end_whole = _window_queries(start_n, window, BLOCK_N)
+        hi_m = tl.minimum(hi_m, hi_window)
     keys_whole = start_n + BLOCK_N <= N  # every key of the block real (no padding, inside the row)
     if HAS_KPM:  # a key block that is all padding gets zero gradients without visiting any query
         keep = tl.load(KPM + mask_base + offs_n, mask=offs_n < N, other=0).to(tl.int32)
         hi_m = tl.where(tl.max(keep, axis=0) == 0, 0, hi_m)
         keys_whole = keys_whole & (tl.min(keep, axis=0) != 0)
     if HAS_SEG or HAS_KPM:
-        lo_full, hi_full = _whole_queries(start_n, N, lo_m, keys_whole, seg_lo, seg_hi, BOUNDS, b, CAUSAL, HAS_SEG,
-                                          BLOCK_M, BLOCK_N, BLOCK_D)  # fmt: skip
+        lo_full, hi_full = _whole_queries(start_n, N, lo_m, keys_whole, seg_lo, seg_hi, BOUNDS, b, window, CAUSAL,
+                                          HAS_SEG, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D)  # fmt: skip
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         bh = b * H + h
@@ -785,7 +843,8 @@ def _bwd_kv(
                 for start_m in range(lo_full, hi_full, BLOCK_M):
                     dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn,
                                       sdd, start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
+                                      window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW,
+                                      IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
             # the others, [lo_m, lo_full) then [hi_full, hi_m), tile by tile
             for edge_m in range(lo_m, lo_full + (hi_m - hi_full), BLOCK_M):
                 start_m = tl.where(edge_m < lo_full, edge_m, edge_m + (hi_full - lo_full))
@@ -795,6 +854,8 @@ def _bwd_kv(
                 whole = keys_whole & (start_m + BLOCK_M <= N) & (BLOCK_D <= 128)  # see _attn_fwd
                 if CAUSAL:
                     whole = whole & (start_m >= start_n + BLOCK_N - 1)
+                if HAS_WINDOW:  # the tile's last query still sees the block's first key
+                    whole = whole & (start_m + BLOCK_M <= end_whole)
                 if HAS_SEG:
                     seg_q_tile, q_lo, q_hi = _segment_range(start_m + tl.arange(0, BLOCK_M), N, SEG, mask_base,
                                                             HAS_SEG)  # fmt: skip
@@ -803,30 +864,35 @@ def _bwd_kv(
                 if whole:
                     dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn,
                                       sdd, start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
+                                      window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW,
+                                      IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
                 elif visit:
                     dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn,
                                       sdd, start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                      CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M)  # fmt: skip
+                                      window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW,
+                                      IEEE, DQ_ATOMIC, BLOCK_M)  # fmt: skip
         else:
             # Query tiles that straddle the diagonal are masked, then whole tiles run unmasked, then
-            # the ragged end of the sequence is masked again.
+            # the ragged end of the sequence (or the tiles across the far edge of the keys' sliding
+            # window, up to hi_m) is masked again.
             mid_lo = lo_m
             if CAUSAL:
                 mid_lo = lo_m + ((start_n + BLOCK_N - 1 - lo_m + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
             mid_hi = tl.maximum(mid_lo, (N // BLOCK_M) * BLOCK_M)
-            for start_m in range(lo_m, tl.minimum(mid_lo, N), BLOCK_M):
+            if HAS_WINDOW:
+                mid_hi = tl.maximum(mid_lo, (tl.minimum(N, end_whole) // BLOCK_M) * BLOCK_M)
+            for start_m in range(lo_m, tl.minimum(mid_lo, hi_m), BLOCK_M):
                 dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
-                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                  CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, True)  # fmt: skip
+                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base, window,
+                                  CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, DQ_ATOMIC, BLOCK_M, True)  # fmt: skip
             for start_m in range(mid_lo, mid_hi, BLOCK_M):
                 dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
-                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                  CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
-            for start_m in range(mid_hi, N, BLOCK_M):
+                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base, window,
+                                  CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, DQ_ATOMIC, BLOCK_M, False)  # fmt: skip
+            for start_m in range(mid_hi, hi_m, BLOCK_M):
                 dk, dv = _kv_tile(k, v, dk, dv, q_base, do_base, dqa_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
-                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base,
-                                  CAUSAL, HAS_KPM, HAS_SEG, IEEE, DQ_ATOMIC, BLOCK_M, True)  # fmt: skip
+                                  start_m, lanes_m, offs_n, offs_d, N, D, qk_scale, KPM, SEG, mask_base, window,
+                                  CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW, IEEE, DQ_ATOMIC, BLOCK_M, True)  # fmt: skip
     dk = dk * sm_scale
     dk_rows = _at(_at(_at(DK, b, skgb), kvh, skgh), start_n, skgn)
     dv_rows = _at(_at(_at(DV, b, svgb), kvh, svgh), start_n, svgn)
@@ -854,9 +920,9 @@ def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG, BOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     sqgb, sqgh, sqgn, sqgd,
-    H, GROUP, N, N_TUNE, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, GROUP, N, N_TUNE, D, qk_scale, sm_scale, window,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block of one query head (the deterministic backward)."""
     bh = tl.program_id(0)
@@ -880,40 +946,50 @@ def _attn_bwd_dq(
     k_base = _at(_at(K, b, skb), kvh, skh)
     v_base = _at(_at(V, b, svb), kvh, svh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo_n = 0
     hi_n = N
     if CAUSAL:
         hi_n = tl.minimum(N, start_m + BLOCK_M)
+    if HAS_WINDOW:  # as in the forward: key tiles older than the first query's window are never visited
+        lo_n, first_whole = _window_keys(start_m, window, BLOCK_M, BLOCK_N)
     if HAS_KPM or HAS_SEG:
-        lo_n, hi_n = _key_range(offs_m, N, 0, hi_n, BOUNDS, b, HAS_KPM, HAS_SEG, BLOCK_N)
+        lo_n, hi_n = _key_range(offs_m, N, lo_n, hi_n, BOUNDS, b, HAS_KPM, HAS_SEG, BLOCK_N)
         # as in the forward: the tiles known whole in a plain loop, then the others tile by tile
-        lo_full, hi_full = _whole_keys(start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b, CAUSAL, HAS_KPM, HAS_SEG,
-                                       BLOCK_N, BLOCK_D <= 128)  # fmt: skip
+        lo_full, hi_full = _whole_keys(start_m, N, lo_n, seg_lo, seg_hi, BOUNDS, b, window, CAUSAL, HAS_KPM,
+                                       HAS_SEG, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D <= 128)  # fmt: skip
         if BLOCK_D <= 128:
             for start_n in range(lo_full, hi_full, BLOCK_N):
                 dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m,
-                              offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE,
-                              BLOCK_N, False)  # fmt: skip
+                              offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, window, CAUSAL, HAS_KPM, HAS_SEG,
+                              HAS_WINDOW, IEEE, BLOCK_N, False)  # fmt: skip
         for edge_n in range(lo_n, lo_full + (hi_n - hi_full), BLOCK_N):
             start_n = tl.where(edge_n < lo_full, edge_n, edge_n + (hi_full - lo_full))
-            empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base,
-                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG)  # fmt: skip
+            empty, whole = _tile_state(start_m, start_n, N, seg_lo, seg_hi, KPM, SEG, mask_base, window,
+                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW)  # fmt: skip
             if not empty:  # a whole tile here (between holes of the padding) is masked too: unlike the
                 # forward's, a third, unmasked copy of the tile body spills the dQ kernel's tiles
                 dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m,
-                              offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE,
-                              BLOCK_N)  # fmt: skip
+                              offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, window, CAUSAL, HAS_KPM, HAS_SEG,
+                              HAS_WINDOW, IEEE, BLOCK_N)  # fmt: skip
     else:  # as in the forward: whole tiles unmasked, then the diagonal or the ragged end
         lo_mask = (N // BLOCK_N) * BLOCK_N
         if CAUSAL:
             lo_mask = (start_m // BLOCK_N) * BLOCK_N
-        for start_n in range(0, lo_mask, BLOCK_N):
+        lo_whole = lo_n
+        if HAS_WINDOW:  # before them, masked, the tiles across the far edge of some query's window
+            lo_whole = tl.minimum(((first_whole + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo_mask)
+            for start_n in range(lo_n, lo_whole, BLOCK_N):
+                dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m,
+                              offs_d, N, D, qk_scale, seg_q, KPM, SEG, mask_base, window, CAUSAL, HAS_KPM, HAS_SEG,
+                              HAS_WINDOW, IEEE, BLOCK_N)  # fmt: skip
+        for start_n in range(lo_whole, lo_mask, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m, offs_d,
-                          N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N,
-                          False)  # fmt: skip
+                          N, D, qk_scale, seg_q, KPM, SEG, mask_base, window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW,
+                          IEEE, BLOCK_N, False)  # fmt: skip
         for start_n in range(lo_mask, hi_n, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, skn, skd, svn, svd, start_n, lanes_n, offs_m, offs_d,
-                          N, D, qk_scale, seg_q, KPM, SEG, mask_base, CAUSAL, HAS_KPM, HAS_SEG, IEEE, BLOCK_N,
-                          True)  # fmt: skip
+                          N, D, qk_scale, seg_q, KPM, SEG, mask_base, window, CAUSAL, HAS_KPM, HAS_SEG, HAS_WINDOW,
+                          IEEE, BLOCK_N, True)  # fmt: skip
     dq = dq * sm_scale
     dq_rows = _at(_at(_at(DQ, b, sqgb), h, sqgh), start_m, sqgn)
     tl.store(dq_rows + lanes_m[:, None] * sqgn + offs_d[None, :] * sqgd, dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -1049,7 +1125,13 @@ def _wide(*tensors: torch.Tensor) -> bool:
     return any(abs(s) * 256 >= 2**31 for t in tensors for s in t.stride()[2:])
 
 
-def _forward(q, k, v, causal, scale, kpm, seg, bounds, deterministic=False):
+def _window_arg(window: int | None, N: int) -> int:
+    """The kernels' runtime ``window``: 0 without one (HAS_WINDOW off), else at most N (a window of N
+    or more is plain causal attention; the cap keeps the kernels' bounds far from int32's limit)."""
+    return 0 if window is None else min(window, N)
+
+
+def _forward(q, k, v, causal, scale, kpm, seg, bounds, deterministic=False, window=None):
     B, H, N, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
@@ -1067,16 +1149,16 @@ def _forward(q, k, v, causal, scale, kpm, seg, bounds, deterministic=False):
     args = (
         q_in, k, v, o, lse, *(t if t is not None else _dummy(q) for t in (kpm, seg, bounds)),
         *q_in.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, H // k.shape[1], N, n_tune, D, fwd_scale * LOG2E,
+        H, H // k.shape[1], N, n_tune, D, fwd_scale * LOG2E, _window_arg(window, N),
     )  # fmt: skip
-    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
-                 WIDE=_wide(q_in, k, v, o), BLOCK_D=block_d)  # fmt: skip
-    key = _tune_key(n_tune, block_d, q.dtype, causal, kpm, seg)
+    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, HAS_WINDOW=window is not None,
+                 IEEE=q.dtype == torch.float32, WIDE=_wide(q_in, k, v, o), BLOCK_D=block_d)  # fmt: skip
+    key = _tune_key(n_tune, block_d, q.dtype, causal, kpm, seg, window)
     _launch("fwd", _attn_fwd, grid, args, flags, key, block_d, deterministic)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds, deterministic=False):
+def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds, deterministic=False, window=None):
     """dq, dk, dv. Deterministic: the two-kernel backward (dK/dV, then dQ; no atomics) on pinned or
     first-listed tiles. Otherwise the fused backward: one kernel per key block computes all five
     products and adds dQ into an fp32 buffer with atomics; a small kernel scales and casts it."""
@@ -1096,13 +1178,14 @@ def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds, deterministi
         o, do, delta, dqa, *o.stride(), *do.stride(), H, N, D, ZERO_DQA=fused, WIDE=wide, BLOCK_M=64, BLOCK_D=block_d
     )
     masks = [t if t is not None else _dummy(q) for t in (kpm, seg, bounds)]
-    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, IEEE=q.dtype == torch.float32,
-                 WIDE=wide, BLOCK_D=block_d)  # fmt: skip
-    key = _tune_key(n_tune, block_d, q.dtype, causal, kpm, seg)
+    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HAS_SEG=seg is not None, HAS_WINDOW=window is not None,
+                 IEEE=q.dtype == torch.float32, WIDE=wide, BLOCK_D=block_d)  # fmt: skip
+    key = _tune_key(n_tune, block_d, q.dtype, causal, kpm, seg, window)
+    win = _window_arg(window, N)
     kv_args = (
         q, k, v, do, lse, delta, dk, dv, dqa, *masks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, HKV, H // HKV, N, n_tune, D, scale * LOG2E, scale,
+        H, HKV, H // HKV, N, n_tune, D, scale * LOG2E, scale, win,
     )  # fmt: skip
     kv_grid = lambda meta: (B * HKV, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     if fused:
@@ -1115,7 +1198,7 @@ def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds, deterministi
     dq_args = (
         q, k, v, do, lse, delta, dq, *masks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // HKV, N, n_tune, D, scale * LOG2E, scale,
+        H, H // HKV, N, n_tune, D, scale * LOG2E, scale, win,
     )  # fmt: skip
     dq_grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
     _launch("dq", _attn_bwd_dq, dq_grid, dq_args, flags, key, block_d, True)
@@ -1139,9 +1222,10 @@ def _backward(do, q, k, v, o, lse, causal, scale, kpm, seg, bounds, deterministi
 _fallback_warned = False  # the backward fallback's warning is logged once per process
 
 
-def _backward_key(q, causal, kpm, seg) -> tuple:
+def _backward_key(q, causal, kpm, seg, window) -> tuple:
     """What a compiled attention kernel is specialised on: a case of the failure memory (kernels.known_failure)."""
-    return (str(q.device), q.dtype, max(16, triton.next_power_of_2(q.shape[-1])), causal, kpm is None, seg is None)
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    return (str(q.device), q.dtype, block_d, causal, kpm is None, seg is None, window is None)
 
 
 def _fallback_backward(fallback, do, q, k, v):
@@ -1153,11 +1237,11 @@ def _fallback_backward(fallback, do, q, k, v):
     return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))
 
 
-def _torch_attention(causal, scale, kpm, seg) -> Callable:
-    return functools.partial(sdpa, causal=causal, scale=scale, key_padding_mask=kpm, segment_ids=seg)
+def _torch_attention(causal, scale, kpm, seg, window) -> Callable:
+    return functools.partial(sdpa, causal=causal, scale=scale, key_padding_mask=kpm, segment_ids=seg, window=window)
 
 
-def _torch_backward(do, q, k, v, causal, scale, kpm, seg):
+def _torch_backward(do, q, k, v, causal, scale, kpm, seg, window):
     """dq, dk, dv of :func:`lmforge.kernels.sdpa` for the upstream gradient ``do``: the softmax's
     backward written out in fp32 (an op's implementation runs below autograd, so none is recorded)."""
     B, H, N, D = q.shape
@@ -1167,7 +1251,8 @@ def _torch_backward(do, q, k, v, causal, scale, kpm, seg):
     kf, vf = (t.float().repeat_interleave(group, dim=1) for t in (k, v))  # (B, H, N, D)
     allowed = torch.ones(B, 1, N, N, dtype=torch.bool, device=q.device)
     if causal:
-        allowed = allowed & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+        band = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()  # (N, N)
+        allowed = allowed & (band if window is None else band.triu(1 - window))  # as sdpa's window
     if kpm is not None:
         allowed = allowed & kpm.bool()[:, None, None, :]
     if seg is not None:
@@ -1202,17 +1287,21 @@ def _warn_fallback(error: BaseException) -> None:
     )
 
 
-_OPT = "Tensor? kpm, Tensor? seg, Tensor? bounds, bool causal, float scale, bool fallback, bool deterministic=False"
+_OPT = (
+    "Tensor? kpm, Tensor? seg, Tensor? bounds, bool causal, float scale, bool fallback, bool deterministic=False, "
+    "int? window=None"
+)
 
 
 @custom_op("flash_attn_fwd", f"(Tensor q, Tensor k, Tensor v, {_OPT}) -> (Tensor, Tensor)")
-def flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, fallback, deterministic=False):
+def flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, fallback, deterministic=False, window=None):
     """(out like q, fp32 logsumexp (B, H, N) in base 2). kpm, seg, bounds: as made by ``_masks``;
-    deterministic: pinned or first-listed tiles, never the autotuner's run-dependent pick."""
-    key = _backward_key(q, causal, kpm, seg)
+    deterministic: pinned or first-listed tiles, never the autotuner's run-dependent pick; window:
+    the sliding window (checked by flash_attention) or None."""
+    key = _backward_key(q, causal, kpm, seg, window)
     if not (fallback and known_failure(("flash_attn_fwd", *key))):
         try:
-            return _forward(q, k, v, causal, scale, kpm, seg, bounds, deterministic)
+            return _forward(q, k, v, causal, scale, kpm, seg, bounds, deterministic, window)
         except BUILD_ERRORS as error:
             if not fallback:
                 raise
@@ -1222,36 +1311,37 @@ def flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, fallback, determini
                 "with torch attention from now on", why, key[1:],
             )  # fmt: skip
     with torch.no_grad():
-        out = _like(q, _torch_attention(causal, scale, kpm, seg)(q, k, v))
+        out = _like(q, _torch_attention(causal, scale, kpm, seg, window)(q, k, v))
     # no logsumexp: the backward of a case whose forward fell back recomputes through torch as well
     return out, torch.full(q.shape[:3], float("nan"), device=q.device, dtype=torch.float32)
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, kpm, seg, bounds, causal, scale, fallback, deterministic=False):
+def _(q, k, v, kpm, seg, bounds, causal, scale, fallback, deterministic=False, window=None):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @custom_op("flash_attn_bwd", f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_OPT}) -> "
            "(Tensor, Tensor, Tensor)")  # fmt: skip
-def flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback, deterministic=False):
+def flash_attn_bwd(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback, deterministic=False,
+                   window=None):  # fmt: skip
     """(dq, dk, dv), each like its input, for the upstream gradient ``dout`` of ``out``; deterministic:
     the two-kernel backward without atomics, on pinned or first-listed tiles."""
-    key = _backward_key(q, causal, kpm, seg)
+    key = _backward_key(q, causal, kpm, seg, window)
     if not (fallback and (known_failure(("flash_attn_bwd", *key)) or known_failure(("flash_attn_fwd", *key)))):
         try:
-            return _backward(dout, q, k, v, out, lse, causal, scale, kpm, seg, bounds, deterministic)
+            return _backward(dout, q, k, v, out, lse, causal, scale, kpm, seg, bounds, deterministic, window)
         except BUILD_ERRORS as error:
             if not fallback:
                 raise
             _warn_fallback(error)
             build_failed(("flash_attn_bwd", *key), error)
-    grads = _torch_backward(dout, q, k, v, causal, scale, kpm, seg)
+    grads = _torch_backward(dout, q, k, v, causal, scale, kpm, seg, window)
     return tuple(_like(t, g) for t, g in zip((q, k, v), grads))
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback, deterministic=False):
+def _(dout, q, k, v, out, lse, kpm, seg, bounds, causal, scale, fallback, deterministic=False, window=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -1261,15 +1351,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, kpm, seg, bounds)
     ctx.causal, ctx.scale, ctx.fallback = causal, scale, fallback
     ctx.deterministic = bool(rest[0]) if rest else False
+    ctx.window = rest[1] if len(rest) > 1 else None
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_formula(ctx, dout, dlse):
     q, k, v, out, lse, kpm, seg, bounds = ctx.saved_tensors
     dq, dk, dv = flash_attn_bwd(
-        dout, q, k, v, out, lse, kpm, seg, bounds, ctx.causal, ctx.scale, ctx.fallback, ctx.deterministic
+        dout, q, k, v, out, lse, kpm, seg, bounds, ctx.causal, ctx.scale, ctx.fallback, ctx.deterministic, ctx.window
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -1280,11 +1371,11 @@ class _CallableFallbackFunction(torch.autograd.Function):
     backward cannot be built (a Python callable cannot enter a custom op, so this runs in eager)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kpm, seg, bounds, backward_fallback, deterministic):
-        o, lse = flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, False, deterministic)
+    def forward(ctx, q, k, v, causal, scale, kpm, seg, bounds, backward_fallback, deterministic, window):
+        o, lse = flash_attn_fwd(q, k, v, kpm, seg, bounds, causal, scale, False, deterministic, window)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.kpm, ctx.seg, ctx.bounds = causal, scale, kpm, seg, bounds
-        ctx.deterministic = deterministic
+        ctx.deterministic, ctx.window = deterministic, window
         ctx.backward_fallback = backward_fallback
         return o
 
@@ -1292,19 +1383,18 @@ class _CallableFallbackFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         fallback = ctx.backward_fallback
-        case = ("flash_attn_bwd", *_backward_key(q, ctx.causal, ctx.kpm, ctx.seg))
+        case = ("flash_attn_bwd", *_backward_key(q, ctx.causal, ctx.kpm, ctx.seg, ctx.window))
         if known_failure(case):  # it failed before: do not rebuild it every step
             dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
         else:
             try:
-                dq, dk, dv = flash_attn_bwd(
-                    do, q, k, v, o, lse, ctx.kpm, ctx.seg, ctx.bounds, ctx.causal, ctx.scale, False, ctx.deterministic
-                )
+                dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, ctx.kpm, ctx.seg, ctx.bounds, ctx.causal, ctx.scale,
+                                            False, ctx.deterministic, ctx.window)  # fmt: skip
             except BUILD_ERRORS as error:
                 _warn_fallback(error)
                 build_failed(case, error)
                 dq, dk, dv = _fallback_backward(fallback, do, q, k, v)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def flash_attention(
@@ -1318,11 +1408,15 @@ def flash_attention(
     segment_ids: torch.Tensor | None = None,
     backward_fallback: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | bool | None = None,
     deterministic: bool | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Fused attention. q: (B, H, N, D); k, v: (B, H_kv, N, D) with H_kv dividing H.
 
     key_padding_mask: (B, N) bool, True for real tokens. segment_ids: (B, N) ints; a query attends
-    only to keys with its id (packed documents). Rows that can attend to nothing give zeros.
+    only to keys with its id (packed documents). window: Mistral's sliding window, a positive int
+    (None: unlimited) that needs causal=True (else ValueError): query i attends only to keys j with
+    i - window < j <= i, and key tiles outside every query's window are never visited. Rows that
+    can attend to nothing give zeros.
     Runs on CUDA (fp16, bf16; fp32 computes its products in full precision, slowly) and on CPU
     under ``TRITON_INTERPRET=1`` for testing. Works under ``torch.compile`` (custom ops
     ``lmforge::flash_attn_fwd`` / ``lmforge::flash_attn_bwd``; no graph break).
@@ -1347,6 +1441,7 @@ def flash_attention(
     five-product backward, whose dQ is summed with fp32 atomics (not bitwise reproducible).
     """
     _check(q, k, v)
+    check_window(window, causal)
     kpm, seg, bounds = _masks(q, key_padding_mask, segment_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if deterministic is None:
@@ -1354,10 +1449,10 @@ def flash_attention(
     deterministic = bool(deterministic)
     if callable(backward_fallback):
         return _CallableFallbackFunction.apply(
-            q, k, v, causal, scale, kpm, seg, bounds, backward_fallback, deterministic
+            q, k, v, causal, scale, kpm, seg, bounds, backward_fallback, deterministic, window
         )
     out, _ = flash_attn_fwd(
-        q, k, v, kpm, seg, bounds, causal, scale, backward_fallback is True, deterministic=deterministic
+        q, k, v, kpm, seg, bounds, causal, scale, backward_fallback is True, deterministic=deterministic, window=window
     )
     return out
 
@@ -1365,11 +1460,11 @@ def flash_attention(
 class FlashAttention(torch.nn.Module):
     """:func:`flash_attention` as a module, for models built from modules."""
 
-    def __init__(self, causal: bool = True, scale: float | None = None) -> None:
+    def __init__(self, causal: bool = True, scale: float | None = None, window: int | None = None) -> None:
         super().__init__()
-        self.causal, self.scale = causal, scale
+        check_window(window, causal)
+        self.causal, self.scale, self.window = causal, scale, window
 
     def forward(self, q, k, v, key_padding_mask=None, segment_ids=None):
-        return flash_attention(
-            q, k, v, causal=self.causal, scale=self.scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids
-        )
+        return flash_attention(q, k, v, causal=self.causal, scale=self.scale, key_padding_mask=key_padding_mask,
+                               segment_ids=segment_ids, window=self.window)  # fmt: skip

@@ -7,6 +7,8 @@ else derives from the entry: :mod:`lmforge.hf` (loading, and the key maps of exp
 :mod:`lmforge.hf_export` (class names, the model card), :mod:`lmforge.lora` (PEFT module names,
 Hugging Face aliases of LoRA targets) and the gguf exporter (llama.cpp architecture; tensor names via
 gguf-py's map of transformers names). Adding an architecture is adding an entry to :data:`FAMILIES`.
+Entries may share features (Qwen2 and Mistral have Llama's): the models each such entry ``claims`` are its
+own (biases on q, k and v alone; a sliding window), and the rest are the entry's that claims nothing.
 
 The weight template maps lmforge modules to transformers modules, ``{i}`` standing for the layer;
 each mapping covers the module's ``weight`` and ``bias``. Both directions derive from it, as in
@@ -42,13 +44,14 @@ class HFError(UserError):
 # -- the parts of an entry ------------------------------------------------------------------------
 
 
-def _lookup(values: dict, path: str) -> Any:
-    """``values[a][b]`` for the path ``a.b``; None where any step is missing or not an object."""
+def _lookup(values: dict, path: str) -> tuple[bool, Any]:
+    """(whether the path ``a.b`` is present, ``values[a][b]``): (False, None) where any step is missing or not
+    an object."""
     for step in path.split("."):
-        if not isinstance(values, dict):
-            return None
-        values = values.get(step)
-    return values
+        if not isinstance(values, dict) or step not in values:
+            return False, None
+        values = values[step]
+    return True, values
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,15 @@ class Key:
     there is none, the key is required."""
     cast: Callable[[Any], Any] | None = None
     """Applied to the value read on import (e.g. float for a number transformers may write as an int)."""
+    null: bool = False
+    """A null value is set, and reads as None (Mistral's ``sliding_window: null``: no window), where
+    transformers' default applies only to an absent key."""
 
     def from_hf(self, values: dict, got: dict[str, Any]) -> Any:
         """The field's value from config.json ``values``; KeyError(key) when required and not set."""
         for path in self.read or (self.key,):
-            value = _lookup(values, path)
-            if value is not None:
+            present, value = _lookup(values, path)
+            if value is not None or (present and self.null):
                 break
         else:
             if self.default is _REQUIRED:
@@ -160,6 +166,10 @@ class Family:
     """The weight-name template, in transformers' module order."""
     fixed: Mapping[str, Any] = field(default_factory=dict)
     """Further GPTConfig fields import sets (that export requires through check_export)."""
+    claims: Callable[[GPTConfig], bool] | None = None
+    """Which configs with its features are this architecture's rather than that of the entry with the same
+    features and no claims (Qwen2: biases on q, k and v that the rest lacks; Mistral: a sliding window);
+    None: this is that entry, for every config with its features that no other entry claims."""
     check_import: Callable[[dict, dict[str, Any]], str | None] | None = None
     """What makes config.json values (and the fields read from them) unloadable, beyond the keys' own checks;
     None when nothing does."""
@@ -257,20 +267,29 @@ def _gpt2_check_export(config: GPTConfig) -> str | None:
         return "model has no biases; GPT-2 (learned positions, LayerNorm, GELU) needs bias: true"
     if config.kv_heads != config.n_head:
         return f"model uses grouped-query attention (n_kv_head={config.kv_heads}), which GPT-2 cannot express"
+    if not config.has_qkv_bias:
+        return "model has no q, k and v biases; GPT-2 has every bias or none"
+    if config.sliding_window is not None:
+        return f"model has sliding_window={config.sliding_window}; GPT-2 has no sliding-window attention"
     return None
 
 
 def _llama_check_import(values: dict, got: dict[str, Any]) -> str | None:
+    if bool(values.get("attention_bias", False)) != bool(values.get("mlp_bias", False)):
+        return (
+            f"attention_bias={values.get('attention_bias')!r} differs from mlp_bias={values.get('mlp_bias')!r}; "
+            "lmforge has one bias switch"
+        )
+    return _rope_family_check_import(values, got)
+
+
+def _rope_family_check_import(values: dict, got: dict[str, Any]) -> str | None:
+    """What Llama, Qwen2 and Mistral configs share that lmforge cannot load: another head_dim, another RoPE."""
     head_dim = got["n_embd"] // got["n_head"]
     if values.get("head_dim") not in (None, head_dim):
         return (
             f"head_dim={values['head_dim']!r} differs from hidden_size / num_attention_heads = {head_dim}; "
             "not supported"
-        )
-    if bool(values.get("attention_bias", False)) != bool(values.get("mlp_bias", False)):
-        return (
-            f"attention_bias={values.get('attention_bias')!r} differs from mlp_bias={values.get('mlp_bias')!r}; "
-            "lmforge has one bias switch"
         )
     rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -379,7 +398,98 @@ LLAMA = Family(
 )
 # lmforge's RoPE uses transformers' rotate-half layout, so Llama's q and k weights are copied as they are.
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA)}
+
+def _rope_keys(block_size: int) -> tuple[Key | Fixed, ...]:
+    """The config.json keys Qwen2 and Mistral share with Llama (up to rms_norm_eps, in transformers' order):
+    the sizes, with no default for num_key_value_heads (theirs is a fixed number, not num_attention_heads)."""
+    return (
+        Key("vocab_size", "vocab_size"),
+        Key("max_position_embeddings", "block_size", default=block_size),
+        Key("hidden_size", "n_embd"),
+        Key("intermediate_size", "mlp_hidden", attr="mlp_width"),
+        Key("num_hidden_layers", "n_layer"),
+        Key("num_attention_heads", "n_head"),
+        Key("num_key_value_heads", "n_kv_head", attr="kv_heads"),
+        Fixed("hidden_act", "silu", why="is not supported (the SwiGLU MLP uses silu)"),
+        Key("rms_norm_eps", "norm_eps", default=1e-6),
+    )
+
+
+_ROPE_THETA = (
+    Key(
+        "rope_theta",
+        "rope_theta",
+        read=("rope_parameters.rope_theta", "rope_scaling.rope_theta", "rope_theta"),
+        default=10000.0,  # transformers' default for Qwen2 and Mistral too (released Qwen2 models set 1e6)
+        cast=float,
+    ),
+    Key("rope_parameters", None, write=lambda config: {"rope_type": "default", "rope_theta": config.rope_theta}),
+)
+
+
+def _qwen2_check_export(config: GPTConfig) -> str | None:
+    if config.bias:
+        return "model has biases everywhere but on q, k and v, which no transformers architecture expresses"
+    if config.sliding_window is not None:
+        return (
+            f"model has q, k and v biases and sliding_window={config.sliding_window}; "
+            "Qwen2's sliding window is not supported"
+        )
+    return None
+
+
+def _mistral_check_export(config: GPTConfig) -> str | None:
+    if config.bias:
+        return f"model has biases and sliding_window={config.sliding_window}; Mistral has no biases"
+    return None
+
+
+QWEN2 = Family(
+    name="qwen2",
+    display="Qwen2",
+    causal_lm="Qwen2ForCausalLM",
+    classifier="Qwen2ForSequenceClassification",
+    features=LLAMA.features,
+    fixed={"bias": False, "qkv_bias": True},
+    claims=lambda config: config.has_qkv_bias != config.bias,
+    config=(
+        *_rope_keys(32768),
+        Key("tie_word_embeddings", "tie_embeddings", default=False),
+        *_ROPE_THETA,
+        Fixed("use_sliding_window", False, why="is not supported (lmforge's Qwen2 attends to the whole context)"),
+        Fixed("attention_dropout", 0.0),
+    ),
+    weights=LLAMA.weights,  # with the biases of q_proj, k_proj and v_proj
+    check_import=_rope_family_check_import,
+    check_export=_qwen2_check_export,
+    buffers=LLAMA.buffers,
+    gguf_arch="qwen2",
+)
+
+MISTRAL = Family(
+    name="mistral",
+    display="Mistral",
+    causal_lm="MistralForCausalLM",
+    classifier="MistralForSequenceClassification",
+    features=LLAMA.features,
+    fixed={"bias": False},
+    claims=lambda config: config.sliding_window is not None,  # without one it is a Llama
+    config=(
+        *_rope_keys(4096 * 32),
+        Key("head_dim", None, attr="head_dim"),
+        Key("tie_word_embeddings", "tie_embeddings", default=False),
+        *_ROPE_THETA,
+        Key("sliding_window", "sliding_window", default=4096, null=True),
+        Fixed("attention_dropout", 0.0),
+    ),
+    weights=LLAMA.weights,
+    check_import=_rope_family_check_import,
+    check_export=_mistral_check_export,
+    buffers=LLAMA.buffers,
+    gguf_arch="llama",  # llama.cpp converts MistralForCausalLM as llama
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, MISTRAL)}
 """model_type -> Family: every architecture lmforge reads and writes."""
 
 
@@ -392,22 +502,40 @@ def family(name: Any, where: str | None = None) -> Family:
         return FAMILIES[name]
     if where is not None:
         raise HFError(
-            f"{where}: model_type={name!r} is not supported; lmforge loads {' and '.join(FAMILIES)} checkpoints"
+            f"{where}: model_type={name!r} is not supported; lmforge loads {_and(list(FAMILIES))} checkpoints"
         )
     raise HFError(f"unknown family {name!r}; one of {', '.join(FAMILIES)}")
 
 
+def _and(words: list[str]) -> str:
+    """``a, b and c``."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _has_features(config: GPTConfig, fam: Family) -> bool:
+    return all(getattr(config, key) == value for key, value in fam.features.items())
+
+
+def claimant(config: GPTConfig) -> Family | None:
+    """The first entry with the features of ``config`` that claims it (see :attr:`Family.claims`), or None."""
+    return next((f for f in FAMILIES.values() if f.claims and _has_features(config, f) and f.claims(config)), None)
+
+
 def family_of(config: GPTConfig) -> str:
-    """The name of the family whose architecture expresses ``config`` exactly; an HFError naming why none does."""
-    for fam in FAMILIES.values():
-        if all(getattr(config, key) == value for key, value in fam.features.items()):
-            problem = fam.check_export(config) if fam.check_export else None
-            if problem:
-                raise HFError(problem)
-            return fam.name
-    keys = dict.fromkeys(key for fam in FAMILIES.values() for key in fam.features)
+    """The name of the family whose architecture expresses ``config`` exactly; an HFError naming why none does.
+
+    Of the entries whose features ``config`` has, the first that claims it, else the first that claims nothing.
+    """
+    fam = claimant(config) or next((f for f in FAMILIES.values() if not f.claims and _has_features(config, f)), None)
+    if fam is not None:
+        problem = fam.check_export(config) if fam.check_export else None
+        if problem:
+            raise HFError(problem)
+        return fam.name
+    bases = [fam for fam in FAMILIES.values() if fam.claims is None]  # those that claim share their features
+    keys = dict.fromkeys(key for fam in bases for key in fam.features)
     have = ", ".join(f"{key}={getattr(config, key)}" for key in keys)
-    known = " nor ".join(f"{fam.display} ({', '.join(map(str, fam.features.values()))})" for fam in FAMILIES.values())
+    known = " nor ".join(f"{fam.display} ({', '.join(map(str, fam.features.values()))})" for fam in bases)
     raise HFError(f"model ({have}) is neither {known}; transformers has no architecture for this combination")
 
 

@@ -1,7 +1,8 @@
 """A decoder-only Transformer, configured by one validated dataclass.
 
 One module covers the GPT-2 family (learned positions, LayerNorm, GELU, biases, tied
-embeddings) and the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases).
+embeddings) and the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases),
+with Qwen2's biases on q, k and v alone and Mistral's sliding-window attention.
 Attention and the loss go through :mod:`lmforge.ops`, the single dispatch point where the
 Triton kernels plug in.
 """
@@ -53,8 +54,13 @@ class GPTConfig:
     """MLP type: GELU (tanh approximation, as GPT-2) or SwiGLU (as Llama)."""
     bias: bool = True
     """Biases in linear layers and LayerNorm."""
+    qkv_bias: bool | None = None
+    """Biases in the q, k and v projections; None: as ``bias`` (Qwen2 has them where nothing else does)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output projection."""
+    sliding_window: int | None = None
+    """Sliding-window attention (Mistral): each query sees at most this many keys, itself included; None: all
+    earlier keys."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches."""
     attention: Backend = "auto"
@@ -77,6 +83,12 @@ class GPTConfig:
             raise bad("n_embd", f"gives an odd head dim {self.head_dim}; RoPE needs an even one")
         if self.mlp_width < 1:
             raise bad("mlp_hidden", "must be a positive integer")
+        if self.qkv_bias not in (None, True, False):
+            raise bad("qkv_bias", "must be true, false or null (as bias)")
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 1
+        ):
+            raise bad("sliding_window", "must be a positive integer or null (no window)")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must be in [0, 1)")
         for key, allowed in (
@@ -101,6 +113,11 @@ class GPTConfig:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     @property
+    def has_qkv_bias(self) -> bool:
+        """Whether the q, k and v projections have biases, after defaults: qkv_bias, or bias when unset."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
     def mlp_width(self) -> int:
         """MLP hidden width after defaults."""
         if self.mlp_hidden is not None:
@@ -121,6 +138,7 @@ class GPTConfig:
             "norm": self.norm,
             "mlp": self.mlp,
             "bias": self.bias,
+            "qkv_bias": self.has_qkv_bias,  # resolved: a saved config without the key reads as before
             "tie_embeddings": self.tie_embeddings,
         }
 
@@ -182,6 +200,8 @@ class KVCache:
     many slots are filled. Build one with :meth:`GPT.new_kv_cache` and pass it to
     ``GPT.forward(idx, kv_cache=cache)``, which writes the new keys/values and advances ``length``.
     ``max_len`` may exceed ``block_size`` (left padding takes slots), but no token's position may.
+    With a ``sliding_window`` (``window``), a token sees only the last ``window`` slots, itself included, as
+    the forward without a cache does.
     """
 
     def __init__(
@@ -203,6 +223,7 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.batch_size = batch_size
+        self.window = config.sliding_window
         self._start = 0  # slots [_start, _end) are being written by the current forward
         self._end = 0
         self._attn_mask: Tensor | None = None
@@ -223,6 +244,8 @@ class KVCache:
         real = self.mask[:, :end]
         slots = torch.arange(end, device=self.mask.device)
         causal = slots[None, :] <= slots[start:end, None]  # (T, end): query at slot start+i sees slots <= it
+        if self.window is not None:  # ... and only the last `window` of them, itself included
+            causal &= slots[None, :] > slots[start:end, None] - self.window
         attn_mask = real[:, None, None, :] & causal  # (B, 1, T, end)
         self._start, self._end, self._attn_mask = start, end, attn_mask
         return real
@@ -260,9 +283,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         hs, nh, nkv = config.head_dim, config.n_head, config.kv_heads
-        self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.bias)
-        self.k_proj = nn.Linear(config.n_embd, nkv * hs, bias=config.bias)
-        self.v_proj = nn.Linear(config.n_embd, nkv * hs, bias=config.bias)
+        self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.has_qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, nkv * hs, bias=config.has_qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, nkv * hs, bias=config.has_qkv_bias)
         self.c_proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
         self.rope = RotaryEmbedding(hs, config.block_size, config.rope_theta) if config.pos_encoding == "rope" else None
 
@@ -287,7 +310,7 @@ class CausalSelfAttention(nn.Module):
         dropout = self.config.dropout if self.training else 0.0
         y = ops.attention(
             q, k, v, causal=True, dropout_p=dropout, backend=self.config.attention,
-            key_padding_mask=key_padding_mask, segment_ids=segment_ids,
+            key_padding_mask=key_padding_mask, segment_ids=segment_ids, window=self.config.sliding_window,
         )  # (B, nh, T, hs)  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
         return self.c_proj(y)

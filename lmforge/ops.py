@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lmforge import kernels
 from lmforge.errors import UserError
-from lmforge.kernels import sdpa
+from lmforge.kernels import check_window, sdpa
 
 log = logging.getLogger(__name__)
 
@@ -125,26 +125,32 @@ def attention(
     backend: str = "auto",
     key_padding_mask: Tensor | None = None,
     segment_ids: Tensor | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """Attention. q: (B, nh, T, hs); k, v: (B, nkv, T, hs) with nkv dividing nh.
 
     key_padding_mask (B, T, True = real token) and segment_ids (B, T, packed documents) restrict
-    which keys a query sees; rows that can see nothing give zeros. ``auto`` runs lmforge's Triton
-    kernel on CUDA for fp16/bf16 and scaled_dot_product_attention otherwise (saying why, once).
+    which keys a query sees; rows that can see nothing give zeros. ``window`` (Mistral's sliding
+    window, None = unlimited) lets query i see only keys j with i - window < j <= i; it must be a
+    positive int and needs causal=True (a window with causal=False raises ValueError). ``auto`` runs
+    lmforge's Triton kernel on CUDA for fp16/bf16 and scaled_dot_product_attention otherwise
+    (saying why, once).
     """
     check_backend("attention", backend)
+    check_window(window, causal)
     if backend != "torch":
         refusal = _attention_kernel_refusal(q, dropout_p)
         if refusal is None and backend == "auto" and q.dtype not in KERNEL_DTYPES:
             refusal = f"dtype {q.dtype} (the kernel serves float16 and bfloat16)"
         case = ("attention", str(q.device), q.dtype, q.size(-1), causal, key_padding_mask is not None,
-                segment_ids is not None)  # fmt: skip
+                segment_ids is not None, window is not None)  # fmt: skip
         if refusal is None and backend == "auto":
             refusal = _known_unbuildable(case) or None
         if refusal is None:
             from lmforge.kernels.attention import flash_attention
 
-            kwargs = dict(causal=causal, scale=scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids)
+            kwargs = dict(causal=causal, scale=scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
+                          window=window)  # fmt: skip
             if torch.compiler.is_compiling():
                 # in a compiled graph only the op sees a build error: under auto the op itself computes
                 # through torch then, forward or backward
@@ -154,7 +160,8 @@ def attention(
             fallback = None
             if backend == "auto":  # a backward that fails to build recomputes through the torch path instead
                 fallback = functools.partial(_sdpa, causal=causal, dropout_p=0.0, scale=scale,
-                                             key_padding_mask=key_padding_mask, segment_ids=segment_ids)  # fmt: skip
+                                             key_padding_mask=key_padding_mask, segment_ids=segment_ids,
+                                             window=window)  # fmt: skip
             try:
                 return flash_attention(q, k, v, backward_fallback=fallback, **kwargs)
             except build_errors() as err:
@@ -164,12 +171,12 @@ def attention(
         if backend == "triton":
             raise UserError(f"attention='triton' cannot run here: {refusal}; use attention: auto or torch")
         _tell_once(f"attention: using torch scaled_dot_product_attention because {refusal}")
-    return _sdpa(q, k, v, causal, dropout_p, scale, key_padding_mask, segment_ids)
+    return _sdpa(q, k, v, causal, dropout_p, scale, key_padding_mask, segment_ids, window)
 
 
-def _sdpa(q, k, v, causal, dropout_p, scale, key_padding_mask, segment_ids) -> Tensor:
+def _sdpa(q, k, v, causal, dropout_p, scale, key_padding_mask, segment_ids, window=None) -> Tensor:
     return sdpa(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
-                dropout_p=dropout_p)  # fmt: skip
+                dropout_p=dropout_p, window=window)  # fmt: skip
 
 
 def linear_cross_entropy(

@@ -22,6 +22,8 @@ VARIANTS = {
         dict(bias=False, tie_embeddings=False, n_kv_head=2, mlp_hidden=48),
         dict(bias=True, tie_embeddings=True, n_kv_head=1, mlp_hidden=48),
     ],
+    "qwen2": [dict(tie_embeddings=False, n_kv_head=2, mlp_hidden=48), dict(tie_embeddings=True, mlp_hidden=48)],
+    "mistral": [dict(tie_embeddings=False, n_kv_head=2, mlp_hidden=48, sliding_window=4)],
 }
 CASES = [(name, i) for name, variants in VARIANTS.items() for i in range(len(variants))]
 
@@ -50,12 +52,16 @@ def transformers_model(name: str, tie: bool):
             tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
         return transformers.GPT2LMHeadModel(config)
-    config = transformers.LlamaConfig(
+    values = dict(
         vocab_size=VOCAB, max_position_embeddings=24, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
         rms_norm_eps=1e-4, rope_theta=500.0,
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    if name == "mistral":
+        values["sliding_window"] = 4
+    fam = FAMILIES[name]
+    config_class = getattr(transformers, fam.causal_lm.replace("ForCausalLM", "Config"))
+    return getattr(transformers, fam.causal_lm)(config_class(**values))
 
 
 # -- the weight template ---------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ def test_config_map_round_trips_from_lmforge(name, variant):
     assert values["model_type"] == name and list(values)[0] == "model_type"
     back, family = hf.config_from_hf(values)
     assert family == name and back.shape() == config.shape()
-    assert (back.norm_eps, back.rope_theta) == (config.norm_eps, config.rope_theta if name == "llama" else 10000.0)
+    assert (back.norm_eps, back.rope_theta) == (config.norm_eps, 10000.0 if name == "gpt2" else config.rope_theta)
     # transformers reads the same architecture from it
     ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**values))
     assert type(ref).__name__ == FAMILIES[name].causal_lm
@@ -163,7 +169,7 @@ def test_config_map_round_trips_from_transformers(name):
 
     assert fields(written) == fields(values)  # every field, read from transformers' file or from ours
     assert config.norm_eps == 1e-4 and config.mlp_width == (80 if name == "gpt2" else 48)
-    assert config.rope_theta == (500.0 if name == "llama" else 10000.0)
+    assert config.rope_theta == (10000.0 if name == "gpt2" else 500.0)
     for entry in FAMILIES[name].config:
         if isinstance(entry, Fixed) and entry.written:
             assert written[entry.key] == entry.value
@@ -183,10 +189,10 @@ def test_fixed_keys_refuse_other_values(name):
 def test_unknown_model_type_is_one_line():
     with pytest.raises(HFError) as err:
         hf.config_from_hf({"model_type": "bert", "vocab_size": 10})
-    assert str(err.value) == "config.json: model_type='bert' is not supported; lmforge loads gpt2 and llama checkpoints"
+    assert str(err.value) == "config.json: model_type='bert' is not supported; lmforge loads gpt2, llama, qwen2 and mistral checkpoints"
     with pytest.raises(HFError) as err:
         families.family("bert")
-    assert str(err.value) == "unknown family 'bert'; one of gpt2, llama"
+    assert str(err.value) == "unknown family 'bert'; one of gpt2, llama, qwen2, mistral"
     with pytest.raises(HFError, match="unknown family"):
         hf.state_dict_from_hf({}, lmforge_config("llama", 0), "bert")
 
@@ -198,8 +204,12 @@ def test_legacy_names_derive_from_the_table():
         ("llama", False): "LlamaForCausalLM",
         ("gpt2", True): "GPT2ForSequenceClassification",
         ("llama", True): "LlamaForSequenceClassification",
+        ("qwen2", False): "Qwen2ForCausalLM",
+        ("qwen2", True): "Qwen2ForSequenceClassification",
+        ("mistral", False): "MistralForCausalLM",
+        ("mistral", True): "MistralForSequenceClassification",
     }
-    assert hf_export.FAMILY_NAMES == {"gpt2": "GPT-2", "llama": "Llama"}
+    assert hf_export.FAMILY_NAMES == {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
     with pytest.raises(AttributeError):
         hf_export.NO_SUCH_NAME  # noqa: B018
 

@@ -341,7 +341,7 @@ LLAMA_CONFIG = {
 @pytest.mark.parametrize(
     "values, needles",
     [
-        ({"model_type": "bert", "vocab_size": 10}, ["model_type='bert'", "gpt2 and llama"]),
+        ({"model_type": "bert", "vocab_size": 10}, ["model_type='bert'", "gpt2, llama, qwen2 and mistral"]),
         ({**GPT2_CONFIG, "activation_function": "gelu"}, ["activation_function='gelu'", "gelu_new"]),
         ({**GPT2_CONFIG, "scale_attn_by_inverse_layer_idx": True}, ["scale_attn_by_inverse_layer_idx"]),
         ({**LLAMA_CONFIG, "hidden_act": "gelu"}, ["hidden_act='gelu'"]),

@@ -10,7 +10,11 @@ map of Hugging Face names (``gguf.TensorNameMap``), so that:
   trained without biases: llama.cpp's gpt2 requires them, and a zero bias is the same function);
 - Llama family models (RoPE, RMSNorm, SwiGLU) as the ``llama`` architecture: separate ``attn_q``,
   ``attn_k`` and ``attn_v``, the q and k rows permuted from the rotate-half RoPE layout lmforge (and
-  Hugging Face) use to GGML's interleaved pairs, as ``LlamaModel.permute`` does.
+  Hugging Face) use to GGML's interleaved pairs, as ``LlamaModel.permute`` does. Mistral models are
+  ``llama`` too, as convert_hf_to_gguf.py writes them: only those whose sliding window spans the whole
+  context, since llama.cpp's llama attends to every earlier token;
+- Qwen2 models (the Llama family with biases on q, k and v alone) as the ``qwen2`` architecture, whose
+  RoPE is rotate-half: q and k are stored as they are, with their biases.
 
 Tensor types follow convert_hf_to_gguf.py: norms, biases, other 1-D tensors and the position
 embedding stay F32; 2-D weights take the requested type, and for q8_0 a matrix whose rows do not
@@ -38,7 +42,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 
 from lmforge.export import read_checkpoint
-from lmforge.families import FAMILIES, Family, shapes
+from lmforge.families import FAMILIES, Family, claimant, shapes
 from lmforge.model import GPTConfig
 from lmforge_gguf.errors import GGUFError
 from lmforge_gguf.vocab import Vocab, vocab_for
@@ -52,19 +56,25 @@ DTYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
 """dtype argument -> (general.file_type, the type of 2-D weight matrices)."""
 
 
+_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+"""llama.cpp architecture name -> gguf.MODEL_ARCH."""
+
+
 def _families_by_arch() -> dict[gguf.MODEL_ARCH, Family]:
     """llama.cpp architecture -> the lmforge family it computes (the first, where several name one)."""
-    by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
     out: dict[gguf.MODEL_ARCH, Family] = {}
     for fam in FAMILIES.values():
         if fam.gguf_arch:
-            out.setdefault(by_name[fam.gguf_arch], fam)
+            out.setdefault(_BY_NAME[fam.gguf_arch], fam)
     return out
 
 
 _FAMILIES = _families_by_arch()
-ARCHS: dict[gguf.MODEL_ARCH, dict[str, str]] = {arch: dict(fam.features) for arch, fam in _FAMILIES.items()}
-"""The llama.cpp architectures written, and the lmforge model options each one computes."""
+ARCHS: dict[gguf.MODEL_ARCH, dict[str, str]] = {
+    arch: dict(fam.features) for arch, fam in _FAMILIES.items() if fam.claims is None
+}
+"""The llama.cpp architectures of the families that claim nothing, and the lmforge model options each one
+computes; the families that claim models with those options (Qwen2, Mistral) have their own (see choose_arch)."""
 
 _ALL_BIASES = {gguf.MODEL_ARCH.GPT2}
 """llama.cpp architectures that require every bias (zeros compute the same function as none)."""
@@ -132,15 +142,35 @@ def _file_name(filename: Any) -> str:
 
 
 def choose_arch(config: GPTConfig) -> gguf.MODEL_ARCH:
-    """gpt2 or llama, whichever computes exactly this model; a GGUFError naming what neither can express."""
+    """gpt2, llama or qwen2, whichever computes exactly this model; a GGUFError naming what none can express."""
     refusals = []
     for arch, needs in ARCHS.items():
         off = [f"{key}={getattr(config, key)}" for key, value in needs.items() if getattr(config, key) != value]
         if not off:
-            return arch
+            return _claimed_arch(config) or arch
         wants = ", ".join(f"{key}={value}" for key, value in needs.items())
         refusals.append(f"{gguf.MODEL_ARCH_NAMES[arch]} ({wants}) cannot express {', '.join(off)}")
     raise GGUFError(f"exporter gguf: no llama.cpp architecture computes this model: {'; '.join(refusals)}")
+
+
+def _claimed_arch(config: GPTConfig) -> gguf.MODEL_ARCH | None:
+    """The architecture of the family that claims ``config`` (Qwen2, Mistral), or None when none does; a
+    GGUFError for what that family, or llama.cpp's architecture for it, cannot express."""
+    fam = claimant(config)
+    if fam is None:
+        return None
+    problem = fam.check_export(config) if fam.check_export else None
+    if problem is None and fam.gguf_arch is None:
+        problem = f"llama.cpp has no architecture for {fam.display} models"
+    window = config.sliding_window
+    if problem is None and window is not None and window < config.block_size:
+        problem = (
+            f"sliding_window={window} is shorter than the context (block_size={config.block_size}); "
+            f"llama.cpp's {fam.gguf_arch} has no sliding window and would attend to every earlier token"
+        )
+    if problem:
+        raise GGUFError(f"exporter gguf: {problem}")
+    return _BY_NAME[fam.gguf_arch]
 
 
 def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
