@@ -1,4 +1,5 @@
-"""Tokenizers: exact byte-level (the default) and Hugging Face ``tokenizers`` (loaded or trained BPE).
+"""Tokenizers: exact byte-level (the default), Hugging Face ``tokenizers`` (loaded or trained BPE) and BERT's
+WordPiece (trained, or a vocab.txt / tokenizer.json).
 
 A tokenizer is saved beside every checkpoint and inside it, so a checkpoint is self-describing:
 :func:`save_tokenizer` / :func:`load_tokenizer` write and read a folder, :func:`tokenizer_to_dict` /
@@ -251,6 +252,178 @@ class HFTokenizer:
         return values
 
 
+WORDPIECE_SPECIALS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]",
+                      "unk_token": "[UNK]"}  # fmt: skip
+"""BERT's special tokens, by the names the ``wordpiece`` plugin's and WordPieceTokenizer's arguments give them."""
+
+
+class WordPieceTokenizer(HFTokenizer):
+    """BERT's WordPiece (Hugging Face ``tokenizers``): the BERT normaliser (lowercasing and accent stripping,
+    each optional), BERT's pre-tokeniser, ``##`` continuation pieces and the [CLS]/[SEP]/[PAD]/[MASK]/[UNK]
+    tokens. ``encode`` adds no special tokens (as every lmforge tokenizer); :meth:`encode_pair` gives BERT's
+    ``[CLS] a [SEP] b [SEP]`` with token types 0/1. The end-of-text id is [SEP]'s, which separates the documents
+    of a token cache. Built by the ``wordpiece`` tokenizer plugin: trained on the corpus, or a folder's vocab.txt
+    or tokenizer.json."""
+
+    def __init__(
+        self,
+        tokenizer,
+        cls_token: str = "[CLS]",
+        sep_token: str = "[SEP]",
+        pad_token: str = "[PAD]",
+        mask_token: str = "[MASK]",
+        unk_token: str = "[UNK]",
+    ) -> None:
+        super().__init__(tokenizer, eos_token=sep_token)
+        self.names = {"cls_token": cls_token, "sep_token": sep_token, "pad_token": pad_token,
+                      "mask_token": mask_token, "unk_token": unk_token}  # fmt: skip
+        ids = {}
+        for key, token in self.names.items():
+            ids[key] = tokenizer.token_to_id(token)
+            if ids[key] is None:
+                raise UserError(f"tokenizer: the WordPiece vocabulary has no {key} {token!r}; add it to the vocabulary")
+        self.cls_id, self.sep_id, self.pad_id = ids["cls_token"], ids["sep_token"], ids["pad_token"]
+        self.mask_id, self.unk_id = ids["mask_token"], ids["unk_token"]
+        self._continuation: np.ndarray | None = None
+
+    @staticmethod
+    def _pipeline(tok, lowercase: bool, strip_accents: bool | None) -> None:
+        """BERT's normaliser, pre-tokeniser and ``##`` decoder (what BertTokenizerFast builds from a vocab.txt)."""
+        from tokenizers import decoders, normalizers, pre_tokenizers
+
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+
+    @classmethod
+    def _finish(cls, tok, names: dict[str, str]) -> WordPieceTokenizer:
+        """Mark the special tokens (matched in text before normalisation) and add BERT's pair template."""
+        from tokenizers import AddedToken, processors
+
+        names = {**WORDPIECE_SPECIALS, **names}
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in names.values()])
+        cls_t, sep_t = names["cls_token"], names["sep_token"]
+        cls_id, sep_id = tok.token_to_id(cls_t), tok.token_to_id(sep_t)
+        if cls_id is not None and sep_id is not None:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{cls_t}:0 $A:0 {sep_t}:0",
+                pair=f"{cls_t}:0 $A:0 {sep_t}:0 $B:1 {sep_t}:1",
+                special_tokens=[(cls_t, cls_id), (sep_t, sep_id)],
+            )
+        return cls(tok, **names)
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 2,
+        lowercase: bool = True,
+        strip_accents: bool | None = None,
+    ) -> WordPieceTokenizer:
+        """Train a WordPiece vocabulary of at most ``vocab_size`` tokens (the five special tokens first: ids 0-4)."""
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import models, trainers
+
+        specials = [WORDPIECE_SPECIALS[k] for k in ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")]
+        if vocab_size <= len(specials):
+            raise UserError(f"tokenizer: vocab_size={vocab_size} is too small for WordPiece (more than 5)")
+        tok = _Tok(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+        cls._pipeline(tok, lowercase, strip_accents)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+            continuing_subword_prefix="##", show_progress=False,
+        )  # fmt: skip
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls._finish(tok, {})
+
+    @classmethod
+    def from_vocab(
+        cls, vocab_file: str | Path, lowercase: bool = True, strip_accents: bool | None = None, **names: str
+    ) -> WordPieceTokenizer:
+        """BERT's vocab.txt (one token per line, the line number its id), as BertTokenizerFast reads it."""
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import models
+
+        lines = Path(vocab_file).read_text(encoding="utf-8").splitlines()
+        vocab = {token: i for i, token in enumerate(lines)}
+        unk = names.get("unk_token", WORDPIECE_SPECIALS["unk_token"])
+        tok = _Tok(models.WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##", max_input_chars_per_word=100))
+        cls._pipeline(tok, lowercase, strip_accents)
+        return cls._finish(tok, names)
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, lowercase: bool = True, strip_accents: bool | None = None, **names: str
+    ) -> WordPieceTokenizer:
+        """A folder's tokenizer.json (its own normaliser, options ignored) or vocab.txt, or either file itself."""
+        from tokenizers import Tokenizer as _Tok
+
+        path = Path(path)
+        if path.is_dir():
+            found = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).is_file()]
+            if not found:
+                raise MissingFileError(f"tokenizer: {path} has neither tokenizer.json nor vocab.txt")
+            path = found[0]
+        if not path.is_file():
+            raise MissingFileError(
+                f"tokenizer: no WordPiece vocabulary at {path}; give a folder, vocab.txt or tokenizer.json"
+            )
+        if path.suffix != ".json":
+            return cls.from_vocab(path, lowercase, strip_accents, **names)
+        try:
+            tok = _Tok.from_file(str(path))
+        except Exception as err:  # the Rust error type is not importable
+            raise UserError(f"tokenizer: {path} is not a valid tokenizer.json: {err}") from None
+        return cls(tok, **names)
+
+    @classmethod
+    def from_pretrained_folder(cls, folder: str | Path) -> WordPieceTokenizer | None:
+        """A Hugging Face BERT folder's tokenizer (tokenizer.json or vocab.txt); None when it has neither."""
+        folder = Path(folder)
+        if not any((folder / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
+            return None
+        return cls.from_file(folder)
+
+    def encode_pair(self, a: str, b: str | None = None) -> tuple[list[int], list[int]]:
+        """(ids, token types) of ``[CLS] a [SEP]`` or ``[CLS] a [SEP] b [SEP]`` (types 0 for a, 1 for b)."""
+        enc = self._tok.encode(a, b, add_special_tokens=True)
+        return enc.ids, enc.type_ids
+
+    def continuation_mask(self) -> np.ndarray:
+        """(vocab_size,) bool: True for pieces that continue a word (``##...``), which whole-word masking keeps
+        with the piece before them."""
+        if self._continuation is None:
+            mask = np.zeros(self.vocab_size, dtype=bool)
+            for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+                mask[i] = token.startswith("##") and len(token) > 2
+            self._continuation = mask
+        return self._continuation
+
+    def fingerprint(self) -> str:
+        return "wordpiece-" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:32]
+
+    def to_dict(self) -> dict:
+        return {"type": "wordpiece", **self.names, "tokenizer_json": self._tok.to_str()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> WordPieceTokenizer:
+        from tokenizers import Tokenizer as _Tok
+
+        names = {k: values[k] for k in WORDPIECE_SPECIALS if k in values}
+        return cls(_Tok.from_str(values["tokenizer_json"]), **names)
+
+    def save(self, directory: str | Path) -> None:
+        """vocab.txt (BERT's format, one token per line by id), tokenizer.json and lmforge's record."""
+        directory = Path(directory)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        write_text(directory / "vocab.txt", "".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
+        write_text(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        write_json(directory / META_FILE, {"type": "wordpiece", **self.names})
+
+
 def read_chat_template(folder: str | Path) -> str | None:
     """The chat template of a Hugging Face tokenizer folder: ``chat_template.jinja`` (which transformers prefers), else
     tokenizer_config.json's ``chat_template`` (a string, or the entry named ``default`` of a list of
@@ -290,9 +463,32 @@ def hf(corpus, cache_dir: Path, path: str, eos_token: str = EOS_TOKEN) -> HFToke
     return HFTokenizer.from_file(path, eos_token)
 
 
+def wordpiece(
+    corpus,
+    cache_dir: Path,
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+    path: str | None = None,
+    lowercase: bool = True,
+    strip_accents: bool | None = None,
+) -> WordPieceTokenizer:
+    """``wordpiece``: BERT's WordPiece, trained on the corpus once and cached (keyed by corpus content and the
+    options), or, with ``path``, a folder's (or the file's) vocab.txt or tokenizer.json. ``strip_accents`` None
+    follows ``lowercase``, as BERT's."""
+    if path is not None:
+        return WordPieceTokenizer.from_file(path, lowercase, strip_accents)
+    folder = Path(cache_dir) / f"wordpiece-{corpus.key()}-{vocab_size}-{min_frequency}-{lowercase:d}-{strip_accents}"
+    if (folder / "tokenizer.json").is_file():
+        return WordPieceTokenizer.from_file(folder / "tokenizer.json")
+    tokenizer = WordPieceTokenizer.train(corpus.documents(), vocab_size, min_frequency, lowercase, strip_accents)
+    tokenizer.save(folder)
+    return tokenizer
+
+
 def _builtin(tokenizer: Tokenizer) -> bool:
-    """lmforge's own tokenizers, stored in their own format (``{"type": "bytes"}``, ``{"type": "hf", ...}``)."""
-    return type(tokenizer) in (ByteTokenizer, HFTokenizer)
+    """lmforge's own tokenizers, stored in their own format (``{"type": "bytes"}``, ``{"type": "hf", ...}``,
+    ``{"type": "wordpiece", ...}``)."""
+    return type(tokenizer) in (ByteTokenizer, HFTokenizer, WordPieceTokenizer)
 
 
 def class_path(cls: type) -> str:
@@ -329,10 +525,12 @@ def tokenizer_from_dict(values: dict) -> Tokenizer:
         return ByteTokenizer.from_dict(values)
     if kind == "hf":
         return HFTokenizer.from_dict(values)
+    if kind == "wordpiece":
+        return WordPieceTokenizer.from_dict(values)
     if kind == PLUGIN_TYPE:
         return _plugin_from_dict(values)
     raise UserError(
-        f"unknown tokenizer type {kind!r} in checkpoint; lmforge restores bytes, hf and tokenizer plugins' "
+        f"unknown tokenizer type {kind!r} in checkpoint; lmforge restores bytes, hf, wordpiece and tokenizer plugins' "
         "entries (type 'plugin', written since lmforge recorded a plugin's class): retrain with the plugin installed"
     )
 
@@ -490,6 +688,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return ByteTokenizer()
     if meta.get("type") == PLUGIN_TYPE:
         return tokenizer_from_dict(meta)
+    if meta.get("type") == "wordpiece":
+        names = {k: v for k, v in meta.items() if k != "type"}
+        return WordPieceTokenizer.from_file(directory / "tokenizer.json", **names)
     tokenizer = HFTokenizer.from_file(directory, meta.get("eos_token", EOS_TOKEN))
     if meta.get("bos_token") or meta.get("chat_template"):
         tokenizer = HFTokenizer(tokenizer._tok, tokenizer.eos_token, meta.get("bos_token"), meta.get("chat_template"))
