@@ -6,7 +6,7 @@
   it runs, and every other failure (a folder, an empty, truncated or random file) is one
   :class:`~lmforge.errors.CheckpointError` line naming the file.
 - :func:`load_checkpoint` reads a ``.ckpt`` written by ``lmforge fit`` into a :class:`Checkpoint`: the
-  model config, the GPT's weights with any LoRA merged, the tokenizer, the task and what the run recorded.
+  model config, the model weights with any LoRA merged, the tokenizer, the task and what the run recorded.
   Exporter plugins read checkpoints with it.
 - :func:`load_base` loads any model lmforge can start from: a ``.ckpt``, a folder written by
   ``lmforge export``, or a Hugging Face folder or Hub id (safetensors, or ``.bin`` with weights_only).
@@ -29,15 +29,17 @@ from typing import Any
 
 import torch
 
+from lmforge.encoder import EncoderConfig
 from lmforge.errors import CheckpointError, MissingFileError, UserError
-from lmforge.model import GPT, GPTConfig
+from lmforge.families import ModelConfig, build_model, config_from_dict
+from lmforge.model import GPTConfig
 from lmforge.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger("lmforge")
 
 # What lmforge's checkpoints may hold beyond tensors and plain containers: hyperparameters given as objects
 # (a GPTConfig, a path) by code that builds the modules itself rather than through the command line.
-SAFE_GLOBALS: list[Any] = [GPTConfig, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath]
+SAFE_GLOBALS: list[Any] = [GPTConfig, EncoderConfig, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath]
 
 
 def torch_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
@@ -137,7 +139,10 @@ def read_sharded(path: Path, what: str = "checkpoint") -> dict:
     try:
         _load_state_dict(state, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
                          no_dist=True)  # fmt: skip
-    except (Exception, CheckpointException) as err:  # a missing or truncated shard (CheckpointException is a BaseException)
+    except (
+        Exception,
+        CheckpointException,
+    ) as err:  # a missing or truncated shard (CheckpointException is a BaseException)
         causes = list(getattr(err, "failures", {}).values()) or [err]
         cause = causes[0]
         if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException):
@@ -221,19 +226,21 @@ def refuse_damaged(path: str | Path, err: CheckpointError) -> CheckpointError:
 
 @dataclass
 class Checkpoint:
-    """What an lmforge checkpoint holds, ready to export: the GPT's weights with any LoRA merged."""
+    """What an lmforge checkpoint holds, ready to export: the model's weights with any LoRA merged."""
 
     path: Path
-    config: GPTConfig
+    config: ModelConfig
+    """A GPTConfig (decoder) or an EncoderConfig (encoder)."""
     state: dict[str, torch.Tensor]
-    """The GPT state dict (lmforge names), LoRA adapters merged into the weights."""
+    """The model's state dict (lmforge names), LoRA adapters merged into the weights."""
     tokenizer: Tokenizer | None
     task: str = "lm"
-    """lm (pretraining), sft or classify."""
+    """lm (pretraining), masked_lm (encoder pretraining), sft or classify."""
     labels: list[str] | None = None
     """Class names in id order (classify)."""
     head: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Tensors outside the GPT: a classifier's ``score.weight``."""
+    """Tensors outside the model: a classifier's ``score.weight`` (decoders) or ``classifier.*`` and
+    ``pre_classifier.*`` (encoders), under transformers' names."""
     lora: dict | None = None
     """LoRA settings (r, alpha, dropout, targets) when the run trained adapters."""
     adapters: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -257,8 +264,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     ckpt = read_lmforge_checkpoint(path)
     meta = ckpt["lmforge"]
     try:
-        config = GPTConfig.from_dict(meta["model_config"])
-    except (TypeError, ValueError) as err:
+        config = config_from_dict(meta["model_config"])
+    except (TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"checkpoint {path}: its model config is not valid ({err})") from None
     raw = {k.replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items()}
     state = {k.removeprefix("model."): v for k, v in raw.items() if k.startswith("model.")}
@@ -274,6 +281,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             base_state = base_model.state_dict()
             if "wpe.weight" in base_state:  # the fine-tune may have used a shorter context
                 base_state["wpe.weight"] = base_state["wpe.weight"][: config.block_size]
+            base_state = {k: v for k, v in base_state.items() if not k.startswith(_UNUSED_HEADS)}
             base_state.update(state)
             state = base_state
         state = merge_state(state, adapters, lora)
@@ -296,14 +304,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def read_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer | None]:
-    """(model config, GPT state dict, tokenizer) of a checkpoint written by ``lmforge fit``."""
+_UNUSED_HEADS = ("mlm_head.", "nsp_head.")
+"""An encoder's pretraining heads, which its classifier leaves out (they would get no gradient)."""
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
+    """(model config, model state dict, tokenizer) of a checkpoint written by ``lmforge fit``."""
     ckpt = load_checkpoint(path)
     return ckpt.config, ckpt.state, ckpt.tokenizer
 
 
-def load_exported(directory: str | Path) -> tuple[GPT, Tokenizer | None]:
-    """The GPT (and tokenizer) from a folder written by :func:`lmforge.export.export_safetensors`."""
+def load_exported(directory: str | Path) -> tuple[Any, Tokenizer | None]:
+    """The model (and tokenizer) from a folder written by :func:`lmforge.export.export_safetensors`."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -311,16 +323,16 @@ def load_exported(directory: str | Path) -> tuple[GPT, Tokenizer | None]:
         raise MissingFileError(f"{directory} has no model.safetensors; is it a complete lmforge export?")
     try:
         values = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        model = GPT(GPTConfig.from_dict(values))
-    except (UnicodeDecodeError, ValueError, TypeError) as err:
+        model = build_model(config_from_dict(values))
+    except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as err:
         raise UserError(f"{directory / 'config.json'}: not an lmforge model config ({err})") from None
     try:
         state = load_file(str(directory / "model.safetensors"))
     except Exception as err:  # SafetensorError: a damaged file
         raise UserError(f"{directory / 'model.safetensors'} cannot be read ({str(err).strip()[:200]})") from None
-    if model.config.tie_embeddings:
+    if getattr(model.config, "tie_embeddings", False):
         state["lm_head.weight"] = state["wte.weight"]
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    _load_weights(model, {k: v.float() for k, v in state.items()}, f"{directory}")
     has_tokenizer = (directory / "lmforge_tokenizer.json").is_file() or (directory / "tokenizer.json").is_file()
     return model, load_tokenizer(directory) if has_tokenizer else None
 
@@ -328,23 +340,35 @@ def load_exported(directory: str | Path) -> tuple[GPT, Tokenizer | None]:
 # -- base models ----------------------------------------------------------------------------------------
 
 
-def load_base(source: str, revision: str | None = None) -> tuple[GPT, Any, dict]:
-    """(GPT, tokenizer, info) from an lmforge checkpoint or export, or a Hugging Face folder or Hub id.
+def _load_weights(model: Any, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` into ``model``; the heads a classifier leaves out (a decoder's ``lm_head``, an encoder's
+    masked-LM and next-sentence heads) keep their initial values, with a warning. Anything else that does not fit
+    is a CheckpointError."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    heads = ("mlm_head.", "nsp_head.", "pooler.") if isinstance(model.config, EncoderConfig) else ("lm_head.",)
+    if unexpected or [k for k in missing if not k.startswith(heads)]:
+        raise CheckpointError(f"{where}: its weights do not fit its model config")
+    if missing:
+        names = ", ".join(sorted({k.split(".", 1)[0] for k in missing}))
+        log.warning("%s has no %s (a classifier's checkpoint?): it starts from random values", where, names)
 
-    info: ``source``, ``kind`` (lmforge or hf), ``family`` (gpt2, llama or None) and, for Hugging
-    Face models, ``revision``.
+
+def load_base(source: str, revision: str | None = None) -> tuple[Any, Any, dict]:
+    """(model, tokenizer, info) from an lmforge checkpoint or export, or a Hugging Face folder or Hub id.
+
+    The model is a :class:`~lmforge.model.GPT` or, for BERT and DistilBERT sources and lmforge's masked-LM
+    checkpoints, an :class:`~lmforge.encoder.Encoder` with a WordPiece tokenizer.
+
+    info: ``source``, ``kind`` (lmforge or hf), ``family`` (gpt2, llama, bert, ... or None) and, for Hugging
+    Face models, ``revision``, ``architectures`` and ``initialized`` (heads the checkpoint lacked).
     """
     from lmforge import hf
 
     path = Path(str(source)).expanduser()
     if path.is_file():
         ckpt = load_checkpoint(path)
-        model = GPT(ckpt.config)
-        missing, unexpected = model.load_state_dict(ckpt.state, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise CheckpointError(f"model.base={source!r}: checkpoint weights do not fit its model config")
-        if missing:
-            log.warning("base %s is a classifier without an LM head; lm_head starts from random values", source)
+        model = build_model(ckpt.config)
+        _load_weights(model, ckpt.state, f"model.base={source!r}")
         tokenizer = ckpt.tokenizer
         info = {"source": str(source), "kind": "lmforge"}
     elif path.is_dir() and (path / "config.json").is_file() and not hf.is_hf_folder(path):
@@ -354,6 +378,7 @@ def load_base(source: str, revision: str | None = None) -> tuple[GPT, Any, dict]
         model, tokenizer, hf_info = hf.load_model(str(source), revision)
         info = {"source": str(source), "kind": "hf", "revision": revision}
         info["architectures"] = hf_info["architectures"]
+        info["initialized"] = hf_info["initialized"]
     try:
         info["family"] = hf.family_of(model.config)
     except hf.HFError:

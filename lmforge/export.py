@@ -5,8 +5,8 @@ the plugin writes into an empty staging folder beside ``--to`` that lmforge crea
 that folder to ``--to`` once the plugin returns. A plugin that fails (or a Ctrl-C) leaves nothing, and
 stale staging folders of killed exports are removed by the next export into the same parent folder.
 
-The ``safetensors`` export is lmforge's own portable format: ``model.safetensors`` (the GPT's
-weights, a tied head stored once), ``config.json`` (the GPTConfig) and the tokenizer files.
+The ``safetensors`` export is lmforge's own portable format: ``model.safetensors`` (the model's
+weights, a tied head stored once), ``config.json`` (the GPTConfig or EncoderConfig) and the tokenizer files.
 :func:`lmforge.checkpoint.load_exported` reads it back.
 """
 
@@ -60,7 +60,7 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path, dtype: str =
         raise UserError(f"exporter safetensors: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
     config, state, tokenizer = read_checkpoint(checkpoint)
-    if config.tie_embeddings:
+    if getattr(config, "tie_embeddings", False):  # an encoder's masked-LM decoder is wte itself: no second name
         state.pop("lm_head.weight", None)  # the same tensor as wte.weight
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items() if v.is_floating_point()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "lmforge": lmforge.__version__})

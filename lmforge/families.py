@@ -30,8 +30,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lmforge.encoder import Encoder, EncoderConfig
 from lmforge.errors import UserError
 from lmforge.model import GPT, GPTConfig
+
+ModelConfig = GPTConfig | EncoderConfig
+"""The config of either kind of model lmforge builds: a decoder (:class:`~lmforge.model.GPT`) or an encoder
+(:class:`~lmforge.encoder.Encoder`)."""
 
 _REQUIRED: Any = object()
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation lmforge's GELU MLP computes
@@ -155,11 +160,13 @@ class Family:
     display: str
     """Its name in prose: "GPT-2"."""
     causal_lm: str
-    """The transformers class of the language model (config.json ``architectures``)."""
+    """The transformers class of the language model (config.json ``architectures``): the causal LM of a decoder,
+    the masked LM of an encoder."""
     classifier: str
-    """The transformers class of a sequence classifier (head ``score``)."""
+    """The transformers class of a sequence classifier (head ``score`` of a decoder; ``classifier`` and maybe
+    ``pre_classifier`` of an encoder)."""
     features: Mapping[str, Any]
-    """The GPTConfig options that make a GPT this architecture (import sets them, export matches on them)."""
+    """The config options that make a model this architecture (import sets them, export matches on them)."""
     config: tuple[Key | Fixed, ...]
     """The config.json keys, in the order export writes them (model_type first, always)."""
     weights: tuple[Weights, ...]
@@ -182,10 +189,41 @@ class Family:
     puts back; None: such checkpoints are not accepted."""
     gguf_arch: str | None = None
     """The llama.cpp architecture (``general.architecture``) computing it; None: no GGUF export."""
+    encoder: bool = False
+    """A bidirectional encoder (:class:`~lmforge.encoder.EncoderConfig`); else a decoder (GPTConfig)."""
+    pretraining: str | None = None
+    """An encoder's transformers class with the next-sentence head too (BertForPreTraining); None: none."""
+    head_tensors: tuple[str, ...] = ("score.",)
+    """Prefixes of the sequence classifier's head tensors (transformers' names, outside the backbone)."""
+    optional: tuple[str, ...] = ()
+    """Prefixes of lmforge tensors a checkpoint may lack (heads of other classes: BertForMaskedLM has no pooler,
+    BertModel no masked-LM head); import initialises them fresh, as transformers does."""
+    exported: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """transformers class -> the prefixes of lmforge tensors it leaves out (BertForMaskedLM: the pooler)."""
+    from_weights: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """A transformers tensor name -> config fields its presence sets (``cls.seq_relationship.weight``: nsp)."""
 
-    def architecture(self, classify: bool = False) -> str:
-        """The transformers class: the language model's, or the sequence classifier's."""
-        return self.classifier if classify else self.causal_lm
+    @property
+    def config_class(self) -> type:
+        """The lmforge config this architecture's models have."""
+        return EncoderConfig if self.encoder else GPTConfig
+
+    def architecture(self, classify: bool = False, config: ModelConfig | None = None) -> str:
+        """The transformers class: the language model's (an encoder's with the next-sentence head when
+        ``config`` has one), or the sequence classifier's."""
+        if classify:
+            return self.classifier
+        if self.pretraining and getattr(config, "nsp", False):
+            return self.pretraining
+        return self.causal_lm
+
+    def leaves_out(self, architecture: str) -> tuple[str, ...]:
+        """Prefixes of the lmforge tensors transformers' ``architecture`` has no place for."""
+        return self.exported.get(architecture, ())
+
+    def is_optional(self, name: str) -> bool:
+        """Whether a checkpoint may lack the lmforge tensor ``name`` (it starts fresh)."""
+        return name.startswith(self.optional)
 
     @property
     def conv1d(self) -> bool:
@@ -489,7 +527,143 @@ MISTRAL = Family(
     gguf_arch="llama",  # llama.cpp converts MistralForCausalLM as llama
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, MISTRAL)}
+
+# -- encoders -------------------------------------------------------------------------------------
+
+_ENCODER_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+"""transformers' ``hidden_act`` / ``activation`` names -> EncoderConfig.activation (exact erf GELU, or tanh's)."""
+
+
+def _encoder_activation(value: Any) -> str:
+    if value not in _ENCODER_ACTIVATIONS:
+        raise ValueError(f"activation {value!r} is not supported (lmforge's encoder MLP is gelu or gelu_new)")
+    return _ENCODER_ACTIVATIONS[value]
+
+
+def _hf_activation(config: EncoderConfig) -> str:
+    return "gelu" if config.activation == "gelu" else "gelu_new"
+
+
+def _bert_check_export(config: EncoderConfig) -> str | None:
+    if config.type_vocab_size < 1:
+        return "model has no token types (type_vocab_size=0) but a pooler; BERT has both, DistilBERT neither"
+    return None
+
+
+def _distilbert_check_export(config: EncoderConfig) -> str | None:
+    if config.norm_eps != 1e-12:
+        return f"model has norm_eps={config.norm_eps:g}; DistilBERT's LayerNorms have eps 1e-12"
+    return None
+
+
+_ENCODER_BUFFERS = (r"(^|\.)embeddings\.(position_ids|token_type_ids)$",)  # index tables of older checkpoints
+
+BERT = Family(
+    name="bert",
+    display="BERT",
+    causal_lm="BertForMaskedLM",
+    classifier="BertForSequenceClassification",
+    pretraining="BertForPreTraining",
+    encoder=True,
+    features={"norm_position": "post", "pooler": True},
+    config=(
+        Key("vocab_size", "vocab_size"),
+        Key("hidden_size", "n_embd"),
+        Key("num_hidden_layers", "n_layer"),
+        Key("num_attention_heads", "n_head"),
+        Key("intermediate_size", "mlp_hidden", attr="mlp_width", default=3072),
+        Key("hidden_act", "activation", write=_hf_activation, default="gelu", cast=_encoder_activation),
+        Key("hidden_dropout_prob", "dropout", default=0.1, cast=float),
+        Key("attention_probs_dropout_prob", None, attr="dropout"),  # lmforge has one dropout rate
+        Key("max_position_embeddings", "max_positions", default=512),
+        Key("type_vocab_size", "type_vocab_size", default=2),
+        Key("layer_norm_eps", "norm_eps", default=1e-12, cast=float),
+        Fixed(
+            "position_embedding_type",
+            "absolute",
+            why="is not supported (lmforge's BERT has learned absolute positions)",
+        ),
+        Fixed("is_decoder", False, why="is not supported (lmforge's BERT is a bidirectional encoder)"),
+        Fixed("add_cross_attention", False, why="is not supported (no cross-attention)", written=False),
+        Fixed("tie_word_embeddings", True, why="is not supported (the masked-LM decoder is the word embedding)"),
+    ),
+    weights=(
+        Weights("wte", "bert.embeddings.word_embeddings"),
+        Weights("wpe", "bert.embeddings.position_embeddings"),
+        Weights("wtt", "bert.embeddings.token_type_embeddings"),
+        Weights("ln_emb", "bert.embeddings.LayerNorm"),
+        Weights("blocks.{i}.attn.q_proj", "bert.encoder.layer.{i}.attention.self.query", linear=True),
+        Weights("blocks.{i}.attn.k_proj", "bert.encoder.layer.{i}.attention.self.key", linear=True),
+        Weights("blocks.{i}.attn.v_proj", "bert.encoder.layer.{i}.attention.self.value", linear=True),
+        Weights("blocks.{i}.attn.c_proj", "bert.encoder.layer.{i}.attention.output.dense", linear=True),
+        Weights("blocks.{i}.ln_1", "bert.encoder.layer.{i}.attention.output.LayerNorm"),
+        Weights("blocks.{i}.mlp.c_fc", "bert.encoder.layer.{i}.intermediate.dense", linear=True),
+        Weights("blocks.{i}.mlp.c_proj", "bert.encoder.layer.{i}.output.dense", linear=True),
+        Weights("blocks.{i}.ln_2", "bert.encoder.layer.{i}.output.LayerNorm"),
+        Weights("pooler", "bert.pooler.dense", linear=True),
+        Weights("mlm_head", "cls.predictions"),  # its bias; the decoder weight is the word embedding
+        Weights("mlm_head.dense", "cls.predictions.transform.dense", linear=True),
+        Weights("mlm_head.ln", "cls.predictions.transform.LayerNorm"),
+        Weights("nsp_head", "cls.seq_relationship", linear=True),
+    ),
+    check_export=_bert_check_export,
+    buffers=(*_ENCODER_BUFFERS, r"^cls\.predictions\.decoder\.(weight|bias)$"),  # tied copies in .bin files
+    bare_prefix="bert.",
+    head_tensors=("classifier.",),
+    optional=("pooler.", "mlm_head.", "nsp_head."),
+    exported={
+        "BertForMaskedLM": ("pooler.", "nsp_head."),
+        "BertForSequenceClassification": ("mlm_head.", "nsp_head."),
+    },
+    from_weights={"cls.seq_relationship.weight": {"nsp": True}},
+)
+
+DISTILBERT = Family(
+    name="distilbert",
+    display="DistilBERT",
+    causal_lm="DistilBertForMaskedLM",
+    classifier="DistilBertForSequenceClassification",
+    encoder=True,
+    features={"norm_position": "post", "pooler": False, "type_vocab_size": 0},
+    fixed={"norm_eps": 1e-12},
+    config=(
+        Key("vocab_size", "vocab_size"),
+        Key("dim", "n_embd", default=768),
+        Key("n_layers", "n_layer", default=6),
+        Key("n_heads", "n_head", default=12),
+        Key("hidden_dim", "mlp_hidden", attr="mlp_width", default=3072),
+        Key("activation", "activation", write=_hf_activation, default="gelu", cast=_encoder_activation),
+        Key("dropout", "dropout", default=0.1, cast=float),
+        Key("attention_dropout", None, attr="dropout"),
+        Key("max_position_embeddings", "max_positions", default=512),
+        Fixed("sinusoidal_pos_embds", False, why="is not supported (lmforge's DistilBERT has learned positions)"),
+        Fixed("tie_word_embeddings", True, why="is not supported (the masked-LM decoder is the word embedding)"),
+    ),
+    weights=(
+        Weights("wte", "distilbert.embeddings.word_embeddings"),
+        Weights("wpe", "distilbert.embeddings.position_embeddings"),
+        Weights("ln_emb", "distilbert.embeddings.LayerNorm"),
+        Weights("blocks.{i}.attn.q_proj", "distilbert.transformer.layer.{i}.attention.q_lin", linear=True),
+        Weights("blocks.{i}.attn.k_proj", "distilbert.transformer.layer.{i}.attention.k_lin", linear=True),
+        Weights("blocks.{i}.attn.v_proj", "distilbert.transformer.layer.{i}.attention.v_lin", linear=True),
+        Weights("blocks.{i}.attn.c_proj", "distilbert.transformer.layer.{i}.attention.out_lin", linear=True),
+        Weights("blocks.{i}.ln_1", "distilbert.transformer.layer.{i}.sa_layer_norm"),
+        Weights("blocks.{i}.mlp.c_fc", "distilbert.transformer.layer.{i}.ffn.lin1", linear=True),
+        Weights("blocks.{i}.mlp.c_proj", "distilbert.transformer.layer.{i}.ffn.lin2", linear=True),
+        Weights("blocks.{i}.ln_2", "distilbert.transformer.layer.{i}.output_layer_norm"),
+        Weights("mlm_head.dense", "vocab_transform", linear=True),
+        Weights("mlm_head.ln", "vocab_layer_norm"),
+        Weights("mlm_head", "vocab_projector"),  # its bias; the weight is the word embedding
+    ),
+    check_export=_distilbert_check_export,
+    buffers=(*_ENCODER_BUFFERS, r"^vocab_projector\.weight$"),  # the tied decoder, in older checkpoints
+    bare_prefix="distilbert.",
+    head_tensors=("pre_classifier.", "classifier."),
+    optional=("mlm_head.",),
+    exported={"DistilBertForSequenceClassification": ("mlm_head.",)},
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, MISTRAL, BERT, DISTILBERT)}
 """model_type -> Family: every architecture lmforge reads and writes."""
 
 
@@ -512,19 +686,20 @@ def _and(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
-def _has_features(config: GPTConfig, fam: Family) -> bool:
-    return all(getattr(config, key) == value for key, value in fam.features.items())
+def _has_features(config: ModelConfig, fam: Family) -> bool:
+    return isinstance(config, fam.config_class) and all(getattr(config, k) == v for k, v in fam.features.items())
 
 
-def claimant(config: GPTConfig) -> Family | None:
+def claimant(config: ModelConfig) -> Family | None:
     """The first entry with the features of ``config`` that claims it (see :attr:`Family.claims`), or None."""
     return next((f for f in FAMILIES.values() if f.claims and _has_features(config, f) and f.claims(config)), None)
 
 
-def family_of(config: GPTConfig) -> str:
+def family_of(config: ModelConfig) -> str:
     """The name of the family whose architecture expresses ``config`` exactly; an HFError naming why none does.
 
-    Of the entries whose features ``config`` has, the first that claims it, else the first that claims nothing.
+    Of the entries of the config's kind (decoder or encoder) whose features ``config`` has, the first that claims
+    it, else the first that claims nothing.
     """
     fam = claimant(config) or next((f for f in FAMILIES.values() if not f.claims and _has_features(config, f)), None)
     if fam is not None:
@@ -532,19 +707,36 @@ def family_of(config: GPTConfig) -> str:
         if problem:
             raise HFError(problem)
         return fam.name
-    bases = [fam for fam in FAMILIES.values() if fam.claims is None]  # those that claim share their features
+    bases = [f for f in FAMILIES.values() if f.claims is None and isinstance(config, f.config_class)]
     keys = dict.fromkeys(key for fam in bases for key in fam.features)
     have = ", ".join(f"{key}={getattr(config, key)}" for key in keys)
     known = " nor ".join(f"{fam.display} ({', '.join(map(str, fam.features.values()))})" for fam in bases)
     raise HFError(f"model ({have}) is neither {known}; transformers has no architecture for this combination")
 
 
-def shapes(config: GPTConfig) -> dict[str, torch.Size]:
-    """Every tensor of the GPT ``config`` describes (a tied head under both names) and its shape.
+def shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Every tensor of the model ``config`` describes (a tied head under both names) and its shape.
 
     Built on the meta device with the torch fallbacks: no memory, no initialisation, no GPU needed.
     """
     values = config.to_dict()
     values.update(attention="torch", loss="torch")
     with torch.device("meta"):
-        return {name: tensor.shape for name, tensor in GPT(GPTConfig.from_dict(values)).state_dict().items()}
+        model = build_model(type(config).from_dict(values))
+        return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+# -- the two kinds of model ------------------------------------------------------------------------
+
+
+def config_from_dict(values: dict) -> ModelConfig:
+    """The config a checkpoint or export recorded (``to_dict()``): an EncoderConfig when it has an encoder's
+    fields (``max_positions``, ``type_vocab_size``), else a GPTConfig."""
+    if "max_positions" in values and "block_size" not in values:
+        return EncoderConfig.from_dict(values)
+    return GPTConfig.from_dict(values)
+
+
+def build_model(config: ModelConfig) -> GPT | Encoder:
+    """The model ``config`` describes: a :class:`~lmforge.encoder.Encoder` or a :class:`~lmforge.model.GPT`."""
+    return Encoder(config) if isinstance(config, EncoderConfig) else GPT(config)

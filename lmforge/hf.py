@@ -1,14 +1,18 @@
-"""Hugging Face checkpoints: GPT-2 and Llama-family folders (or Hub ids) to lmforge and back.
+"""Hugging Face checkpoints: decoder (GPT-2, Llama, Qwen2, Mistral) and encoder (BERT, DistilBERT) folders (or
+Hub ids) to lmforge and back.
 
 Never ``trust_remote_code``: what each architecture is (its config.json keys, its weight names and how
 they are stored) is one entry of :data:`lmforge.families.FAMILIES`, and everything here reads the entry.
 Sequence-classification checkpoints (``*ForSequenceClassification``) share the backbone names and add
-``score``.
+``score`` (decoders) or ``classifier`` and ``pre_classifier`` (encoders). An encoder checkpoint of one class
+lacks the heads of others (BertForMaskedLM has no pooler, BertModel no masked-LM head): those start from
+fresh initial values, as transformers starts them, and ``load_model`` names them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -19,8 +23,7 @@ from torch import Tensor
 from lmforge import families
 from lmforge.families import FAMILIES as FAMILIES
 from lmforge.families import GPT2_ACTIVATIONS as GPT2_ACTIVATIONS
-from lmforge.families import Fixed, HFError, Key, family_of
-from lmforge.model import GPT, GPTConfig
+from lmforge.families import Fixed, HFError, Key, ModelConfig, family_of
 
 HUB_FILES = [
     "README.md",  # the model card: its licence carries over to exports of a fine-tune
@@ -33,6 +36,7 @@ HUB_FILES = [
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
+    "vocab.txt",  # BERT's WordPiece vocabulary
 ]
 HUB_BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # only for repos without safetensors
 _HEAD = "lm_head.weight"
@@ -44,8 +48,9 @@ _CLASSIFIER = "score"
 # -- configs ----------------------------------------------------------------------------------
 
 
-def config_from_hf(values: dict, where: str = "config.json") -> tuple[GPTConfig, str]:
-    """(GPTConfig, family) from a transformers config.json; unsupported options are an HFError."""
+def config_from_hf(values: dict, where: str = "config.json") -> tuple[ModelConfig, str]:
+    """(config, family) from a transformers config.json (a GPTConfig for a decoder, an EncoderConfig for an
+    encoder); unsupported options are an HFError."""
     if not isinstance(values, dict):
         raise HFError(f"{where}: expected a JSON object, got {type(values).__name__}")
     try:
@@ -58,7 +63,7 @@ def config_from_hf(values: dict, where: str = "config.json") -> tuple[GPTConfig,
         raise HFError(f"{where}: {err}") from None
 
 
-def _config_from_hf(values: dict, where: str) -> tuple[GPTConfig, str]:
+def _config_from_hf(values: dict, where: str) -> tuple[ModelConfig, str]:
     fam = families.family(values.get("model_type"), where)
     for entry in fam.config:
         problem = entry.refusal(values) if isinstance(entry, Fixed) else None
@@ -71,10 +76,10 @@ def _config_from_hf(values: dict, where: str) -> tuple[GPTConfig, str]:
     problem = fam.check_import(values, got) if fam.check_import else None
     if problem:
         raise HFError(f"{where}: {problem}")
-    return GPTConfig(**fam.features, **fam.fixed, **got), fam.name
+    return fam.config_class(**fam.features, **fam.fixed, **got), fam.name
 
 
-def config_to_hf(config: GPTConfig, family: str | None = None) -> dict:
+def config_to_hf(config: ModelConfig, family: str | None = None) -> dict:
     """The transformers config.json values (architecture-specific part) for ``config``."""
     fam = families.family(family or family_of(config))
     values: dict[str, Any] = {"model_type": fam.name}
@@ -98,7 +103,7 @@ def linear_module_map(family: str, n_layer: int) -> dict[str, tuple[str, int, in
     return families.family(family).linear_modules(n_layer)
 
 
-def state_dict_to_hf(state: dict[str, Tensor], config: GPTConfig, family: str | None = None) -> dict[str, Tensor]:
+def state_dict_to_hf(state: dict[str, Tensor], config: ModelConfig, family: str | None = None) -> dict[str, Tensor]:
     """lmforge GPT state dict -> transformers state dict (weights transposed and parts fused as the family's
     template says, e.g. GPT-2's Conv1D and ``c_attn``).
 
@@ -107,7 +112,7 @@ def state_dict_to_hf(state: dict[str, Tensor], config: GPTConfig, family: str | 
     """
     fam = families.family(family or family_of(config))
     state = dict(state)
-    if config.tie_embeddings:
+    if getattr(config, "tie_embeddings", False):
         state.pop(_HEAD, None)
     out = fam.to_hf(state, config.n_layer)
     mapped = fam.tensors(config.n_layer)
@@ -115,19 +120,21 @@ def state_dict_to_hf(state: dict[str, Tensor], config: GPTConfig, family: str | 
     return out
 
 
-def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig, family: str, where: str = "checkpoint"):
-    """transformers state dict -> (lmforge GPT state dict, extra tensors such as ``score.weight``).
+def state_dict_from_hf(hf_state: dict[str, Tensor], config: ModelConfig, family: str, where: str = "checkpoint"):
+    """transformers state dict -> (lmforge state dict, extra tensors such as ``score.weight``).
 
-    Every GPT weight must be present with the right shape; anything unknown is an HFError. A
-    sequence classifier (``score.weight``) without an LM head gets a copy of the embedding as one.
+    Every weight of the model must be present with the right shape, but for the heads the family marks
+    optional (they are left out of the state dict: the caller keeps their initial values); anything unknown
+    is an HFError. A decoder's sequence classifier (``score.weight``) without an LM head gets a copy of the
+    embedding as one.
     """
     fam = families.family(family)
     hf_state = {k: v for k, v in hf_state.items() if not fam.is_buffer(k)}
     sources = fam.hf_tensors(config.n_layer)
     prefix = fam.bare_prefix
     if prefix and not any(k.startswith(prefix) for k in hf_state):  # a backbone-only checkpoint (GPT2Model)
-        heads = {name for name in sources if not name.startswith(prefix)} | {f"{_CLASSIFIER}.weight"}
-        hf_state = {(k if k in heads else prefix + k): v for k, v in hf_state.items()}
+        heads = {name for name in sources if not name.startswith(prefix)}
+        hf_state = {(k if k in heads or k.startswith(fam.head_tensors) else prefix + k): v for k, v in hf_state.items()}
     expected = families.shapes(config)
     slots = fam.tensors(config.n_layer)
     out: dict[str, Tensor] = {}
@@ -138,6 +145,8 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig, family: s
             continue
         known.add(key)
         if key not in hf_state:
+            if all(fam.is_optional(name) for name in names):  # a head of another class: it starts fresh
+                continue
             if names == (_HEAD,):
                 if config.tie_embeddings:
                     continue
@@ -160,7 +169,7 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig, family: s
             pieces = (tensor,)
         for name, piece in zip(names, pieces):
             out[name] = piece.contiguous()
-    if config.tie_embeddings:
+    if getattr(config, "tie_embeddings", False):
         out[_HEAD] = out["wte.weight"]
     elif headless:
         out[_HEAD] = out["wte.weight"].clone()
@@ -171,7 +180,7 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig, family: s
                 f"{tuple(expected[key])}; the weights do not match the config"
             )
     extra = {k: v for k, v in hf_state.items() if k not in known}
-    unknown = [k for k in extra if not k.startswith(f"{_CLASSIFIER}.")]
+    unknown = [k for k in extra if not k.startswith(fam.head_tensors)]
     if unknown:
         raise HFError(f"{where}: unexpected tensors {unknown[:3]} for a {family} checkpoint; not a supported model")
     return out, extra
@@ -264,30 +273,50 @@ def _load_one(path: Path, kind: str) -> dict[str, Tensor]:
         raise HFError(f"{path}: cannot be read as weights-only torch file ({type(err).__name__})") from None
 
 
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer as an lmforge HFTokenizer, or None when it has no tokenizer files."""
-    from lmforge.tokenizers import HFTokenizer
+def load_tokenizer(folder: Path, encoder: bool = False):
+    """The folder's tokenizer as an lmforge HFTokenizer (a WordPieceTokenizer for an encoder), or None when it has
+    no tokenizer files."""
+    from lmforge.tokenizers import HFTokenizer, WordPieceTokenizer
 
+    if encoder:
+        return WordPieceTokenizer.from_pretrained_folder(folder)
     return HFTokenizer.from_pretrained_folder(folder)
 
 
-def load_model(source: str | Path, revision: str | None = None) -> tuple[GPT, Any, dict]:
-    """(GPT in fp32, tokenizer or None, info) from a Hugging Face folder or Hub id.
+def load_model(source: str | Path, revision: str | None = None) -> tuple[Any, Any, dict]:
+    """(model in fp32, tokenizer or None, info) from a Hugging Face folder or Hub id: a
+    :class:`~lmforge.model.GPT` for a decoder, an :class:`~lmforge.encoder.Encoder` for an encoder.
 
-    info: ``family``, ``source``, ``architectures``, ``extra`` (tensors beyond the GPT, e.g. a
-    classifier's ``score.weight``) and ``hf_config`` (the config.json values).
+    info: ``family``, ``source``, ``architectures``, ``extra`` (tensors beyond the model, e.g. a
+    classifier's ``score.weight``), ``hf_config`` (the config.json values) and ``initialized`` (the heads the
+    checkpoint lacked, which start from fresh initial values: BertForMaskedLM's pooler, say).
     """
     folder = resolve(source, revision)
     values = _read_json(folder / "config.json")
     config, family = config_from_hf(values, f"{folder / 'config.json'}")
-    model = GPT(config)
-    state, extra = state_dict_from_hf(read_weights(folder), config, family, where=str(folder))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    fam = families.family(family)
+    weights = read_weights(folder)
+    for name, options in fam.from_weights.items():  # BertForPreTraining's next-sentence head
+        if name in weights:
+            config = type(config).from_dict({**config.to_dict(), **options})
+    model = families.build_model(config)
+    state, extra = state_dict_from_hf(weights, config, family, where=str(folder))
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    wrong = [k for k in missing if not fam.is_optional(k)] + list(unexpected)
+    if wrong:  # state_dict_from_hf checked every tensor: a gap here is a bug of the family entry
+        raise AssertionError(f"{family} import left {wrong[:3]} unset")
+    initialized = sorted({k.split(".", 1)[0] for k in missing})  # the heads: pooler, mlm_head, ...
+    if initialized:
+        logging.getLogger("lmforge").info(
+            "%s has no weights for %s (another head of %s): they start from fresh initial values",
+            source, ", ".join(initialized), fam.display,
+        )  # fmt: skip
     info = {
         "family": family,
         "source": str(source),
         "architectures": values.get("architectures") or [],
         "extra": extra,
         "hf_config": values,
+        "initialized": initialized,
     }
-    return model, load_tokenizer(folder), info
+    return model, load_tokenizer(folder, fam.encoder), info

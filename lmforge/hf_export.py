@@ -45,11 +45,12 @@ from torch import Tensor
 
 import lmforge
 from lmforge import families, hf
+from lmforge.encoder import EncoderConfig
 from lmforge.errors import UserError
 from lmforge.export import DTYPES, Checkpoint, load_checkpoint
 from lmforge.hub import card_license, card_metadata
 from lmforge.model import GPTConfig
-from lmforge.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer
+from lmforge.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer, WordPieceTokenizer
 
 PAD_TOKENS = ("<|pad|>", "<|lmforge_pad|>")
 """The padding token an exported classifier gets: the first of these its tokenizer does not have already."""
@@ -146,7 +147,7 @@ class CardFacts:
     name: str
     """The export folder's name: the card's title, and the model id in its snippet."""
     family: str
-    config: GPTConfig
+    config: GPTConfig | EncoderConfig
     """The model as exported (a classifier's padding row included)."""
     num_params: int
     dtype: str
@@ -207,13 +208,14 @@ def export_hf(
             "(lmforge.export.export), which creates the folder and renames it into place"
         )
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    family = hf.family_of(ckpt.config)  # HFError naming what GPT-2 / Llama cannot express
+    family = hf.family_of(ckpt.config)  # HFError naming what no transformers architecture expresses
     classify = ckpt.task == "classify"
+    encoder = isinstance(ckpt.config, EncoderConfig)
     head = _classifier_head(ckpt) if classify else {}
     if adapter_only:
         _check_adapter(ckpt)
     base = base_reference(ckpt, base_model)
-    pad = classifier_pad(ckpt) if classify else None
+    pad = classifier_pad(ckpt) if classify and not encoder else None  # an encoder pools [CLS], not the last token
     config = replace(ckpt.config, vocab_size=ckpt.config.vocab_size + 1) if pad and pad.new_row else ckpt.config
     special = _special_tokens(ckpt.tokenizer, pad)
     tokenizer_json = _tokenizer_json(ckpt.tokenizer, pad)  # an unexportable tokenizer fails before any write
@@ -241,7 +243,7 @@ def export_hf(
             ckpt.lora,
             out_dir,
             base_model_name_or_path=base.name if base else None,
-            task_type="SEQ_CLS" if head else "CAUSAL_LM",
+            task_type="SEQ_CLS" if head else "FEATURE_EXTRACTION" if encoder else "CAUSAL_LM",
             modules_to_save=head or None,
         )
         facts.num_params = sum(t.numel() for t in hf.state_dict_to_hf(ckpt.state, ckpt.config, family).values())
@@ -250,7 +252,7 @@ def export_hf(
         facts.num_params = sum(t.numel() for t in tensors.values())
         facts.files = write_safetensors(tensors, out_dir, shard_bytes)
         _write_json(out_dir / "config.json", hf_config(ckpt, config, family, special, dtype))
-        if not classify:
+        if not classify and not encoder:
             _write_json(out_dir / "generation_config.json", generation_config(special))
     if tokenizer_json is not None:
         _write_tokenizer(ckpt, out_dir, tokenizer_json, special)
@@ -278,6 +280,8 @@ def parse_size(value: int | str) -> int:
 
 
 def _classifier_head(ckpt: Checkpoint) -> dict[str, Tensor]:
+    if isinstance(ckpt.config, EncoderConfig):
+        return _encoder_classifier_head(ckpt)
     score = ckpt.head.get("score.weight")
     if score is None:
         raise ExportError(
@@ -295,6 +299,46 @@ def _classifier_head(ckpt: Checkpoint) -> dict[str, Tensor]:
     return {"score.weight": score}
 
 
+def _encoder_classifier_head(ckpt: Checkpoint) -> dict[str, Tensor]:
+    """BERT's ``classifier`` (on the pooled output) or DistilBERT's ``pre_classifier`` + ``classifier``, checked."""
+    fam = families.family(hf.family_of(ckpt.config))
+    C = ckpt.config.n_embd
+    names = [f"{prefix}{kind}" for prefix in fam.head_tensors for kind in ("weight", "bias")]
+    missing = [name for name in names if name not in ckpt.head]
+    if missing:
+        raise ExportError(
+            f"exporter hf: {ckpt.path} is a {fam.display} classifier without {missing[0]}; was it saved by lmforge fit?"
+        )
+    others = sorted(set(ckpt.head) - set(names))
+    if others:
+        raise ExportError(f"exporter hf: classifier head tensors {others} have no {fam.classifier} counterpart")
+    n = ckpt.head["classifier.weight"].shape[0]
+    expected = {
+        "classifier.weight": (n, C),
+        "classifier.bias": (n,),
+        "pre_classifier.weight": (C, C),
+        "pre_classifier.bias": (C,),
+    }
+    for name in names:
+        if tuple(ckpt.head[name].shape) != expected[name]:
+            raise ExportError(
+                f"exporter hf: {name} has shape {tuple(ckpt.head[name].shape)}; expected {expected[name]}"
+            )
+    if ckpt.labels is not None and len(ckpt.labels) != n:
+        raise ExportError(f"exporter hf: {len(ckpt.labels)} labels but classifier.weight has {n} rows")
+    return {name: ckpt.head[name] for name in names}
+
+
+def num_labels(ckpt: Checkpoint) -> int:
+    """The classes of a classifier checkpoint's head (0 for other checkpoints)."""
+    if ckpt.labels:
+        return len(ckpt.labels)
+    for name in ("score.weight", "classifier.weight"):
+        if name in ckpt.head:
+            return int(ckpt.head[name].shape[0])
+    return 0
+
+
 def _hf_tensors(
     ckpt: Checkpoint,
     config: GPTConfig,
@@ -306,6 +350,9 @@ def _hf_tensors(
     state = dict(ckpt.state)
     if head:  # *ForSequenceClassification has no LM head
         state.pop("lm_head.weight", None)
+    fam = families.family(family)
+    dropped = fam.leaves_out(fam.architecture(bool(head), config))  # e.g. BertForMaskedLM has no pooler
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)} if dropped else state
     if pad is not None and pad.new_row:  # the padding token's row: zeros (no real token attends to a pad)
         wte = state["wte.weight"]
         state["wte.weight"] = torch.cat([wte, wte.new_zeros(1, wte.shape[1])])
@@ -384,6 +431,9 @@ def _special_tokens(tokenizer, pad: PadToken | None = None) -> dict[str, Any]:
     ``pad`` (a classifier's own padding token), else eos."""
     if tokenizer is None:
         return {}
+    if isinstance(tokenizer, WordPieceTokenizer):  # BERT's five: [CLS] [SEP] [PAD] [MASK] [UNK]
+        names = tokenizer.names
+        return {"wordpiece": True, **names, "pad": names["pad_token"], "pad_id": tokenizer.pad_id}
     if isinstance(tokenizer, ByteTokenizer):
         eos, eos_id, bos, bos_id = EOS_TOKEN, tokenizer.eos_id, EOS_TOKEN, tokenizer.eos_id
     else:
@@ -399,12 +449,15 @@ def hf_config(ckpt: Checkpoint, config: GPTConfig, family: str, special: dict, d
     """config.json: the architecture of ``config`` (:func:`lmforge.hf.config_to_hf`) plus what transformers
     reads beside it."""
     classify = ckpt.task == "classify"
-    values: dict[str, Any] = {"architectures": [families.family(family).architecture(classify)]}
+    encoder = isinstance(config, EncoderConfig)
+    values: dict[str, Any] = {"architectures": [families.family(family).architecture(classify, config)]}
     values.update(hf.config_to_hf(config, family))
-    if special:
+    if special.get("wordpiece"):
+        values.update(pad_token_id=special["pad_id"])
+    elif special:
         values.update(bos_token_id=special["bos_id"], eos_token_id=special["eos_id"], pad_token_id=special["pad_id"])
     if classify:
-        n = ckpt.head["score.weight"].shape[0]
+        n = num_labels(ckpt)
         labels = ckpt.labels or [f"LABEL_{i}" for i in range(n)]
         values.update(
             num_labels=n,
@@ -412,7 +465,9 @@ def hf_config(ckpt: Checkpoint, config: GPTConfig, family: str, special: dict, d
             label2id={str(label): i for i, label in enumerate(labels)},
             problem_type="single_label_classification",
         )
-    values.update(dtype=dtype, torch_dtype=dtype, use_cache=True)
+    values.update(dtype=dtype, torch_dtype=dtype)
+    if not encoder:
+        values["use_cache"] = True
     version = _transformers_version()
     if version:
         values["transformers_version"] = version
@@ -508,7 +563,7 @@ def _tokenizer_json(tokenizer, pad: PadToken | None = None) -> str | None:
         return None
     if isinstance(tokenizer, ByteTokenizer):
         text = byte_tokenizer_json()
-    elif isinstance(tokenizer, HFTokenizer):
+    elif isinstance(tokenizer, HFTokenizer):  # WordPiece too
         text = tokenizer._tok.to_str(pretty=True)
     else:
         raise ExportError(
@@ -541,10 +596,37 @@ def _with_special_token(text: str, token: str, token_id: int) -> str:
     return tok.to_str(pretty=True)
 
 
+def _write_wordpiece_files(ckpt: Checkpoint, folder: Path, special: dict) -> None:
+    """BERT's tokenizer files beside tokenizer.json: vocab.txt, tokenizer_config.json (the BERT tokenizer class of
+    the family, its lowercasing and special tokens, token types for BERT) and special_tokens_map.json."""
+    tokenizer = ckpt.tokenizer
+    vocab = tokenizer._tok.get_vocab(with_added_tokens=True)
+    (folder / "vocab.txt").write_text("".join(f"{t}\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])),
+                                      encoding="utf-8")  # fmt: skip
+    normalizer = json.loads(tokenizer._tok.to_str()).get("normalizer") or {}
+    lowercase = bool(normalizer.get("lowercase", False)) if normalizer.get("type") == "BertNormalizer" else False
+    tokens = {key: special[key] for key in ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token")}
+    types = bool(getattr(ckpt.config, "type_vocab_size", 0))
+    fam = families.family(hf.family_of(ckpt.config))
+    config = {
+        "tokenizer_class": fam.classifier.removesuffix("ForSequenceClassification") + "Tokenizer",
+        "do_lower_case": lowercase,
+        **tokens,
+        "model_max_length": ckpt.config.block_size,
+        "model_input_names": ["input_ids", *(["token_type_ids"] if types else []), "attention_mask"],
+        "clean_up_tokenization_spaces": False,
+    }
+    _write_json(folder / "tokenizer_config.json", config)
+    _write_json(folder / "special_tokens_map.json", tokens)
+
+
 def _write_tokenizer(ckpt: Checkpoint, folder: Path, text: str, special: dict) -> None:
     """tokenizer.json (``text``), tokenizer_config.json and special_tokens_map.json."""
     tokenizer = ckpt.tokenizer
     (folder / "tokenizer.json").write_text(text, encoding="utf-8")
+    if special.get("wordpiece"):
+        _write_wordpiece_files(ckpt, folder, special)
+        return
     tokens = {"bos_token": special["bos"], "eos_token": special["eos"], "pad_token": special["pad"]}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -816,7 +898,8 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
 
     config = facts.config
     classify = ckpt.task == "classify"
-    pipeline_tag = "text-classification" if classify else "text-generation"
+    encoder = isinstance(config, EncoderConfig)
+    pipeline_tag = "text-classification" if classify else "fill-mask" if encoder else "text-generation"
     extra_tags = (["lora"] if ckpt.lora else []) + (["peft"] if facts.adapter_only else [])
     card_tags = list(dict.fromkeys(["lmforge", facts.family, pipeline_tag, *extra_tags, *facts.tags]))
     results = _eval_results(ckpt, facts.datasets, pipeline_tag)
@@ -841,8 +924,6 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
         lines += ["", "Labels (id: name): " + ", ".join(f"{i}: `{label}`" for i, label in enumerate(ckpt.labels)) + "."]
     if facts.pad is not None:
         lines += ["", _pad_note(facts)]
-    added_row = " (one row added for the padding token)" if facts.pad and facts.pad.new_row else ""
-    positions = f"rotary (theta {config.rope_theta:g})" if config.pos_encoding == "rope" else "learned"
     lines += [
         "",
         "## Architecture",
@@ -850,16 +931,7 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
         "| | |",
         "|---|---|",
         f"| family | {arch} (`{facts.family}`) |",
-        f"| layers | {config.n_layer} |",
-        f"| width (n_embd) | {config.n_embd} |",
-        f"| attention heads | {config.n_head} |",
-        f"| key/value heads | {config.kv_heads}{' (grouped-query)' if config.kv_heads != config.n_head else ''} |",
-        f"| MLP hidden width | {config.mlp_width} ({config.mlp}) |",
-        f"| context length | {config.block_size} |",
-        f"| vocabulary | {config.vocab_size}{added_row} |",
-        f"| positions | {positions} |",
-        f"| norm | {config.norm} (eps {config.norm_eps:g}) |",
-        f"| tied embeddings | {'yes' if config.tie_embeddings else 'no'} |",
+        *(_encoder_rows(config) if encoder else _decoder_rows(config, facts)),
         f"| parameters | {facts.num_params:,} |",
         "",
         "## Training data",
@@ -927,6 +999,44 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+def _decoder_rows(config: GPTConfig, facts: CardFacts) -> list[str]:
+    """The architecture table's rows for a decoder."""
+    added_row = " (one row added for the padding token)" if facts.pad and facts.pad.new_row else ""
+    positions = f"rotary (theta {config.rope_theta:g})" if config.pos_encoding == "rope" else "learned"
+    window = [f"| sliding window | {config.sliding_window} tokens |"] if config.sliding_window else []
+    return [
+        f"| layers | {config.n_layer} |",
+        f"| width (n_embd) | {config.n_embd} |",
+        f"| attention heads | {config.n_head} |",
+        f"| key/value heads | {config.kv_heads}{' (grouped-query)' if config.kv_heads != config.n_head else ''} |",
+        f"| MLP hidden width | {config.mlp_width} ({config.mlp}) |",
+        f"| context length | {config.block_size} |",
+        *window,
+        f"| vocabulary | {config.vocab_size}{added_row} |",
+        f"| positions | {positions} |",
+        f"| norm | {config.norm} (eps {config.norm_eps:g}) |",
+        f"| tied embeddings | {'yes' if config.tie_embeddings else 'no'} |",
+    ]
+
+
+def _encoder_rows(config: EncoderConfig) -> list[str]:
+    """The architecture table's rows for an encoder."""
+    heads = ["masked-LM (tied to the word embedding)", *(["pooler"] if config.pooler else [])]
+    heads += ["next-sentence"] if config.nsp else []
+    return [
+        "| attention | bidirectional (encoder) |",
+        f"| layers | {config.n_layer} |",
+        f"| width (hidden size) | {config.n_embd} |",
+        f"| attention heads | {config.n_head} |",
+        f"| MLP hidden width | {config.mlp_width} ({config.activation}) |",
+        f"| positions | {config.max_positions} learned |",
+        f"| token types | {config.type_vocab_size or 'none'} |",
+        f"| vocabulary | {config.vocab_size} |",
+        f"| norm | LayerNorm {config.norm_position} (eps {config.norm_eps:g}) |",
+        f"| pretraining heads | {', '.join(heads)} |",
+    ]
+
+
 def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
     """The card's first sentence: what the model is, what it was trained from and how, and where it came from."""
     fam = families.family(facts.family)
@@ -936,7 +1046,9 @@ def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
     weights = "LoRA" if ckpt.lora else "all weights"
     tool = f"with lmforge {lmforge.__version__}"
     origin = f"`{ckpt.path.name}` at step {ckpt.global_step}" if ckpt.path else f"step {ckpt.global_step}"
-    n_labels = len(ckpt.labels) if ckpt.labels else int(ckpt.head["score.weight"].shape[0]) if ckpt.head else 0
+    n_labels = num_labels(ckpt)
+    encoder = isinstance(ckpt.config, EncoderConfig)
+    lm = "masked language model" if encoder else "language model"
     if facts.adapter_only:
         what = (
             f"A LoRA adapter (PEFT format) with a {n_labels}-label classification head"
@@ -945,7 +1057,7 @@ def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
         )
         how = {"sft": "trained by supervised fine-tuning (SFT)", "classify": "trained for text classification"}
         return (
-            f"{what} for {base or 'its base model'}, a {size} language model, "
+            f"{what} for {base or 'its base model'}, a {size} {lm}, "
             f"{how.get(ckpt.task, 'trained further on text')} {tool} and exported from {origin}."
         )
     if ckpt.task == "classify":
@@ -962,6 +1074,10 @@ def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
             if base
             else f", trained by supervised fine-tuning (SFT) {tool} and"
         )
+    elif ckpt.task == "masked_lm":
+        what = f"A {size} {lm}"
+        nsp = " and next-sentence prediction" if getattr(ckpt.config, "nsp", False) else ""
+        how = f", pretrained from scratch by masked-language modelling{nsp} {tool} and"
     else:
         what = f"A {size} language model"
         how = (
@@ -970,7 +1086,7 @@ def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
             else f", pretrained from scratch {tool} and"
         )
     return (
-        f"{what}{how} exported to transformers format (`{fam.architecture(ckpt.task == 'classify')}`, "
+        f"{what}{how} exported to transformers format (`{fam.architecture(ckpt.task == 'classify', ckpt.config)}`, "
         f"{facts.dtype} weights) from {origin}."
     )
 
@@ -1090,6 +1206,9 @@ def usage(ckpt: Checkpoint, facts: CardFacts) -> list[str]:
     classify = ckpt.task == "classify"
     adapter = facts.adapter_only
     tokenizer = ckpt.tokenizer is not None
+    encoder = isinstance(ckpt.config, EncoderConfig)
+    if encoder and not classify:
+        return _masked_lm_usage(ckpt, facts)
     auto = "AutoModelForSequenceClassification" if classify else "AutoModelForCausalLM"
     pipe = classify and tokenizer and not adapter
     names = ["pipeline"] if pipe else [auto, *(["AutoTokenizer"] if tokenizer else [])]
@@ -1104,7 +1223,7 @@ def usage(ckpt: Checkpoint, facts: CardFacts) -> list[str]:
     if tokenizer and not pipe:
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({model_id})")
     if adapter and classify:
-        n = int(ckpt.head["score.weight"].shape[0])
+        n = num_labels(ckpt)
         labels = dict(enumerate(ckpt.labels or [f"LABEL_{i}" for i in range(n)]))
         new_row = facts.pad is not None and facts.pad.new_row  # the base has no row for it: add one first
         lines += [
@@ -1160,6 +1279,32 @@ def usage(ckpt: Checkpoint, facts: CardFacts) -> list[str]:
             f"out = model.generate(input_ids, attention_mask=mask, max_new_tokens={_new_tokens(ckpt)}, do_sample=True)",
             "print(out[0].tolist())",
         ]
+    return lines
+
+
+def _masked_lm_usage(ckpt: Checkpoint, facts: CardFacts) -> list[str]:
+    """The snippet of a masked LM: the fill-mask pipeline, or the logits at a [MASK] without a tokenizer."""
+    lines = []
+    if ckpt.tokenizer is not None:
+        mask = ckpt.tokenizer.names["mask_token"] if isinstance(ckpt.tokenizer, WordPieceTokenizer) else "[MASK]"
+        return [
+            "from transformers import pipeline",
+            "",
+            f"model_id = {_py_str(facts.name)}  # this folder, or its Hub id once uploaded",
+            'fill = pipeline("fill-mask", model=model_id)',
+            f"print(fill({_py_str(f'The old man walked to the {mask}.')}))",
+        ]
+    lines += [
+        "import torch",
+        "from transformers import AutoModelForMaskedLM",
+        "",
+        f"model_id = {_py_str(facts.name)}  # this folder, or its Hub id once uploaded",
+        "model = AutoModelForMaskedLM.from_pretrained(model_id).eval()",
+        "input_ids = torch.tensor([[0, 1, 2]])  # token ids, from the tokenizer the model was trained with",
+        "with torch.no_grad():",
+        "    logits = model(input_ids).logits",
+        "print(logits.argmax(-1).tolist())",
+    ]
     return lines
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lmforge import families
 from lmforge.atomic import staged_folder
 from lmforge.errors import ExistingPathError, UserError
-from lmforge.model import GPTConfig
+from lmforge.families import ModelConfig
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 _SUFFIXES = (".lora_A", ".lora_B")
@@ -365,7 +365,7 @@ def _fmt_number(value: float) -> int | float:
 
 
 def peft_adapter_tensors(
-    adapters: dict[str, Tensor], config: GPTConfig, r: int
+    adapters: dict[str, Tensor], config: ModelConfig, r: int
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], str]:
     """(HF module name -> (A, B)) and the family, the parts of a fused module (GPT-2's q/k/v in ``c_attn``)
     joined into one LoRA."""
@@ -379,7 +379,7 @@ def peft_adapter_tensors(
     for name, (a, b) in _pairs(adapters).items():
         if name not in mapping:
             raise families.HFError(f"lora: adapters for {name!r}, which has no {family} transformers counterpart")
-        if name == "lm_head" and config.tie_embeddings:
+        if name == "lm_head" and getattr(config, "tie_embeddings", False):
             raise families.HFError(
                 "lora: adapters for lm_head, which is tied to wte (tie_embeddings); untie or drop lm_head"
             )
@@ -411,7 +411,7 @@ def peft_adapter_tensors(
 
 def save_peft_adapter(
     adapters: dict[str, Tensor],
-    config: GPTConfig,
+    config: ModelConfig,
     lora: dict,
     out_dir: str | Path,
     *,
@@ -435,7 +435,7 @@ def save_peft_adapter(
 
 def write_peft_adapter(
     adapters: dict[str, Tensor],
-    config: GPTConfig,
+    config: ModelConfig,
     lora: dict,
     folder: str | Path,
     *,
@@ -467,7 +467,7 @@ def _write_peft_files(folder: Path, settings: dict, tensors: dict[str, Tensor]) 
 
 def _peft_adapter(
     adapters: dict[str, Tensor],
-    config: GPTConfig,
+    config: ModelConfig,
     lora: dict,
     base_model_name_or_path: str | None,
     task_type: str,
@@ -494,7 +494,8 @@ def _peft_adapter(
     module_names = list(dict.fromkeys(module_names))
 
     fam = families.family(family)
-    universe = [hf for hf, _, _ in fam.linear_modules(config.n_layer).values()] + ["score"]
+    heads = [prefix.rstrip(".") for prefix in fam.head_tensors]  # score, or classifier and pre_classifier
+    universe = [hf for hf, _, _ in fam.linear_modules(config.n_layer).values()] + heads
     targets = _shortest_suffixes({name: True for name in fused}, universe)
     patterned = {name: value for name, value in ranks.items() if value[0] != r}
     rank_pattern: dict[str, int] = {}

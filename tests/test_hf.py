@@ -341,7 +341,7 @@ LLAMA_CONFIG = {
 @pytest.mark.parametrize(
     "values, needles",
     [
-        ({"model_type": "bert", "vocab_size": 10}, ["model_type='bert'", "gpt2, llama, qwen2 and mistral"]),
+        ({"model_type": "t5", "vocab_size": 10}, ["model_type='t5'", "gpt2, llama, qwen2, mistral, bert and distilbert"]),
         ({**GPT2_CONFIG, "activation_function": "gelu"}, ["activation_function='gelu'", "gelu_new"]),
         ({**GPT2_CONFIG, "scale_attn_by_inverse_layer_idx": True}, ["scale_attn_by_inverse_layer_idx"]),
         ({**LLAMA_CONFIG, "hidden_act": "gelu"}, ["hidden_act='gelu'"]),
@@ -529,4 +529,4 @@ def test_linear_module_map():
     assert lla["blocks.1.mlp.gate"] == ("model.layers.1.mlp.gate_proj", 0, 1)
     assert lla["blocks.1.attn.c_proj"] == ("model.layers.1.self_attn.o_proj", 0, 1)
     with pytest.raises(HFError, match="unknown family"):
-        hf.linear_module_map("bert", 1)
+        hf.linear_module_map("t5", 1)

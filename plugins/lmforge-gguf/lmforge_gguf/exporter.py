@@ -143,6 +143,11 @@ def _file_name(filename: Any) -> str:
 
 def choose_arch(config: GPTConfig) -> gguf.MODEL_ARCH:
     """gpt2, llama or qwen2, whichever computes exactly this model; a GGUFError naming what none can express."""
+    if not isinstance(config, GPTConfig):  # an encoder (BERT, DistilBERT): llama.cpp runs decoders here
+        raise GGUFError(
+            f"exporter gguf: the checkpoint holds an encoder ({type(config).__name__}); GGUF export is for decoder "
+            "language models (gpt2, llama, qwen2); export encoders with --format hf"
+        )
     refusals = []
     for arch, needs in ARCHS.items():
         off = [f"{key}={getattr(config, key)}" for key, value in needs.items() if getattr(config, key) != value]
