@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GPT": "lmforge.model",
     "GPTConfig": "lmforge.model",
+    "Encoder": "lmforge.encoder",
+    "EncoderConfig": "lmforge.encoder",
+    "MaskedLMModule": "lmforge.masked_lm",
+    "MLMDataModule": "lmforge.data.mlm",
     "PretrainModule": "lmforge.pretrain",
     "PretrainDataModule": "lmforge.data.pretrain",
     "SFTModule": "lmforge.finetune",
@@ -23,9 +27,12 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from lmforge.data.classify import ClassificationDataModule
+    from lmforge.data.mlm import MLMDataModule
     from lmforge.data.pretrain import PretrainDataModule
     from lmforge.data.sft import SFTDataModule
+    from lmforge.encoder import Encoder, EncoderConfig
     from lmforge.finetune import ClassifierModule, SFTModule
+    from lmforge.masked_lm import MaskedLMModule
     from lmforge.model import GPT, GPTConfig
     from lmforge.pretrain import PretrainModule
 
@@ -33,7 +40,11 @@ __all__ = [
     "GPT",
     "ClassificationDataModule",
     "ClassifierModule",
+    "Encoder",
+    "EncoderConfig",
     "GPTConfig",
+    "MLMDataModule",
+    "MaskedLMModule",
     "PretrainDataModule",
     "PretrainModule",
     "SFTDataModule",
