@@ -24,7 +24,7 @@ only) is compiled off, as training launches it.
 The kernels are compiled as a training launch specialises them: contiguous bf16 (``--dtype``) tensors,
 pointers and strides divisible by 16, unit strides and a group size of 1 (multi-head attention) folded
 in as constants, sequence length divisible by 16. Variants: head dims ``--head-dims`` (64 and 128),
-causal or not, without masks (``--masks`` adds key padding and segment ids).
+causal or not, without masks (``--masks`` adds key padding, segment ids and, causal only, the sliding window).
 
 Results: a table on stdout and ``<out>/kernel_report.csv`` (target, versions and date on every row).
 This runs on any machine with triton installed (it carries ``ptxas`` and ``cuobjdump``); it never
@@ -152,14 +152,20 @@ def attention_jobs(
         "attn-dkdv": attention.DKDV_TILES,
         "attn-dq": attention.DQ_TILES,
     }[kernel]
-    mask_sets = [(False, False)] + ([(True, False), (False, True)] if masks else [])
+    # (padding, segments, sliding window); a window only with causal attention, as the kernels take it
+    mask_sets = [(False, False, False)] + (
+        [(True, False, False), (False, True, False), (False, False, True)] if masks else []
+    )
     jobs = []
     for d in head_dims:
         shapes = list(tiles) or table[attention._head_dim_bucket(max(16, 1 << (d - 1).bit_length()))]
         for causal in (False, True):
-            for kpm, seg in mask_sets:
+            for kpm, seg, window in mask_sets:
+                if window and not causal:
+                    continue
                 variant = f"D{d} {'causal' if causal else 'full'}" + (" +pad" if kpm else "") + (" +seg" if seg else "")
-                flags = dict(CAUSAL=causal, HAS_KPM=kpm, HAS_SEG=seg, HAS_WINDOW=False, IEEE=False, WIDE=False,
+                variant += " +win" if window else ""
+                flags = dict(CAUSAL=causal, HAS_KPM=kpm, HAS_SEG=seg, HAS_WINDOW=window, IEEE=False, WIDE=False,
                              BLOCK_D=d)  # fmt: skip
                 if kernel in ("attn-bwd", "attn-dkdv"):  # one kernel: with and without the dQ atomics
                     flags["DQ_ATOMIC"] = kernel == "attn-bwd"
@@ -338,7 +344,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="input dtype (default bf16)")
     p.add_argument("--head-dims", type=harness.int_list, default=[64, 128], help="attention head dims (default 64,128)")
-    p.add_argument("--masks", action="store_true", help="also compile the key-padding and segment-id variants")
+    p.add_argument(
+        "--masks", action="store_true", help="also compile the key-padding, segment-id and sliding-window variants"
+    )
     p.add_argument("--quick", action="store_true", help="one config per kernel and variant (the first)")
     p.add_argument(
         "--tiles",
