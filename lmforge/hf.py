@@ -129,7 +129,7 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: ModelConfig, family:
     embedding as one.
     """
     fam = families.family(family)
-    hf_state = {k: v for k, v in hf_state.items() if not fam.is_buffer(k)}
+    hf_state = {_current_name(k): v for k, v in hf_state.items() if not fam.is_buffer(k)}
     sources = fam.hf_tensors(config.n_layer)
     prefix = fam.bare_prefix
     if prefix and not any(k.startswith(prefix) for k in hf_state):  # a backbone-only checkpoint (GPT2Model)
@@ -184,6 +184,16 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: ModelConfig, family:
     if unknown:
         raise HFError(f"{where}: unexpected tensors {unknown[:3]} for a {family} checkpoint; not a supported model")
     return out, extra
+
+
+def _current_name(name: str) -> str:
+    """A tensor's name as transformers writes it today: the oldest BERT checkpoints (bert-base-uncased's
+    pytorch_model.bin) call LayerNorm's weight and bias ``gamma`` and ``beta``, which transformers renames on load."""
+    if name.endswith(".gamma"):
+        return name.removesuffix(".gamma") + ".weight"
+    if name.endswith(".beta"):
+        return name.removesuffix(".beta") + ".bias"
+    return name
 
 
 def _and(words: list[str]) -> str:

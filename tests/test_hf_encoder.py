@@ -180,16 +180,21 @@ def test_every_class_imports_with_identical_outputs(name, tmp_path, tokenizer):
         torch.testing.assert_close(nsp, ref_nsp, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["bin", "sharded"])
+@pytest.mark.parametrize("layout", ["bin", "sharded", "legacy"])
 def test_bin_and_sharded_weights(layout, tmp_path, tokenizer):
     ref = hf_model("BertForMaskedLM")
-    folder = save(ref, tmp_path / layout, tokenizer, **({} if layout == "bin" else {"max_shard_size": "20KB"}))
-    if layout == "bin":  # as older transformers wrote them: a pickle, the tied decoder copy included
+    folder = save(ref, tmp_path / layout, tokenizer, **({"max_shard_size": "20KB"} if layout == "sharded" else {}))
+    if layout != "sharded":  # as older transformers wrote them: a pickle, the tied decoder copy and buffers included
         (folder / "model.safetensors").unlink()
-        torch.save(ref.state_dict(), folder / "pytorch_model.bin")
-        assert "cls.predictions.decoder.weight" in ref.state_dict()
+        state = dict(ref.state_dict())
+        assert "cls.predictions.decoder.weight" in state
+        state["bert.embeddings.position_ids"] = torch.arange(40)[None]
+        if layout == "legacy":  # bert-base-uncased's original file: LayerNorm gamma and beta
+            state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                     for k, v in state.items()}  # fmt: skip
+        torch.save(state, folder / "pytorch_model.bin")
     names = sorted(p.name for p in folder.iterdir())
-    assert ("pytorch_model.bin" in names) if layout == "bin" else ("model.safetensors.index.json" in names)
+    assert ("model.safetensors.index.json" in names) if layout == "sharded" else ("pytorch_model.bin" in names)
     model, _, _ = load_base(str(folder))
     ids, types, mask = batch()
     assert_close(lmforge_outputs(model.eval(), ids, types, mask), hf_outputs(ref, ids, types, mask), mask)
