@@ -1,5 +1,6 @@
 """Callbacks: checkpoints that are never half-written and always cover the end of a run or an interrupt
-(:class:`Checkpointing`), and the cost of training made visible (:class:`TokenThroughput`)."""
+(:class:`Checkpointing`), and the cost of training made visible (:class:`TokenThroughput`; :class:`EnergyMeter`:
+time, energy, CO2 and peak memory as measured)."""
 
 from __future__ import annotations
 
@@ -112,12 +113,16 @@ def run_facts(trainer: L.Trainer | None) -> dict:
     if trainer is None:
         return {}
     tokens = next((cb.total_tokens for cb in trainer.callbacks if isinstance(cb, TokenThroughput)), None)
-    return {
+    meter = next((cb for cb in trainer.callbacks if isinstance(cb, EnergyMeter)), None)
+    facts = {
         "hardware": hardware_name(),
         "devices": trainer.num_devices * trainer.num_nodes,
         "precision": str(trainer.precision),
         "tokens_seen": tokens,
     }
+    if meter is not None and (meter.result is not None or meter._t0 is not None):
+        facts["measured"] = meter.snapshot(trainer)
+    return facts
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
@@ -258,3 +263,105 @@ class Checkpointing(ModelCheckpoint):
         self._save_checkpoint(trainer, path)
         return path
 
+
+class EnergyMeter(L.Callback):
+    """Measures the training itself: wall time, energy from the GPU's and CPU's own counters
+    (:mod:`lmforge.energy`: NVML, RAPL; whatever is readable, nothing estimated), peak memory, and CO2 when a grid
+    intensity is given. Summed over ranks and resumes, printed at the end, recorded in checkpoints (and from there
+    in the model card's ``co2_eq_emissions`` and compute section)."""
+
+    def __init__(self, backend: str = "auto", pue: float = 1.0, grid_g_per_kwh: float | None = None) -> None:
+        """
+        Args:
+            backend: auto (NVML on NVIDIA GPUs, RAPL on CPUs where readable), nvml, rapl, or off.
+            pue: The data centre's power usage effectiveness (1.0: the machine's own energy only).
+            grid_g_per_kwh: Carbon intensity of the electricity (g CO2eq per kWh) for the CO2 figure; None: no
+                CO2 figure (the energy is still recorded).
+        """
+        from lmforge.errors import UserError
+
+        if backend not in ("auto", "nvml", "rapl", "off"):
+            raise UserError(f"energy.backend={backend!r} is not one of auto, nvml, rapl, off")
+        if not (isinstance(pue, (int, float)) and pue >= 1.0):
+            raise UserError(f"energy.pue={pue!r} must be a number >= 1 (1.0: the machine's own energy)")
+        if grid_g_per_kwh is not None and not (isinstance(grid_g_per_kwh, (int, float)) and grid_g_per_kwh >= 0):
+            raise UserError(f"energy.grid_g_per_kwh={grid_g_per_kwh!r} must be a non-negative number of g CO2eq/kWh")
+        self.backend, self.pue, self.grid = backend, float(pue), grid_g_per_kwh
+        self._before = {"seconds": 0.0, "gpu_j": None, "cpu_j": None, "ranks": 1}  # earlier runs (resumes)
+        self._counters = None
+        self._t0: float | None = None
+        self.result: dict | None = None
+        """What the last finished fit measured (:func:`lmforge.energy.summarize`), summed over the ranks."""
+
+    # -- state (resumes add up) -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return self._totals()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._before = {k: state_dict.get(k) for k in ("seconds", "gpu_j", "cpu_j", "ranks")}
+        self._before["seconds"] = float(self._before["seconds"] or 0.0)
+
+    def _totals(self, gpu_j: float | None = None, cpu_j: float | None = None, ranks: int = 1) -> dict:
+        """Everything so far: earlier runs plus this one (this process' counters unless given)."""
+        seconds = self._before["seconds"] + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+        if self._counters is not None and gpu_j is None and cpu_j is None:
+            gpu_j, cpu_j = self._counters.since_start()
+
+        def add(old: float | None, new: float | None) -> float | None:
+            return new if old is None else old if new is None else old + new
+
+        sources = self._counters.sources if self._counters is not None else []
+        return {"seconds": seconds, "gpu_j": add(self._before["gpu_j"], gpu_j),
+                "cpu_j": add(self._before["cpu_j"], cpu_j), "ranks": ranks, "sources": sources}  # fmt: skip
+
+    def snapshot(self, trainer: L.Trainer | None = None) -> dict:
+        """What is measured so far, for a checkpoint: the final (all-rank) result once training ended, else this
+        process' counters (``ranks``: how many processes' energy the figures hold)."""
+        from lmforge import energy
+
+        if self.result is not None:
+            return self.result
+        totals = self._totals()
+        device = trainer.strategy.root_device if trainer is not None else None
+        peak, what = energy.peak_memory_bytes(device)
+        return energy.summarize(totals["seconds"], totals["gpu_j"], totals["cpu_j"], totals["sources"], self.pue,
+                                self.grid, ranks=totals["ranks"], peak_memory_bytes=peak, peak_memory_what=what)  # fmt: skip
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lmforge.energy import CounterSet
+
+        device = trainer.strategy.root_device
+        index = (device.index or 0) if device.type == "cuda" else None
+        self._counters = None if self.backend == "off" else CounterSet(self.backend, index)
+        if self._counters is not None:
+            self._counters.start()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.result = None
+        self._t0 = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lmforge import energy
+
+        if self._t0 is None:
+            return
+        gpu_j, cpu_j = self._counters.since_start() if self._counters is not None else (None, None)
+        device = trainer.strategy.root_device
+        peak, what = energy.peak_memory_bytes(device)
+        if trainer.world_size > 1:  # every rank's energy, the largest peak (a collective: every rank is here)
+            values = torch.tensor([gpu_j if gpu_j is not None else float("nan"), cpu_j if cpu_j is not None else float("nan")],
+                                  dtype=torch.float64, device=device)  # fmt: skip
+            values = trainer.strategy.reduce(values, reduce_op="sum")
+            peak = int(trainer.strategy.reduce(torch.tensor(float(peak), device=device), reduce_op="max"))
+            gpu_j, cpu_j = (None if torch.isnan(v) else float(v) for v in values)
+        sources = self._counters.sources if self._counters is not None else []
+        self._counters = None  # the run is over: what follows (state_dict) reads the totals
+        totals = {**self._totals(gpu_j, cpu_j, trainer.world_size), "sources": sources}
+        self._t0 = None
+        self.result = energy.summarize(totals["seconds"], totals["gpu_j"], totals["cpu_j"], totals["sources"],
+                                       self.pue, self.grid, ranks=trainer.world_size, peak_memory_bytes=peak,
+                                       peak_memory_what=what)  # fmt: skip
+        self._before = {k: totals[k] for k in ("seconds", "gpu_j", "cpu_j", "ranks")}
+        if trainer.is_global_zero:
+            print("lmforge: measured: " + energy.describe(self.result), flush=True)

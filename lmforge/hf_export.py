@@ -916,6 +916,7 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
         model_name=facts.name,
         eval_results=results or None,
         metrics=sorted({r.metric_type for r in results}) or None,
+        co2_eq_emissions=_co2_metadata(ckpt),
     )
     train = training_facts(ckpt)
     arch = families.family(facts.family).display
@@ -977,6 +978,7 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
             "Not estimated: the checkpoint does not record the batch size and sequence length "
             "(the estimate would be 6 x parameters x training tokens)."
         )
+    lines += _measured_lines(ckpt)
     lines += ["", "## How to use", "", "```python", *usage(ckpt, facts), "```"]
     if ckpt.tokenizer is None:
         lines += ["", "No tokenizer was saved with the checkpoint: tokenize the input as it was in training."]
@@ -997,6 +999,59 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
     lines += ["", "## License", "", _license_text(facts)]
     body = "\n".join(lines) + "\n"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _measured(ckpt: Checkpoint) -> dict:
+    """What the run's EnergyMeter recorded (empty for runs before it, or without it)."""
+    measured = ckpt.run.get("measured")
+    return measured if isinstance(measured, dict) else {}
+
+
+def _co2_metadata(ckpt: Checkpoint) -> dict | None:
+    """The Hub's ``co2_eq_emissions`` (grams), when the run measured its energy and was given a grid intensity."""
+    measured = _measured(ckpt)
+    if measured.get("co2_g") is None:
+        return None
+    sources = " + ".join(measured.get("energy_sources") or [])
+    return {
+        "emissions": round(float(measured["co2_g"]), 3),
+        "source": f"measured by lmforge's EnergyMeter ({sources} energy counters x PUE {measured.get('pue', 1.0):g} "
+        f"x {measured['grid_g_per_kwh']:g} g CO2eq/kWh)",
+        "training_type": "pre-training" if ckpt.task in ("lm", "masked_lm") else "fine-tuning",
+        "hardware_used": str(ckpt.run.get("hardware") or "not recorded"),
+    }
+
+
+def _measured_lines(ckpt: Checkpoint) -> list[str]:
+    """The card's "Compute (measured)" section: what the run's EnergyMeter recorded."""
+    measured = _measured(ckpt)
+    if not measured:
+        return []
+
+    lines = [
+        "",
+        "### Compute (measured)",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| training time | {measured['seconds']:,.1f} s |",
+    ]
+    if measured.get("energy_kwh") is not None:
+        sources = " + ".join(measured.get("energy_sources") or [])
+        lines.append(
+            f"| energy | {measured['energy_kwh']:.4g} kWh ({sources} counters, PUE {measured.get('pue', 1.0):g}) |"
+        )
+    else:
+        lines.append("| energy | not measured (no readable GPU or RAPL energy counter) |")
+    if measured.get("co2_g") is not None:
+        lines.append(f"| CO2eq | {measured['co2_g']:.4g} g (at {measured['grid_g_per_kwh']:g} g/kWh) |")
+    if measured.get("peak_memory_bytes"):
+        lines.append(
+            f"| peak memory | {measured['peak_memory_bytes'] / 2**30:.2f} GiB ({measured.get('peak_memory_what')}) |"
+        )
+    if (measured.get("ranks") or 1) > 1:
+        lines.append(f"| processes | {measured['ranks']} (energy summed, peak memory the largest) |")
+    return lines
 
 
 def _decoder_rows(config: GPTConfig, facts: CardFacts) -> list[str]:

@@ -161,6 +161,7 @@ class LmforgeCLI(LightningCLI):
         parser.add_lightning_class_args(callbacks.Checkpointing, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(callbacks.TokenThroughput, "throughput")
+        parser.add_lightning_class_args(callbacks.EnergyMeter, "energy")
         parser.add_argument(
             "--plugin_autoload",
             type=bool,
