@@ -197,14 +197,21 @@ def _number(value: str) -> float:
     return number
 
 
-def _generate_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="lmforge generate",
-        description="Continue prompts with a trained model: greedy or sampled, with a key/value cache. "
-        "One prompt streams to the terminal; several print one block each.",
-    )
+def _model_parser(prog: str, description: str, metavar: str) -> argparse.ArgumentParser:
+    """The parser of a command that loads a model (generate, evaluate), with its ``model`` argument."""
+    parser = OneLineParser(prog=prog, description=description)
     parser.add_argument(
-        "model", metavar="CKPT_OR_HF_DIR", help="an lmforge .ckpt or export folder, or a Hugging Face folder or Hub id"
+        "model", metavar=metavar, help="an lmforge .ckpt or export folder, or a Hugging Face folder or Hub id"
+    )
+    return parser
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    parser = _model_parser(
+        "lmforge generate",
+        "Continue prompts with a trained model: greedy or sampled, with a key/value cache. "
+        "One prompt streams to the terminal; several print one block each.",
+        "CKPT_OR_HF_DIR",
     )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument(
@@ -249,6 +256,24 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _load_model(
+    source: str, command: str, device_name: str, revision: str | None = None, dtype_name: str | None = None
+) -> tuple[Any, Any, dict, torch.device, torch.dtype | None]:
+    """(model in eval mode on the device, tokenizer, info, device, dtype) of ``lmforge generate`` and ``lmforge
+    evaluate``'s model (:func:`lmforge.checkpoint.load_base`); ``dtype_name`` None keeps the model's dtype. A
+    missing local path is a one-line error naming ``command``."""
+    if not Path(source).expanduser().exists() and _looks_like_path(source):
+        raise MissingFileError(f"{command}: model {source} does not exist")
+    device = _pick_device(device_name, command)
+    dtype = _pick_dtype(dtype_name, device) if dtype_name is not None else None
+
+    from lmforge.checkpoint import load_base
+
+    model, tokenizer, info = load_base(source, revision)
+    model = (model.to(device) if dtype is None else model.to(device=device, dtype=dtype)).eval()
+    return model, tokenizer, info, device, dtype
+
+
 def generate_command(argv: list[str]) -> None:
     """``lmforge generate CKPT_OR_HF_DIR --prompt TEXT [...]``: continue prompts (lmforge.generate); bad input
     raises a one-line UserError."""
@@ -262,15 +287,7 @@ def generate_command(argv: list[str]) -> None:
         raise UserError("generate: no prompt; give --prompt TEXT or --prompts-file FILE")
     generate.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     source = args.model
-    if not Path(source).expanduser().exists() and _looks_like_path(source):
-        raise MissingFileError(f"generate: model {source} does not exist")
-    device = _pick_device(args.device, "generate")
-    dtype = _pick_dtype(args.dtype, device)
-
-    from lmforge.checkpoint import load_base
-
-    model, tokenizer, info = load_base(source)
-    model = model.to(device=device, dtype=dtype).eval()
+    model, tokenizer, info, device, dtype = _load_model(source, "generate", args.device, dtype_name=args.dtype)
     family = info.get("family") or "custom"
     print(
         f"lmforge: loaded {source} ({info['kind']}, {family}, {model.num_parameters() / 1e6:.1f}M parameters) "
@@ -327,13 +344,11 @@ def generate_command(argv: list[str]) -> None:
 def _evaluate_parser() -> argparse.ArgumentParser:
     from lmforge.evaluate import NORMALIZE, TASKS
 
-    parser = OneLineParser(
-        prog="lmforge evaluate",
-        description="Evaluate a model on a data file: multiple-choice accuracy, generation metrics "
+    parser = _model_parser(
+        "lmforge evaluate",
+        "Evaluate a model on a data file: multiple-choice accuracy, generation metrics "
         "(BLEU, ROUGE, exact match) or perplexity. Prints a table and writes the results as JSON.",
-    )
-    parser.add_argument(
-        "model", metavar="MODEL", help="an lmforge .ckpt or export folder, or a Hugging Face folder or Hub id"
+        "MODEL",
     )
     parser.add_argument("--task", required=True, choices=TASKS, help="what to measure")
     parser.add_argument(
@@ -407,14 +422,7 @@ def evaluate_command(argv: list[str]) -> None:
     }
     checks[args.task](records)  # every record is checked before the model loads
     source = args.model
-    if not Path(source).expanduser().exists() and _looks_like_path(source):
-        raise MissingFileError(f"{prefix}: model {source} does not exist")
-    device = _pick_device(args.device, prefix)
-
-    from lmforge.checkpoint import load_base
-
-    model, tokenizer, info = load_base(source, args.revision)
-    model = model.to(device).eval()
+    model, tokenizer, info, device, _ = _load_model(source, prefix, args.device, args.revision)
     print(
         f"lmforge: evaluating {source} ({info['kind']}, {info.get('family') or 'custom'}, "
         f"{model.num_parameters() / 1e6:.1f}M parameters) on {device.type}: {args.task}, "

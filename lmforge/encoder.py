@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lmforge import ops
 from lmforge.errors import UserError
+from lmforge.model import check_choices, check_positive_ints, config_error
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -73,11 +74,9 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
-            return UserError(f"model config: {key}={getattr(self, key)!r} {why}")
+            return config_error(self, key, why)
 
-        for key in ("vocab_size", "max_positions", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise bad(key, "must be a positive integer")
+        check_positive_ints(self, ("vocab_size", "max_positions", "n_layer", "n_head", "n_embd"))
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise bad("type_vocab_size", "must be a non-negative integer (0: no token types)")
         if self.n_embd % self.n_head:
@@ -90,16 +89,7 @@ class EncoderConfig:
             raise bad("dropout", "must be in [0, 1)")
         if self.nsp and not self.pooler:
             raise bad("nsp", "needs pooler: true (the next-sentence head reads the pooled [CLS] output)")
-        for key, allowed in (
-            ("norm_position", ("post", "pre")),
-            ("activation", ("gelu", "gelu_tanh")),
-            ("attention", ("auto", "triton", "torch")),
-            ("loss", ("auto", "triton", "torch")),
-        ):
-            if getattr(self, key) not in allowed:
-                raise bad(key, f"is not one of {', '.join(allowed)}")
-        ops.check_backend("attention", self.attention)
-        ops.check_backend("loss", self.loss)
+        check_choices(self, (("norm_position", ("post", "pre")), ("activation", ("gelu", "gelu_tanh"))))
 
     @property
     def head_dim(self) -> int:

@@ -63,7 +63,6 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -622,18 +621,16 @@ def _exp(x: float) -> float:
 
 def read_data(path: str, task: str, bad_lines: str = "error") -> list[Any]:
     """The records of a data file: :class:`lmforge.data.records.Record` items, or one string for a .txt file."""
-    from lmforge.data.records import read_records
+    from lmforge.data.records import check_file, read_records
 
-    file = Path(path).expanduser()
     suffixes = (".jsonl", ".json", ".txt") if task == "perplexity" else (".jsonl", ".json")
-    if file.suffix.lower() not in suffixes:
-        raise CorpusError(
-            f"{PREFIX}: {path}: unknown format {file.suffix or '(no extension)'!r}; "
-            f"the {task} task reads a file ending in {' or '.join(suffixes)}"
-        )
-    if not file.is_file():
-        what = "is a folder, not a file" if file.is_dir() else "not found"
-        raise MissingFileError(f"{PREFIX}: --data {path} {what}")
+    file = check_file(
+        path,
+        PREFIX,
+        suffixes,
+        f"the {task} task reads a file ending in",
+        lambda what: MissingFileError(f"{PREFIX}: --data {path} {what}"),
+    )
     if file.suffix.lower() == ".txt":
         return [file.read_text(encoding="utf-8", errors="replace")]
     try:

@@ -4,23 +4,20 @@ masked tokens (and, optionally, next-sentence prediction), with masked-token acc
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lmforge import parallel, plugins
 from lmforge.encoder import Encoder, EncoderConfig
 from lmforge.errors import UserError
-from lmforge.task import LMForgeModule
-from lmforge.tokenizers import save_tokenizer, tokenizer_to_dict
+from lmforge.task import _CorpusTaskModule
 
 Batch = dict[str, Tensor]
 
 
-class MaskedLMModule(LMForgeModule):
+class MaskedLMModule(_CorpusTaskModule):
     """Trains an :class:`~lmforge.encoder.Encoder` on masked-LM batches (:class:`lmforge.data.mlm.MLMDataModule`).
 
     The loss is the cross-entropy over the selected (masked) positions only; every selected token of an
@@ -30,6 +27,9 @@ class MaskedLMModule(LMForgeModule):
     loss plus the mean NSP loss (with accumulation or several ranks, each micro-batch's NSP mean weighs by its
     share of the step's masked tokens).
     """
+
+    _model_noun = "encoder"
+    _task = "masked_lm"
 
     def __init__(
         self,
@@ -49,16 +49,9 @@ class MaskedLMModule(LMForgeModule):
             activation_checkpointing: Recompute each block's activations in the backward (true), or every n-th's.
         """
         super().__init__()
-        self.config = EncoderConfig(**config) if isinstance(config, dict) else config
+        self._build_model(EncoderConfig, Encoder, config, optimizer, scheduler, compile, activation_checkpointing)
         config = self.config.to_dict()  # hyperparameters hold plain values: checkpoints load with weights_only=True
         self.save_hyperparameters()
-        plugins.validate("optimizer", optimizer)
-        plugins.validate("scheduler", scheduler)
-        parallel.compile_settings(compile)
-        parallel.checkpoint_every(activation_checkpointing)
-        with torch.device("meta"):  # materialised and initialised on the run's device by configure_model
-            self.model = Encoder(self.config)
-        self.tokenizer = None  # the data module's, taken at setup
         self.eval_metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({k: MeanMetric() for k in ("loss", "acc", "nsp_loss", "nsp_acc")})
              for stage in ("val", "test")}
@@ -138,63 +131,3 @@ class MaskedLMModule(LMForgeModule):
         if "nsp_loss" in values:
             self.log(f"{stage}/nsp_loss", values["nsp_loss"])
             self.log(f"{stage}/nsp_acc", values["nsp_acc"])
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-    # -- data-aware helpers ------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Connect the data module, then take the tokenizer it built from its corpus (saved with checkpoints)."""
-        super().setup(stage)
-        self.tokenizer = getattr(self._datamodule(), "tokenizer", None)
-
-    def on_fit_start(self) -> None:
-        tokenizer = self.tokenizer
-        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
-            raise UserError(
-                f"model.config.vocab_size={self.config.vocab_size} is smaller than the tokenizer's "
-                f"{tokenizer.vocab_size} tokens; raise it (a multiple of 64 at least {tokenizer.vocab_size})"
-            )
-        n = self.model.num_parameters()
-        if self.trainer.is_global_zero:
-            print(f"lmforge: encoder has {n:,} parameters ({n / 1e6:.1f}M)", flush=True)
-        ckpt = self.trainer.checkpoint_callback
-        if tokenizer is not None and ckpt is not None and ckpt.dirpath and self.trainer.is_global_zero:
-            save_tokenizer(tokenizer, Path(ckpt.dirpath) / "tokenizer")
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        tokenizer = self.tokenizer
-        checkpoint["lmforge"] = {
-            **self._run_metadata(),
-            "task": "masked_lm",
-            "model_config": self.config.to_dict(),
-            "tokenizer": tokenizer_to_dict(tokenizer) if tokenizer is not None else None,
-        }
-        self._save_rng(checkpoint)
-
-    def _shape_changes(self, checkpoint: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
-        saved = (checkpoint.get("lmforge") or {}).get("model_config")
-        if saved is None:
-            return []
-        before, now = EncoderConfig.from_dict(saved).shape(), self.config.shape()
-        return [(k, before[k], now[k]) for k in now if k not in ignore and before[k] != now[k]]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        diffs = [f"model.config.{k}={now!r} (checkpoint: {old!r})" for k, old, now in self._shape_changes(checkpoint)]
-        if diffs:
-            raise UserError(
-                "--ckpt_path: the config's model shape differs from the checkpoint's: "
-                + ", ".join(diffs)
-                + "; use the model config it was trained with, or start without --ckpt_path"
-            )
-        super().on_load_checkpoint(checkpoint)

@@ -22,6 +22,29 @@ from lmforge import ops
 from lmforge.errors import UserError
 
 Backend = Literal["auto", "triton", "torch"]
+BACKEND_CHOICES = (("attention", ("auto", "triton", "torch")), ("loss", ("auto", "triton", "torch")))
+
+
+def config_error(config: object, key: str, why: str) -> UserError:
+    """The error of a model config's (a :class:`GPTConfig`'s, an encoder's) field: its key, its value, why."""
+    return UserError(f"model config: {key}={getattr(config, key)!r} {why}")
+
+
+def check_positive_ints(config: object, keys: tuple[str, ...]) -> None:
+    """Each of the config's fields ``keys`` is an integer of at least 1."""
+    for key in keys:
+        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
+            raise config_error(config, key, "must be a positive integer")
+
+
+def check_choices(config: object, choices: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Each field of ``choices`` holds one of its allowed values, then the attention and loss backends (one of
+    theirs, and available here: :func:`lmforge.ops.check_backend`)."""
+    for key, allowed in (*choices, *BACKEND_CHOICES):
+        if getattr(config, key) not in allowed:
+            raise config_error(config, key, f"is not one of {', '.join(allowed)}")
+    ops.check_backend("attention", config.attention)
+    ops.check_backend("loss", config.loss)
 
 
 @dataclass
@@ -70,11 +93,9 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
-            return UserError(f"model config: {key}={getattr(self, key)!r} {why}")
+            return config_error(self, key, why)
 
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise bad(key, "must be a positive integer")
+        check_positive_ints(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
         if self.kv_heads < 1 or self.n_head % self.kv_heads:
             raise bad("n_kv_head", f"must divide n_head={self.n_head} (n_head for MHA, 1 for MQA)")
         if self.n_embd % self.n_head:
@@ -91,17 +112,8 @@ class GPTConfig:
             raise bad("sliding_window", "must be a positive integer or null (no window)")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must be in [0, 1)")
-        for key, allowed in (
-            ("pos_encoding", ("learned", "rope")),
-            ("norm", ("layernorm", "rmsnorm")),
-            ("mlp", ("gelu", "swiglu")),
-            ("attention", ("auto", "triton", "torch")),
-            ("loss", ("auto", "triton", "torch")),
-        ):
-            if getattr(self, key) not in allowed:
-                raise bad(key, f"is not one of {', '.join(allowed)}")
-        ops.check_backend("attention", self.attention)
-        ops.check_backend("loss", self.loss)
+        check_choices(self, (("pos_encoding", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                             ("mlp", ("gelu", "swiglu"))))  # fmt: skip
 
     @property
     def head_dim(self) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import random
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,7 +19,7 @@ from torch import Tensor
 import lmforge
 from lmforge import callbacks, parallel, plugins
 from lmforge.errors import UserError
-from lmforge.model import GPTConfig
+from lmforge.tokenizers import save_tokenizer, tokenizer_to_dict
 
 # LMForgeModule checks each batch's targets in on_before_batch_transfer. A data module that defines that
 # hook itself wins (Lightning calls one of the two) and the loss then checks the targets instead; Lightning
@@ -37,6 +39,17 @@ class LMForgeModule(L.LightningModule):
     cannot be restored into another); changed optimizer arguments (lr, betas, weight decay, ...) and
     schedule arguments are applied from the resumed step, and the run prints each difference.
     """
+
+    @staticmethod
+    def _check_settings(
+        optimizer: dict, scheduler: dict, compile: bool | dict, activation_checkpointing: bool | int
+    ) -> None:
+        """Check the optimizer and schedule plugins' arguments, the compile and activation-checkpointing
+        settings, so that a bad one fails on construction, not after data preparation."""
+        plugins.validate("optimizer", optimizer)
+        plugins.validate("scheduler", scheduler)
+        parallel.compile_settings(compile)
+        parallel.checkpoint_every(activation_checkpointing)
 
     def _optimized_module(self) -> torch.nn.Module:
         """The module whose trainable parameters the optimizer plugin groups."""
@@ -283,8 +296,17 @@ class LMForgeModule(L.LightningModule):
         saved = (checkpoint.get("lmforge") or {}).get("model_config")
         if saved is None:
             return []
-        before, now = GPTConfig.from_dict(saved).shape(), self.config.shape()
+        before, now = type(self.config).from_dict(saved).shape(), self.config.shape()
         return [(k, before[k], now[k]) for k in now if k not in ignore and before[k] != now[k]]
+
+    def _refuse_shape_changes(
+        self, checkpoint: dict, describe: Callable[[str, Any, Any], str], message: str, ignore: tuple[str, ...] = ()
+    ) -> None:
+        """Raise ``message`` (its ``{}`` the ``describe(key, checkpoint's value, this module's value)`` of each
+        weight-shaping field that differs, comma-separated) when :meth:`_shape_changes` finds any."""
+        diffs = [describe(key, old, now) for key, old, now in self._shape_changes(checkpoint, ignore)]
+        if diffs:
+            raise UserError(message.format(", ".join(diffs)))
 
     def _apply_configured_settings(self) -> None:
         """After Lightning restored the optimizer and scheduler state: put back what the config changed."""
@@ -334,6 +356,101 @@ class LMForgeModule(L.LightningModule):
             "schedule_steps": getattr(self, "_schedule_steps", None),
             "data": _data_facts(self._datamodule()),
         }
+
+
+class _CorpusTaskModule(LMForgeModule):
+    """A task trained from scratch on a corpus (pretraining, masked-LM pretraining): its tokenizer is the one its
+    data module built from the corpus, checked against the model's vocabulary, saved beside the checkpoints and
+    in them; resuming refuses a model shape other than the checkpoint's.
+
+    Private (a leading underscore), so the command line's list of model classes leaves it out.
+    """
+
+    _model_noun = "model"
+    """What the parameter count at the start of a fit names ("model", "encoder")."""
+    _task: str | None = None
+    """The checkpoint's ``lmforge.task`` entry (None: the entry is left out, as pretraining's checkpoints have it)."""
+
+    def _build_model(
+        self,
+        config_class: type,
+        model_class: type[torch.nn.Module],
+        config: Any,
+        optimizer: dict,
+        scheduler: dict,
+        compile: bool | dict,
+        activation_checkpointing: bool | int,
+    ) -> None:
+        """What ``__init__`` does before saving the hyperparameters: ``self.config`` (from a dict or a config),
+        the settings checked (:meth:`_check_settings`), ``self.model`` built on the meta device (no memory;
+        configure_model shards it, materialises it on the run's device and initialises it there, see
+        :mod:`lmforge.parallel`; outside a Trainer call configure_model()), and no tokenizer yet (the data
+        module's, taken at setup)."""
+        self.config = config_class(**config) if isinstance(config, dict) else config
+        self._check_settings(optimizer, scheduler, compile, activation_checkpointing)  # a bad one fails now
+        with torch.device("meta"):
+            self.model = model_class(self.config)
+        self.tokenizer = None
+
+    # -- evaluation: the task's _eval_step and _eval_epoch_end, for "val" and "test" --------------------
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        """Add the batch's losses (and metrics) to the ``stage``'s running ones."""
+        raise NotImplementedError
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        """Log the ``stage``'s losses (and metrics) and reset them."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # -- the tokenizer, from the data ------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Connect the data module, then take the tokenizer it built from its corpus (saved with checkpoints)."""
+        super().setup(stage)
+        self.tokenizer = getattr(self._datamodule(), "tokenizer", None)
+
+    def on_fit_start(self) -> None:
+        tokenizer = self.tokenizer
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise UserError(
+                f"model.config.vocab_size={self.config.vocab_size} is smaller than the tokenizer's "
+                f"{tokenizer.vocab_size} tokens; raise it (a multiple of 64 at least {tokenizer.vocab_size})"
+            )
+        n = self.model.num_parameters()
+        if self.trainer.is_global_zero:  # before the progress bar exists, so a plain print
+            print(f"lmforge: {self._model_noun} has {n:,} parameters ({n / 1e6:.1f}M)", flush=True)
+        ckpt = self.trainer.checkpoint_callback
+        if tokenizer is not None and ckpt is not None and ckpt.dirpath and self.trainer.is_global_zero:
+            save_tokenizer(tokenizer, Path(ckpt.dirpath) / "tokenizer")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        tokenizer = self.tokenizer
+        checkpoint["lmforge"] = {
+            **self._run_metadata(),
+            **({"task": self._task} if self._task is not None else {}),
+            "model_config": self.config.to_dict(),
+            "tokenizer": tokenizer_to_dict(tokenizer) if tokenizer is not None else None,
+        }
+        self._save_rng(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._refuse_shape_changes(
+            checkpoint,
+            lambda key, old, now: f"model.config.{key}={now!r} (checkpoint: {old!r})",
+            "--ckpt_path: the config's model shape differs from the checkpoint's: {}; "
+            "use the model config it was trained with, or start without --ckpt_path",
+        )
+        super().on_load_checkpoint(checkpoint)
 
 
 def rng_states() -> dict:

@@ -15,20 +15,17 @@ into segments a and b, and half of the b segments are replaced by a random stret
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmforge import plugins
-from lmforge.data.cache import TokenDType, TokenFile, build_token_file, default_cache_dir
-from lmforge.data.sampling import ResumableData
-from lmforge.data.sources import Corpus, CorpusError, public_spec
+from lmforge.data.cache import TokenDType, TokenFile
+from lmforge.data.corpus import CorpusDataModule
+from lmforge.data.sources import CorpusError
 from lmforge.errors import UserError
-from lmforge.tokenizers import Tokenizer, tokenizer_to_dict
+from lmforge.tokenizers import Tokenizer
 
 IGNORE_INDEX = -100
 
@@ -193,12 +190,15 @@ class SegmentDataset(Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
-class MLMDataModule(ResumableData, L.LightningDataModule):
+class MLMDataModule(CorpusDataModule):
     """Tokenizes a corpus once (cached, as pretraining does), cuts it into BERT inputs and masks them.
 
     The tokenizer must have [CLS], [SEP], [PAD] and [MASK] tokens (``{name: wordpiece}``, the default, trained on
     the corpus). The last ``val_fraction`` of the tokens is the validation split, masked the same way every time.
     """
+
+    length_field = "max_positions"
+    hub_datasets = False  # describe_data names the dataset spec and description only
 
     def __init__(
         self,
@@ -235,62 +235,29 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
             token_dtype: auto picks uint16 when the vocabulary fits, else uint32.
             seed: Seeds the shuffle, the masks and the NSP pairs; default the run's seed_everything.
         """
-        super().__init__()
         if seq_len < (5 if nsp else 3):
             raise UserError(f"data.seq_len={seq_len} is too short: at least {5 if nsp else 3} with nsp={nsp}")
-        if batch_size < 1:
-            raise UserError(f"data.batch_size={batch_size} must be positive")
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction={val_fraction} must be between 0 and 1")
-        plugins.validate("dataset", dataset)
-        plugins.validate("tokenizer", tokenizer)
+        super().__init__(
+            dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed
+        )
         MaskingCollator(1, 0, 0, [], mlm_probability=mlm_probability, mask_fraction=mask_fraction,
                         random_fraction=random_fraction)  # fmt: skip  # a bad fraction fails now
-        self.dataset_spec, self.tokenizer_spec = dataset, tokenizer
-        self.seq_len, self.batch_size, self.nsp = seq_len, batch_size, nsp
+        self.nsp = nsp
         self.mlm_probability, self.mask_fraction, self.random_fraction = mlm_probability, mask_fraction, random_fraction
         self.whole_word = whole_word
-        self.val_fraction = val_fraction
-        self.num_workers = num_workers
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.token_dtype = token_dtype
-        self.seed = seed
-        self.corpus: Corpus | None = None
-        self.tokenizer: Tokenizer | None = None
-        self.token_file: TokenFile | None = None
         self.collator: MaskingCollator | None = None
 
-    def _prepare(self, progress: bool) -> None:
-        self.corpus = plugins.build("dataset", self.dataset_spec)
-        tokenizer = plugins.build("tokenizer", self.tokenizer_spec, self.corpus, self.cache_dir)
+    def _check_tokenizer(self, tokenizer: Tokenizer) -> None:
         missing = [name for name in ("cls_id", "sep_id", "pad_id", "mask_id") if getattr(tokenizer, name, None) is None]
         if missing:
             raise UserError(
                 f"data.tokenizer: {type(tokenizer).__name__} has no {', '.join(missing)} (BERT's special tokens); "
                 "use data.tokenizer: {name: wordpiece}"
             )
-        self.tokenizer = tokenizer
-        self.token_file = build_token_file(self.corpus, tokenizer, self.cache_dir, self.token_dtype, progress)
-
-    def connect(self, tokenizer: Tokenizer | None = None, batch_size: int | None = None,
-                max_seq_length: int | None = None) -> None:  # fmt: skip
-        """What the task hands down before the run. The tokenizer is built from the corpus (the config's
-        ``tokenizer``), so a task's is not taken; sequences must fit ``max_seq_length``."""
-        if batch_size is not None:
-            self.batch_size = batch_size
-        if max_seq_length is not None and self.seq_len > max_seq_length:
-            raise UserError(
-                f"data.seq_len={self.seq_len} exceeds the model's max_positions={max_seq_length}; "
-                "lower data.seq_len or raise model.config.max_positions"
-            )
 
     # -- LightningDataModule ----------------------------------------------------------------
-    def prepare_data(self) -> None:
-        self._prepare(progress=True)
-
     def setup(self, stage: str | None = None) -> None:
-        if self.token_file is None:
-            self._prepare(progress=False)
+        super().setup(stage)
         tok = self.tokenizer
         seed = self._train_seed()
         special = {tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.eos_id}
@@ -301,15 +268,7 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
             mlm_probability=self.mlm_probability, mask_fraction=self.mask_fraction,
             random_fraction=self.random_fraction, continuation=continuation() if continuation else None, seed=seed,
         )  # fmt: skip
-        n = self.token_file.num_tokens
-        body = self.seq_len - (3 if self.nsp else 2)
-        val_tokens = max(body, int(n * self.val_fraction))
-        if n - val_tokens < body:
-            raise CorpusError(
-                f"corpus: {n} tokens is shorter than one training sequence plus one validation sequence "
-                f"({2 * body} tokens of text at seq_len={self.seq_len}); add text or lower data.seq_len"
-            )
-        self.split = n - val_tokens
+        self.split, n = self._split(self.seq_len - (3 if self.nsp else 2), "sequence", "tokens of text")
         common = dict(seq_len=self.seq_len, cls_id=tok.cls_id, sep_id=tok.sep_id, nsp=self.nsp, seed=seed)
         self.train_set = SegmentDataset(self.token_file, 0, self.split, stream=0, **common)
         self.val_set = SegmentDataset(self.token_file, self.split, n, stream=1, **common)
@@ -320,16 +279,7 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
-            shuffle=False,
-            collate_fn=self.collator,
-            generator=torch.Generator().manual_seed(0),  # worker seeds: never drawn from torch's global state
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return self._eval_loader(self.val_set, collate_fn=self.collator)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -341,20 +291,3 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
         counts = np.bincount(tokens, minlength=self.tokenizer.vocab_size).astype(np.float64)
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
-
-    def describe_data(self) -> dict:
-        """What the run trains on, for the checkpoint and the model card (local paths reduced to file names)."""
-        facts: dict[str, Any] = {"dataset": public_spec(self.dataset_spec)}
-        describe = getattr(self.corpus, "describe", None)
-        if callable(describe):
-            facts["description"] = str(describe())
-        return facts
-
-    def state_dict(self) -> dict:
-        state = {"data_order": self._data_order()}
-        if self.tokenizer is not None:
-            state["tokenizer"] = tokenizer_to_dict(self.tokenizer)
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._restore_data_order(state_dict)

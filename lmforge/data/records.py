@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,6 +65,22 @@ class RecordFile:
     """A CSV file's header."""
 
 
+def check_file(
+    path: str, prefix: str, formats: Sequence[str], wanted: str, missing: Callable[[str], Exception]
+) -> Path:
+    """The data file ``path`` names, once its extension is one of ``formats`` (else an error: ``wanted``, then the
+    extensions, says what to give) and it is a file (else ``missing("not found")`` or ``missing("is a folder, not a
+    file")``, raised)."""
+    file = Path(path).expanduser()
+    if file.suffix.lower() not in formats:
+        raise CorpusError(
+            f"{prefix}: {path}: unknown format {file.suffix or '(no extension)'!r}; {wanted} {' or '.join(formats)}"
+        )
+    if not file.is_file():
+        raise missing("is a folder, not a file" if file.is_dir() else "not found")
+    return file
+
+
 def read_records(
     path: str,
     prefix: str,
@@ -85,16 +101,14 @@ def read_records(
     Returns:
         The records (a CSV row is a dict from column name to cell text), the skipped lines, the CSV header.
     """
-    file = Path(path).expanduser()
+    file = check_file(
+        path,
+        prefix,
+        formats,
+        "give a file ending in",
+        lambda what: CorpusError(f"{prefix}: {path} {what}; check {key} (a path relative to the current directory)"),
+    )
     suffix = file.suffix.lower()
-    if suffix not in formats:
-        raise CorpusError(
-            f"{prefix}: {path}: unknown format {file.suffix or '(no extension)'!r}; "
-            f"give a file ending in {' or '.join(formats)}"
-        )
-    if not file.is_file():
-        what = "is a folder, not a file" if file.is_dir() else "not found"
-        raise CorpusError(f"{prefix}: {path} {what}; check {key} (a path relative to the current directory)")
     data = file.read_bytes()
     try:
         text = data.decode("utf-8-sig")
