@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmforge.encoder import EncoderConfig
 from lmforge.errors import ExistingPathError, MissingFileError, UserError
 
 if TYPE_CHECKING:
@@ -270,6 +271,13 @@ def _load_model(
     from lmforge.checkpoint import load_base
 
     model, tokenizer, info = load_base(source, revision)
+    if isinstance(model.config, EncoderConfig):  # BERT, DistilBERT: no next-token distribution to sample from
+        raise UserError(
+            f"{command}: {source} is a bidirectional encoder ({info.get('family') or 'masked LM'}), which predicts "
+            f"masked tokens, not the next one; {command} runs decoder language models. Fine-tune it for "
+            "classification (lmforge fit -c configs/finetune-distilbert-classify.yaml) or export it "
+            "(lmforge export ... --format hf) for transformers' fill-mask pipeline"
+        )
     model = (model.to(device) if dtype is None else model.to(device=device, dtype=dtype)).eval()
     return model, tokenizer, info, device, dtype
 

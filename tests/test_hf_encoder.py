@@ -492,3 +492,16 @@ def test_gguf_refuses_an_encoder_in_one_line():
     exporter = pytest.importorskip("lmforge_gguf.exporter")
     with pytest.raises(exporter.GGUFError, match="holds an encoder .*export encoders with --format hf"):
         exporter.choose_arch(EncoderConfig(**BERT))
+
+
+def test_generate_and_evaluate_refuse_an_encoder_in_one_line(tmp_path, tokenizer):
+    from lmforge import commands
+    from lmforge.errors import UserError
+
+    folder = save(hf_model("DistilBertForMaskedLM"), tmp_path / "distil", tokenizer)
+    with pytest.raises(UserError, match="bidirectional encoder \\(distilbert\\).*generate runs decoder"):
+        commands.generate_command([str(folder), "--prompt", "hello", "--device", "cpu"])
+    data = tmp_path / "ppl.jsonl"
+    data.write_text('{"text": "hello there"}\n')
+    with pytest.raises(UserError, match="bidirectional encoder"):
+        commands.evaluate_command([str(folder), "--task", "perplexity", "--data", str(data), "--device", "cpu"])
