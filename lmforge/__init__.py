@@ -20,6 +20,8 @@ _EXPORTS = {
     "PretrainModule": "lmforge.pretrain",
     "PretrainDataModule": "lmforge.data.pretrain",
     "SFTModule": "lmforge.finetune",
+    "PreferenceModule": "lmforge.preference",
+    "PreferenceDataModule": "lmforge.data.preference",
     "ClassifierModule": "lmforge.finetune",
     "SFTDataModule": "lmforge.data.sft",
     "ClassificationDataModule": "lmforge.data.classify",
@@ -28,12 +30,14 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from lmforge.data.classify import ClassificationDataModule
     from lmforge.data.mlm import MLMDataModule
+    from lmforge.data.preference import PreferenceDataModule
     from lmforge.data.pretrain import PretrainDataModule
     from lmforge.data.sft import SFTDataModule
     from lmforge.encoder import Encoder, EncoderConfig
     from lmforge.finetune import ClassifierModule, SFTModule
     from lmforge.masked_lm import MaskedLMModule
     from lmforge.model import GPT, GPTConfig
+    from lmforge.preference import PreferenceModule
     from lmforge.pretrain import PretrainModule
 
 __all__ = [
@@ -45,6 +49,8 @@ __all__ = [
     "GPTConfig",
     "MLMDataModule",
     "MaskedLMModule",
+    "PreferenceDataModule",
+    "PreferenceModule",
     "PretrainDataModule",
     "PretrainModule",
     "SFTDataModule",

@@ -1054,6 +1054,9 @@ def _measured_lines(ckpt: Checkpoint) -> list[str]:
     return lines
 
 
+_PREFERENCE_NAMES = {"dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "orpo": "ORPO"}
+
+
 def _decoder_rows(config: GPTConfig, facts: CardFacts) -> list[str]:
     """The architecture table's rows for a decoder."""
     added_row = " (one row added for the padding token)" if facts.pad and facts.pad.new_row else ""
@@ -1110,7 +1113,8 @@ def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
             if n_labels
             else "A LoRA adapter (PEFT format)"
         )
-        how = {"sft": "trained by supervised fine-tuning (SFT)", "classify": "trained for text classification"}
+        how = {"sft": "trained by supervised fine-tuning (SFT)", "classify": "trained for text classification",
+               "preference": "trained by preference tuning"}  # fmt: skip
         return (
             f"{what} for {base or 'its base model'}, a {size} {lm}, "
             f"{how.get(ckpt.task, 'trained further on text')} {tool} and exported from {origin}."
@@ -1128,6 +1132,16 @@ def summary(ckpt: Checkpoint, facts: CardFacts) -> str:
             f": {base} after supervised fine-tuning (SFT, {weights}) {tool},"
             if base
             else f", trained by supervised fine-tuning (SFT) {tool} and"
+        )
+    elif ckpt.task == "preference":
+        what = f"A {size} language model"
+        method = _PREFERENCE_NAMES.get(str(ckpt.hparams.get("loss", "dpo")), str(ckpt.hparams.get("loss")))
+        beta = ckpt.hparams.get("beta")
+        method += f", beta {beta:g}" if isinstance(beta, (int, float)) else ""
+        how = (
+            f": {base} after preference tuning ({method}; {weights}) {tool},"
+            if base
+            else f", trained by preference tuning ({method}) {tool} and"
         )
     elif ckpt.task == "masked_lm":
         what = f"A {size} {lm}"

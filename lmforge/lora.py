@@ -19,6 +19,7 @@ ends with ``"." + target``. Hugging Face names are accepted as aliases (:func:`a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -103,8 +104,13 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    disabled = False
+    """Compute the base layer alone (:func:`adapters_disabled`: a preference loss's reference model)."""
+
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return out
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return out + update * self.scaling
 
@@ -118,6 +124,8 @@ class LoRALinear(nn.Linear):
         Differentiable (for code that needs the full weight, e.g. a fused linear + loss on a LoRA
         lm_head); call it under ``torch.no_grad()`` to merge.
         """
+        if self.disabled:
+            return self.weight
         return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
@@ -129,6 +137,21 @@ class LoRALinear(nn.Linear):
 
 
 # -- applying and merging -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block, every LoRA layer of ``model`` computes its base layer alone: the model before fine-tuning,
+    with no second copy in memory (what PEFT's ``disable_adapter()`` does)."""
+    layers = list(lora_modules(model).values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, before):
+            layer.disabled = state
 
 
 def _matches(name: str, target: str) -> bool:

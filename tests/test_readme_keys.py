@@ -15,14 +15,16 @@ def test_data_and_model_flags_in_the_readme_exist():
     from lmforge import (
         ClassificationDataModule,
         ClassifierModule,
+        PreferenceDataModule,
+        PreferenceModule,
         PretrainDataModule,
         PretrainModule,
         SFTDataModule,
         SFTModule,
     )
 
-    data = _params(PretrainDataModule, SFTDataModule, ClassificationDataModule)
-    model = _params(PretrainModule, SFTModule, ClassifierModule)
+    data = _params(PretrainDataModule, SFTDataModule, ClassificationDataModule, PreferenceDataModule)
+    model = _params(PretrainModule, SFTModule, ClassifierModule, PreferenceModule)
     used_data = set(re.findall(r"--data\.(\w+)", README))
     used_model = set(re.findall(r"--model\.(\w+)", README))
     assert used_data and used_model

@@ -10,6 +10,10 @@ byte-level GPT pretrained on that corpus (configs/gpt-tiny.yaml) already knows t
 - chat-train.jsonl (200): the same task as chat ``messages`` with a system message.
 - classify-train.csv (600), classify-val.csv (120): columns ``text,label``; grammar-like sentences whose nouns
   are all animals, all people or all places, labelled ``animal``, ``person`` or ``place`` (balanced).
+- preference-train.jsonl (400), preference-val.jsonl (100): prompt/chosen/rejected on the SFT prompts. The
+  preferred answer names the whole subject as the sentence does (``" The hungry wizard"``), the rejected one
+  the bare noun that SFT taught (``" wizard"``): a preference the SFT model does not have yet, so its preference
+  accuracy starts low and rises under DPO (configs/finetune-dpo.yaml).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lmforge.data.synthetic import WORDS, SyntheticGrammar
 SEED = 0
 SFT_TRAIN, SFT_VAL, CHAT_TRAIN = 800, 100, 200
 CLASSIFY_TRAIN, CLASSIFY_VAL = 200, 40  # per class
+PREF_TRAIN, PREF_VAL = 400, 100
 SYSTEM = "Name the subject."
 MAX_BYTES = 120  # a whole example, template included, fits configs/gpt-tiny.yaml's block_size (128)
 TOPICS = {
@@ -54,6 +59,18 @@ def subject(sentence: str) -> str:
 
 def sft_record(sentence: str) -> dict:
     return {"prompt": f"Sentence: {sentence}\nSubject:", "completion": f" {subject(sentence)}"}
+
+
+def subject_phrase(sentence: str) -> str:
+    """The sentence's words up to and including its subject noun: ``The hungry wizard``."""
+    words = sentence.rstrip(".").split()
+    end = next(i for i, w in enumerate(words) if w.lower() in WORDS["NOUN"])
+    return " ".join(words[: end + 1])
+
+
+def preference_record(sft: dict) -> dict:
+    sentence = sft["prompt"].removeprefix("Sentence: ").removesuffix("\nSubject:")
+    return {"prompt": sft["prompt"], "chosen": f" {subject_phrase(sentence)}", "rejected": sft["completion"]}
 
 
 def chat_record(sentence: str) -> dict:
@@ -140,7 +157,12 @@ def main() -> None:
     seen: set[str] = set()
     write_csv(out / "classify-train.csv", classify_rows(rng, CLASSIFY_TRAIN, seen))
     write_csv(out / "classify-val.csv", classify_rows(rng, CLASSIFY_VAL, seen))
-    for name in ("sft-train.jsonl", "sft-val.jsonl", "chat-train.jsonl", "classify-train.csv", "classify-val.csv"):
+    pairs = [preference_record(r) for r in sft]
+    write_jsonl(out / "preference-train.jsonl", pairs[:PREF_TRAIN])
+    write_jsonl(out / "preference-val.jsonl", pairs[SFT_TRAIN : SFT_TRAIN + PREF_VAL])
+    names = ("sft-train.jsonl", "sft-val.jsonl", "chat-train.jsonl", "classify-train.csv", "classify-val.csv",
+             "preference-train.jsonl", "preference-val.jsonl")  # fmt: skip
+    for name in names:
         print(f"{out / name}: {(out / name).stat().st_size:,} bytes")
 
 
