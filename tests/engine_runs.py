@@ -63,6 +63,33 @@ def classify_data() -> Dataset:
     return Rows()
 
 
+def preference_data() -> Dataset:
+    """8 pairs of answers with ragged lengths (chosen i: 1 + i tokens, rejected i: 8 - i), as PairDataset serves them."""
+    from lmforge.data.packing import Example
+    from lmforge.data.preference import PairDataset
+
+    gen = torch.Generator().manual_seed(3)
+    pairs = []
+    for i in range(EXAMPLES):
+        answers = []
+        for n in (1 + i, EXAMPLES - i):
+            ids = torch.randint(0, 64, (16,), generator=gen)
+            labels = torch.full((16,), -100)
+            labels[16 - n :] = torch.randint(0, 64, (n,), generator=gen)
+            answers.append(Example(ids, labels))
+        pairs.append(tuple(answers))
+    return PairDataset(pairs)
+
+
+def collate(kind: str):
+    """The batches' collate function: the pair collator for preference data, else the default."""
+    if kind == "preference":
+        from lmforge.data.preference import PairCollator
+
+        return PairCollator(0)
+    return None
+
+
 def save_base(path: Path, block_size: int = 16) -> Path:
     """A random tiny lmforge checkpoint with the byte tokenizer (test_finetune.save_base at this shape)."""
     from test_finetune import save_base as save
@@ -80,19 +107,27 @@ def module(kind: str, base: str | None = None):
         return PretrainModule(GPTConfig(**TINY), optimizer=SGD, scheduler=CONSTANT)
     if kind == "sft":
         return SFTModule(base=base, optimizer=SGD, scheduler=CONSTANT)
+    if kind == "preference":
+        from lmforge.preference import PreferenceModule
+
+        return PreferenceModule(base=base, beta=0.5, optimizer=SGD, scheduler=CONSTANT)
     return ClassifierModule(base=base, labels=["a", "b", "c"], optimizer=SGD, scheduler=CONSTANT)
 
 
 def data(kind: str) -> Dataset:
-    return {"pretrain": pretrain_data, "sft": Examples, "classify": classify_data}[kind]()
+    return {"pretrain": pretrain_data, "sft": Examples, "classify": classify_data, "preference": preference_data}[
+        kind
+    ]()
 
 
-def one_step(kind: str, batch_size: int, accumulate: int, base: str | None = None, **trainer) -> dict[str, torch.Tensor]:
+def one_step(
+    kind: str, batch_size: int, accumulate: int, base: str | None = None, **trainer
+) -> dict[str, torch.Tensor]:
     """The module's weights after one optimizer step over the 8 examples (in order)."""
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     model = module(kind, base)
-    loader = DataLoader(data(kind), batch_size=batch_size, shuffle=False)
+    loader = DataLoader(data(kind), batch_size=batch_size, shuffle=False, collate_fn=collate(kind))
     fit = L.Trainer(
         accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -122,11 +122,13 @@ def _reference_step(kind: str, base: str | None) -> dict[str, torch.Tensor]:
     module = E.module(kind, base)
     if kind == "pretrain":
         parallel.materialize(module.model, "cpu")
-    batch = default_collate([E.data(kind)[i] for i in range(E.EXAMPLES)])
+    batch = (E.collate(kind) or default_collate)([E.data(kind)[i] for i in range(E.EXAMPLES)])
     if kind == "pretrain":
         loss = module.model(batch[0], batch[1])
     elif kind == "sft":
         loss = module.model(batch["input_ids"], batch["labels"])
+    elif kind == "preference":  # the mean DPO loss over all 8 pairs, against the frozen base
+        loss = module._pair_losses(batch, "train")["loss"].mean()
     else:
         module.setup("fit")
         loss = F.cross_entropy(module(batch["input_ids"], batch["attention_mask"]).float(), batch["labels"])
@@ -138,7 +140,7 @@ def _reference_step(kind: str, base: str | None) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in module.state_dict().items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "sft", "classify"])
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "classify", "preference"])
 def test_one_step_is_the_same_for_one_batch_accumulation_and_two_ranks(kind, base, tmp_path):
     """Batch 8; batch 2 accumulated 4 times; 2 gloo processes of batch 4: the same update, that of the
     mean over all targets (SFT's completions are 1 to 15 tokens long, so a mean of micro-batch means
@@ -147,7 +149,9 @@ def test_one_step_is_the_same_for_one_batch_accumulation_and_two_ranks(kind, bas
     want = _reference_step(kind, b)
     one = E.one_step(kind, 8, 1, b)
     accumulated = E.one_step(kind, 2, 4, b)
-    proc = torchrun(str(TESTS / "engine_runs.py"), "one_step", kind, "4", "1", str(tmp_path / "ddp.pt"), *([b] if b else []))
+    proc = torchrun(
+        str(TESTS / "engine_runs.py"), "one_step", kind, "4", "1", str(tmp_path / "ddp.pt"), *([b] if b else [])
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name, got in (("one batch", one), ("accumulated", accumulated), ("ddp", ddp)):
