@@ -277,3 +277,20 @@ def test_fit_raises_preference_accuracy_and_exports(tmp_path, loss):
     adapter = export(ckpt_path, tmp_path / "adapter", "hf", adapter_only=True)
     assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     assert math.isfinite(float(trainer.callback_metrics["val/loss"]))
+
+
+@pytest.mark.slow
+def test_the_example_config_runs(run_cli, tmp_path):
+    """`lmforge fit -c configs/finetune-dpo.yaml` on the shipped pairs (here from a random tiny base, a few steps)."""
+    base = save_base(tmp_path / "base.ckpt")
+    root = Path(__file__).resolve().parents[1]
+    data = root / "configs/data"
+    proc = run_cli("fit", "-c", str(root / "configs/finetune-dpo.yaml"), "--model.base", str(base),
+                   "--data.train", str(data / "preference-train.jsonl"), "--data.val", str(data / "preference-val.jsonl"),
+                   "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1",
+                   "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+                   "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preference loss dpo (beta 0.1); reference: a frozen copy of the base" in proc.stdout
+    metrics = (next((tmp_path / "run").rglob("metrics.csv"))).read_text()
+    assert "val/rewards/accuracy" in metrics and "train/kl" in metrics
