@@ -355,16 +355,25 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser = _model_parser(
         "lmforge evaluate",
         "Evaluate a model on a data file: multiple-choice accuracy, generation metrics "
-        "(BLEU, ROUGE, exact match) or perplexity. Prints a table and writes the results as JSON.",
+        "(BLEU, ROUGE, exact match) or perplexity; or what it memorised of the canaries its training run put into "
+        "the text (memorization). Prints a table and writes the results as JSON.",
         "MODEL",
     )
     parser.add_argument("--task", required=True, choices=TASKS, help="what to measure")
     parser.add_argument(
         "--data",
-        required=True,
         metavar="FILE",
         help=".jsonl/.json records: question/choices/answer (multiple_choice), prompt/completion (generation), "
-        "text (perplexity; also a .txt file)",
+        "text (perplexity; also a .txt file); not for memorization",
+    )
+    parser.add_argument(
+        "--canaries",
+        metavar="JSON",
+        help='memorization: the canary settings, e.g. \'{"count": 9, "repeats": [1, 10, 100], "seed": 0}\' '
+        "(default: what the checkpoint's run recorded as data.canaries)",
+    )
+    parser.add_argument(
+        "--candidates", type=positive_int, default=1000, metavar="N", help="memorization: random secrets to rank among"
     )
     parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N records only")
     parser.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="sequences per batch (16)")
@@ -420,6 +429,10 @@ def evaluate_command(argv: list[str]) -> None:
 
     prefix = evaluate.PREFIX
     args = _evaluate_parser().parse_args(argv)
+    if args.task == "memorization":
+        return _memorization_command(args)
+    if args.data is None:
+        raise UserError(f"{prefix}: --task {args.task} needs --data FILE")
     records = evaluate.read_data(args.data, args.task, args.bad_lines)
     if args.limit is not None:
         records = records[: args.limit]
@@ -479,6 +492,67 @@ def evaluate_command(argv: list[str]) -> None:
         "num_examples": len(records),
         "metrics": metrics,
         "settings": settings,
+        "lmforge_version": lmforge.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "examples": result["examples"],
+    }
+    write_json(output, values)
+    print(f"lmforge: results written to {output}", file=sys.stderr, flush=True)
+
+
+def _canary_settings(args: argparse.Namespace) -> dict:
+    """The canaries to look for: --canaries, else those the checkpoint's run recorded (data.canaries)."""
+    from lmforge.data.canaries import check_settings
+
+    if args.canaries:
+        try:
+            values = json.loads(args.canaries)
+        except json.JSONDecodeError as err:
+            raise UserError(f"evaluate: --canaries is not JSON ({err.msg} at character {err.pos})") from None
+        return check_settings(values, "--canaries")
+    source = Path(args.model).expanduser()
+    if not source.exists() and _looks_like_path(args.model):
+        raise MissingFileError(f"evaluate: model {args.model} does not exist")
+    if source.suffix == ".ckpt" and source.is_file():
+        from lmforge.checkpoint import load_checkpoint
+
+        recorded = load_checkpoint(source).data.get("canaries")
+        if recorded:
+            return check_settings(recorded, f"{source}: data.canaries")
+        raise UserError(
+            f"evaluate: {source} was trained without canaries (no data.canaries in it); train with "
+            "--data.canaries '{count: 9, repeats: [1, 10, 100]}' or pass --canaries"
+        )
+    raise UserError("evaluate: --task memorization needs --canaries JSON for a model that is not an lmforge .ckpt")
+
+
+def _memorization_command(args: argparse.Namespace) -> None:
+    """``lmforge evaluate MODEL --task memorization``: exposure and extraction of the run's canaries."""
+    import lmforge
+    from lmforge import evaluate
+    from lmforge.atomic import write_json
+
+    settings = _canary_settings(args)
+    model, tokenizer, info, device, _ = _load_model(args.model, evaluate.PREFIX, args.device, args.revision)
+    print(
+        f"lmforge: memorization of {args.model} on {device.type}: {settings['count']} canaries "
+        f"(repeats {settings['repeats']}, seed {settings['seed']}), each ranked among {args.candidates:,} random secrets",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = evaluate.memorization(model, tokenizer, settings, args.candidates, args.batch_size, progress=True)
+    rows = [[str(e["repeats"]), e["prefix"] + e["secret"], f"{e['rank']:,}", f"{e['exposure']:.2f}",
+             "yes" if e["extracted"] else "no"] for e in result["examples"]]  # fmt: skip
+    print(format_table(["repeats", "canary", "rank", "exposure (bits)", "extracted"], rows))
+    print(format_table(["metric", "value"], [[k, _format(v)] for k, v in result["metrics"].items()]))
+    output = Path(args.output).expanduser() if args.output else default_output(args.model, "memorization", "canaries")
+    values = {
+        "task": "memorization",
+        "model": args.model,
+        "model_info": {k: v for k, v in info.items() if k in ("kind", "family", "revision")},
+        "canaries": settings,
+        "metrics": result["metrics"],
+        "settings": {"candidates": args.candidates, "batch_size": args.batch_size, "device": device.type},
         "lmforge_version": lmforge.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "examples": result["examples"],

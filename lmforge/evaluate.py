@@ -1,6 +1,7 @@
-"""Evaluation: multiple-choice accuracy, generation metrics (BLEU, ROUGE, exact match) and perplexity.
+"""Evaluation: multiple-choice accuracy, generation metrics (BLEU, ROUGE, exact match), perplexity and
+memorization (the exposure of canaries put into the training text, :func:`memorization`).
 
-Three tasks, each a function that takes a model, its tokenizer and records, and returns
+Three data tasks, each a function that takes a model, its tokenizer and records, and returns
 ``{"metrics": {...}, "examples": [...]}`` (the metrics and one result per example, in record order);
 :func:`lmforge.commands.evaluate_command` is the ``lmforge evaluate MODEL --task TASK --data FILE`` command
 around them.
@@ -74,7 +75,7 @@ from lmforge.errors import MissingFileError, UserError
 log = logging.getLogger(__name__)
 
 PREFIX = "evaluate"
-TASKS = ("multiple_choice", "generation", "perplexity")
+TASKS = ("multiple_choice", "generation", "perplexity", "memorization")
 NORMALIZE = ("none", "length", "both")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 QUESTION_KEYS = ("question", "context", "ctx")
@@ -637,3 +638,64 @@ def read_data(path: str, task: str, bad_lines: str = "error") -> list[Any]:
         return read_records(path, PREFIX, "--data", bad_lines).records
     except CorpusError as err:
         raise CorpusError(str(err).replace("set data.bad_lines: skip", "use --bad-lines skip")) from None
+
+
+# -- memorization -----------------------------------------------------------------------------------------
+
+
+def memorization(
+    model: nn.Module,
+    tokenizer,
+    settings: dict,
+    num_candidates: int = 1000,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict:
+    """Exposure (Carlini et al. 2019) and extraction of the canaries ``settings`` describe
+    (:mod:`lmforge.data.canaries`; what the training run's ``data.canaries`` recorded).
+
+    For each canary the model scores its secret and ``num_candidates`` random secrets of the same form after the
+    canary's prefix (the sum of the log-probabilities of ``secret + "."`` after ``[bos] + prefix``); the rank of
+    the true one (1 = the most likely; ties count against it) gives the exposure ``log2(num_candidates + 1) -
+    log2(rank)`` in bits. Extraction: greedy decoding from the prefix for as many tokens as the secret has writes
+    exactly the secret. Metrics: mean exposure and extraction rate per repeat count, and over all canaries.
+    """
+    from lmforge.data.canaries import candidates as random_candidates
+    from lmforge.data.canaries import make_canaries
+    from lmforge.generate import generate_ids
+
+    canaries = make_canaries(settings)
+    device = _device(model)
+    pad = int(tokenizer.eos_id)
+    examples = []
+    bar = _progress(len(canaries), "memorization", "canary", progress)
+    with _EvalMode(model):
+        for canary in canaries:
+            prefix = _bos(tokenizer) + _encode(tokenizer, canary.prefix)
+            options = [canary.secret, *random_candidates(canary, num_candidates)]
+            scores: list[float] = []
+            for start in range(0, len(options), batch_size):
+                rows = [
+                    (prefix + _encode(tokenizer, f"{o}."), len(prefix)) for o in options[start : start + batch_size]
+                ]
+                scores += [float(v.sum()) for v in _target_logprobs(model, rows, pad, device)]
+            true = scores[0]
+            rank = 1 + sum(1 for s in scores[1:] if s >= true)
+            secret_ids = _encode(tokenizer, canary.secret)
+            greedy = generate_ids(model, [prefix], max_new_tokens=len(secret_ids), eos_id=None,
+                                  vocab_size=getattr(tokenizer, "vocab_size", None))[0]  # fmt: skip
+            examples.append({
+                "prefix": canary.prefix, "secret": canary.secret, "repeats": canary.repeats, "rank": rank,
+                "candidates": num_candidates, "exposure": math.log2(num_candidates + 1) - math.log2(rank),
+                "extracted": greedy == secret_ids, "greedy": tokenizer.decode(greedy), "logprob": true,
+            })  # fmt: skip
+            bar.update(1)
+    bar.close()
+    metrics: dict[str, Any] = {"canaries": len(examples), "max_exposure": math.log2(num_candidates + 1)}
+    for repeats in sorted({e["repeats"] for e in examples}):
+        group = [e for e in examples if e["repeats"] == repeats]
+        metrics[f"exposure@{repeats}"] = sum(e["exposure"] for e in group) / len(group)
+        metrics[f"extracted@{repeats}"] = sum(e["extracted"] for e in group) / len(group)
+    metrics["exposure"] = sum(e["exposure"] for e in examples) / len(examples)
+    metrics["extracted"] = sum(e["extracted"] for e in examples) / len(examples)
+    return {"metrics": metrics, "examples": examples}

@@ -989,6 +989,7 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
             "256 is `<|endoftext|>`.",
         ]
     rows = _eval_rows(ckpt.metrics)
+    lines += _memorization_lines(ckpt)
     lines += ["", "## Evaluation", ""]
     if rows:
         lines += ["| split | metric | value |", "|---|---|---|"]
@@ -999,6 +1000,34 @@ def model_card(ckpt: Checkpoint, facts: CardFacts):
     lines += ["", "## License", "", _license_text(facts)]
     body = "\n".join(lines) + "\n"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _memorization_lines(ckpt: Checkpoint) -> list[str]:
+    """The card's "Memorization" section: the canaries the run put into its text (data.canaries) and, when
+    ``lmforge evaluate --task memorization`` wrote its results beside the run (``<run>/eval/``), their exposure."""
+    settings = (ckpt.data or {}).get("canaries")
+    if not settings:
+        return []
+    lines = ["", "## Memorization", "", f"The training text held {settings.get('count')} canaries (random secrets "
+             f"put in on purpose, repeated {settings.get('repeats')} times; Carlini et al. 2019)."]  # fmt: skip
+    results = None
+    if ckpt.path and ckpt.path.parent.name == "checkpoints":
+        found = ckpt.path.parent.parent / "eval" / "memorization-canaries.json"
+        if found.is_file():
+            try:
+                results = json.loads(found.read_text(encoding="utf-8"))
+            except (ValueError, OSError):
+                results = None
+    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
+        lines.append("Their exposure was not measured (`lmforge evaluate CKPT --task memorization`).")
+        return lines
+    metrics = results["metrics"]
+    lines += ["", "| repeats | mean exposure (bits) | extracted by greedy decoding |", "|---|---|---|"]
+    for repeats in settings.get("repeats") or []:
+        if f"exposure@{repeats}" in metrics:
+            lines.append(f"| {repeats} | {metrics[f'exposure@{repeats}']:.2f} of {metrics.get('max_exposure', 0):.2f} | "
+                         f"{100 * metrics.get(f'extracted@{repeats}', 0):.0f}% |")  # fmt: skip
+    return lines
 
 
 def _measured(ckpt: Checkpoint) -> dict:

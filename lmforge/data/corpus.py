@@ -41,8 +41,12 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
         cache_dir: str | None,
         token_dtype: TokenDType,
         seed: int | None,
+        canaries: dict | None = None,
     ) -> None:
         super().__init__()
+        from lmforge.data.canaries import check_settings
+
+        self.canaries = check_settings(canaries) or None
         if batch_size < 1:
             raise UserError(f"data.batch_size={batch_size} must be positive")
         if not 0.0 < val_fraction < 1.0:
@@ -67,6 +71,10 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
 
     def _prepare(self, progress: bool) -> None:
         self.corpus = plugins.build("dataset", self.dataset_spec)
+        if self.canaries:  # secrets put in on purpose, within the training part (lmforge.data.canaries)
+            from lmforge.data.canaries import CanaryCorpus
+
+            self.corpus = CanaryCorpus(self.corpus, self.canaries, within=0.95 * (1.0 - self.val_fraction))
         tokenizer = plugins.build("tokenizer", self.tokenizer_spec, self.corpus, self.cache_dir)
         self._check_tokenizer(tokenizer)
         self.tokenizer = tokenizer
@@ -126,6 +134,8 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
         describe = getattr(self.corpus, "describe", None)
         if callable(describe):
             facts["description"] = str(describe())
+        if self.canaries:
+            facts["canaries"] = dict(self.canaries)
         return facts
 
     def state_dict(self) -> dict:

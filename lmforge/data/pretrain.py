@@ -69,6 +69,7 @@ class PretrainDataModule(CorpusDataModule):
         token_dtype: TokenDType = "auto",
         predict_prompts: list[str] | None = None,
         seed: int | None = None,
+        canaries: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -85,11 +86,13 @@ class PretrainDataModule(CorpusDataModule):
             predict_prompts: Prompts that ``lmforge predict`` continues.
             seed: Seeds the training windows' shuffle (each epoch seed + epoch); default the run's
                 seed_everything. A checkpoint records the order's position, so a resumed run continues it.
+            canaries: Put random secrets into the training text to measure memorisation afterwards
+                (``lmforge evaluate --task memorization``): {count, repeats: [1, 10, 100], seed}.
         """
         if seq_len < 1:
             raise UserError(f"data.seq_len={seq_len} must be positive")
         super().__init__(
-            dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed
+            dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed, canaries
         )
         self.predict_prompts = predict_prompts or ["The "]
 
