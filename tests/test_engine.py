@@ -168,6 +168,7 @@ RUNS = {
     ],
     "sft": ["-c", str(ROOT / "configs/finetune-sft.yaml"), "--data.batch_size", "2"],
     "classify": ["-c", str(ROOT / "configs/finetune-classify.yaml"), "--data.batch_size", "2"],
+    "preference": ["-c", str(ROOT / "configs/finetune-dpo.yaml"), "--data.batch_size", "2"],
 }  # fmt: skip
 COMMON = ["--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2",
           "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "4",
@@ -209,7 +210,7 @@ def _sft_base(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["pretrain", "sft", "classify"])
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "classify", "preference"])
 def test_kill_9_and_resume_logs_the_uninterrupted_losses(kind, tmp_path):
     """Killed after step 10 (last checkpoint at step 8), resumed with --ckpt_path last: from step 9 on the
     per-step training losses equal the uninterrupted run's, as text, with 0 and 2 loader workers
