@@ -2,7 +2,8 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI runs (:mod:`lmforge.lightning_cli`);
 ``plugins``, ``export``, ``generate`` and ``evaluate`` are lmforge's own commands
-(:mod:`lmforge.commands`). Lightning is imported only for the first kind, so ``lmforge --help``,
+(:mod:`lmforge.commands`; ``estimate`` lives in :mod:`lmforge.estimate`). Lightning is imported only for the
+first kind, so ``lmforge --help``,
 ``lmforge plugins`` and ``lmforge export --help`` answer at once.
 
 Errors: a :class:`~lmforge.errors.UserError` (bad input) is one line on stderr and exit code 2
@@ -32,6 +33,9 @@ training runs (LightningCLI; `lmforge fit --help` lists every option of a config
   validate   loss and perplexity:        lmforge validate -c CONFIG --ckpt_path CKPT
   test       the same on the test split (classifiers: a per-class report)
   predict    sample continuations:       lmforge predict -c CONFIG --ckpt_path CKPT
+
+budget:
+  estimate   memory, FLOPs, time, energy, CO2 and cost before a run:  lmforge estimate -c CONFIG --gpu h100
 
 models:
   export     write a checkpoint for transformers, GGUF, ...:  lmforge export CKPT --to DIR --format hf
@@ -128,6 +132,11 @@ def main(argv: list[str] | None = None) -> None:
             import lmforge
 
             print(f"lmforge {lmforge.__version__}")
+            return
+        if args[0] == "estimate":  # lmforge.estimate uses lmforge.commands' tables: it is not in COMMANDS
+            from lmforge.estimate import estimate_command
+
+            estimate_command(args[1:])
             return
         from lmforge.commands import COMMANDS
 

@@ -431,6 +431,20 @@ def build(kind: str, spec: dict[str, Any] | str, *args: Any) -> Any:
     return result
 
 
+OPTIMIZER_STATE_HOOK = "state_bytes"
+"""Optional attribute of an optimizer factory for ``lmforge estimate``: the bytes of optimizer state per trainable
+parameter element (a number, e.g. ``8`` for two fp32 states), or a callable ``(param) -> int`` giving the state's
+bytes for one parameter tensor (a meta tensor of the parameter's shape and dtype). Factories without it are
+estimated as AdamW."""
+
+
+def optimizer_state_bytes(spec: dict[str, Any] | str) -> Any:
+    """The :data:`OPTIMIZER_STATE_HOOK` the optimizer plugin named in ``spec`` declares, or None (it is loaded,
+    not built)."""
+    name, _ = split_spec("optimizer", spec)
+    return getattr(load(find("optimizer", name)), OPTIMIZER_STATE_HOOK, None)
+
+
 def validate(kind: str, spec: dict[str, Any] | str) -> None:
     """Check that ``spec`` names a loadable plugin and fits its arguments, without building it."""
     name, kwargs = split_spec(kind, spec)
