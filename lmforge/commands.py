@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmforge.encoder import EncoderConfig
 from lmforge.errors import ExistingPathError, MissingFileError, UserError
 
 if TYPE_CHECKING:
@@ -269,6 +268,7 @@ def _load_model(
     dtype = _pick_dtype(dtype_name, device) if dtype_name is not None else None
 
     from lmforge.checkpoint import load_base
+    from lmforge.encoder import EncoderConfig
 
     model, tokenizer, info = load_base(source, revision)
     if isinstance(model.config, EncoderConfig):  # BERT, DistilBERT: no next-token distribution to sample from
