@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args[0] == "estimate":  # lmforge.estimate uses lmforge.commands' tables: it is not in COMMANDS
             from lmforge.estimate import estimate_command
+            from lmforge.lightning_cli import parse_fit_config
 
-            estimate_command(args[1:])
+            estimate_command(args[1:], parse_fit_config)
             return
         from lmforge.commands import COMMANDS
 

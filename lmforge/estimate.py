@@ -45,8 +45,8 @@ import argparse
 import json
 import math
 import struct
-import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -103,45 +103,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "__dict__") and not isinstance(value, (str, int, float, bool, list, dict)):
         return {k: _plain(v) for k, v in vars(value).items()}
     return value
-
-
-def parse_config(argv: list[str]) -> tuple[Any, str | None]:
-    """The config ``lmforge fit`` would run with ``argv`` (``-c FILE`` and overrides), parsed and validated by the
-    same parser, without instantiating anything; and ``trainer.precision`` as written (before ``fit`` resolves it)."""
-    from lmforge import lightning_cli as lc
-
-    raw_precision: dict[str, Any] = {}
-
-    class _ParseOnly(lc.LmforgeCLI):
-        def before_instantiate_classes(self) -> None:
-            raw_precision["value"] = self.config.trainer.precision
-            super().before_instantiate_classes()
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _set_seed(self) -> None:  # nothing runs: leave the process's random state alone
-            pass
-
-        def _add_instantiators(self) -> None:
-            pass
-
-    lc.ARGS = list(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cli = _ParseOnly(
-            lc.LMForgeModule,
-            lc.L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_class=lc.LmforgeArgumentParser,
-            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
-            seed_everything_default=False,
-            run=False,
-            args=list(argv),
-        )
-    precision = raw_precision.get("value")
-    return cli.config, None if precision is None else str(precision)
 
 
 def _base_config(base: str, options: dict) -> Any:
@@ -792,6 +753,44 @@ def estimate(run: Run, gpu_name: str = "h100", gpus: int | None = None, nodes: i
     }
 
 
+def against_measured(config: Any, precision: str, steps: int, devices: int, nodes: int, device_name: str | None,
+                     measured: dict) -> str | None:  # fmt: skip
+    """The end of ``lmforge fit``: what ``estimate`` predicts for the run that just trained (its config, the
+    precision it ran in, the steps it took, the card it ran on) beside what :class:`lmforge.callbacks.EnergyMeter`
+    measured, as a table; None when the card or the task is one ``estimate`` does not model.
+
+    On a GPU the peak is ``torch.cuda.max_memory_allocated`` (the estimate without its CUDA-context allowance); on a
+    CPU the measured figure is the process' peak resident set, the Python and torch runtime included, so the
+    difference is shown but means less. The time is compared through the utilisation it implies."""
+    key = hardware.key_for_device(device_name)
+    if key is None or steps < 1:
+        return None
+    run = replace(run_from_config(config, precision, "this run"), max_steps=steps, devices=devices, nodes=nodes)
+    result = estimate(run, key, gpus=devices, nodes=nodes)
+    mem, foot = result["memory"], result["footprint"]
+    on_gpu = key != "cpu"
+    predicted_peak = mem["peak_bytes"]  # the tensors alone, as max_memory_allocated counts (no CUDA context)
+    rows = []
+    peak = measured.get("peak_memory_bytes")
+    if peak:
+        what = "max_memory_allocated" if on_gpu else "peak resident set, runtime included"
+        rows.append(["peak memory (GiB)", f"{predicted_peak / GIB:.3f}", f"{peak / GIB:.3f} ({what})",
+                     f"{100 * (predicted_peak / peak - 1):+.0f}%" if on_gpu else "not comparable"])  # fmt: skip
+    seconds = measured.get("seconds")
+    if seconds:
+        implied = foot["mfu"] * foot["seconds"] / seconds
+        rows.append(["training time", f"{_duration(foot['seconds'])} at MFU {foot['mfu']:.2f}", _duration(seconds),
+                     f"MFU {implied:.3g} achieved"])  # fmt: skip
+    if measured.get("energy_kwh") is not None:
+        rows.append(["energy (kWh)", f"{foot['energy_kwh']:.4g} at {foot['power_w']:.0f} W",
+                     f"{measured['energy_kwh']:.4g} ({' + '.join(measured.get('energy_sources') or [])})",
+                     f"{100 * (foot['energy_kwh'] / measured['energy_kwh'] - 1):+.0f}%"])  # fmt: skip
+    if not rows:
+        return None
+    title = f"estimate vs measured ({result['gpu']['label']}, {result['gpu']['gpus']} device(s), {steps} steps)"
+    return title + "\n" + format_table(["", "estimated", "measured", "difference"], rows)
+
+
 def estimate_preset(name: str, **overrides: Any) -> dict:
     """The estimate of a published run, with the published figures beside it (``published`` and ``ratio``)."""
     run, spec = preset(name)
@@ -975,10 +974,12 @@ def _nonnegative_float(value: str) -> float:
     return number
 
 
-def estimate_command(argv: list[str]) -> None:
+def estimate_command(argv: list[str], parse_config: Callable[[list[str]], tuple[Any, str | None]]) -> None:
     """``lmforge estimate -c CONFIG [overrides] [--gpu NAME] [--gpus N] [--nodes M] [--tokens T] [--mfu M]
     [--price USD] [--pue X] [--grid G | --region NAME] [--json] [--plot PATH.png]``, or ``--preset NAME``:
-    memory per GPU item by item, FLOPs, time, energy, CO2 and cost of a run before it starts."""
+    memory per GPU item by item, FLOPs, time, energy, CO2 and cost of a run before it starts. ``parse_config``
+    reads the config as ``fit`` does (:func:`lmforge.lightning_cli.parse_fit_config`; passed in, as the end of
+    ``fit`` calls :func:`against_measured` from there)."""
     parser = OneLineParser(prog="lmforge estimate", description=estimate_command.__doc__)
     parser.add_argument("--preset", choices=PRESETS, help="a published run instead of a config")
     parser.add_argument("--gpu", default=None, help=f"one of {', '.join(hardware.ACCELERATORS)} (default h100)")

@@ -95,6 +95,20 @@ def accelerator(name: str) -> Accelerator:
         raise UserError(f"estimate: --gpu {name!r} is not one of {', '.join(ACCELERATORS)}") from None
 
 
+def key_for_device(device_name: str | None) -> str | None:
+    """The table's key for a CUDA device name as torch reports it ("NVIDIA H200" -> "h200"); "cpu" for None;
+    None for a card the table does not hold."""
+    if not device_name:
+        return "cpu"
+    name = device_name.lower().replace(" ", "").replace("-", "")
+    if "a100" in name:
+        return "a100-80gb" if "80g" in name else "a100-40gb"
+    for key in ("h200", "h100", "v100", "l4", "rtx4090"):
+        if key in name or (key == "rtx4090" and "4090" in name):
+            return key
+    return None
+
+
 def grid_intensity(region: str) -> float:
     try:
         return REGIONS[region.lower()]

@@ -17,10 +17,13 @@ config: the run uses the config's settings and says which differ from the checkp
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import yaml
@@ -30,6 +33,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lmforge import callbacks, ops, parallel, plugins
 from lmforge.errors import UserError
 from lmforge.task import LMForgeModule
+
+log = logging.getLogger(__name__)
 
 # jsonargparse parses a subclass's init_args in "omegaconf" mode before registering that loader's
 # exceptions (a KeyError 'omegaconf'); registering the loader first avoids it.
@@ -41,6 +46,7 @@ except ImportError:  # a jsonargparse without the private helper: nothing to wor
     pass
 
 ARGS: list[str] = []  # the command line being run, for error messages
+
 
 class LmforgeArgumentParser(LightningArgumentParser):
     """Turns jsonargparse's multi-line parse errors into one line with a suggestion."""
@@ -222,6 +228,65 @@ class LmforgeCLI(LightningCLI):
                 Namespace(class_path=f"lightning.pytorch.loggers.{cls}", init_args=Namespace(save_dir=root, name=name))
                 for cls, name in (("CSVLogger", "csv"), ("TensorBoardLogger", "tensorboard"))
             ]
+
+    def after_fit(self) -> None:
+        """Print :func:`lmforge.estimate.against_measured`: the estimate of this run beside its measurement."""
+        trainer = self.trainer
+        meter = next((c for c in trainer.callbacks if isinstance(c, callbacks.EnergyMeter)), None)
+        if meter is None or meter.result is None or not trainer.is_global_zero:
+            return
+        import torch
+
+        from lmforge import estimate
+
+        device = trainer.strategy.root_device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        try:
+            table = estimate.against_measured(self.config[self.subcommand], str(trainer.precision), trainer.global_step,
+                                              trainer.num_devices, trainer.num_nodes, name, meter.result)  # fmt: skip
+        except Exception as err:  # noqa: BLE001 -- a comparison must not fail a run that trained and saved
+            log.info("lmforge: no estimate to compare with the measurement (%s: %s)", type(err).__name__, err)
+            return
+        if table:
+            print(table, flush=True)
+
+
+def parse_fit_config(argv: list[str]) -> tuple[Any, str | None]:
+    """For ``lmforge estimate``: the config ``lmforge fit`` would run with ``argv`` (``-c FILE`` and overrides), parsed and validated by the
+    same parser, without instantiating anything; and ``trainer.precision`` as written (before ``fit`` resolves it)."""
+    raw_precision: dict[str, Any] = {}
+
+    class _ParseOnly(LmforgeCLI):
+        def before_instantiate_classes(self) -> None:
+            raw_precision["value"] = self.config.trainer.precision
+            super().before_instantiate_classes()
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _set_seed(self) -> None:  # nothing runs: leave the process's random state alone
+            pass
+
+        def _add_instantiators(self) -> None:
+            pass
+
+    global ARGS
+    ARGS = list(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = _ParseOnly(
+            LMForgeModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=LmforgeArgumentParser,
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            seed_everything_default=False,
+            run=False,
+            args=list(argv),
+        )
+    precision = raw_precision.get("value")
+    return cli.config, None if precision is None else str(precision)
 
 
 def _user_error_in(err: BaseException) -> UserError | None:

@@ -14,6 +14,7 @@ import torch
 from lmforge import estimate as est
 from lmforge import plugins
 from lmforge.cli import main
+from lmforge.lightning_cli import parse_fit_config
 from lmforge.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,8 @@ libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: blocks of 64 KiB and more are mma
 libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
 from lmforge import estimate as est, plugins
 from lmforge.families import build_model
-run = est.run_from_config(*est.parse_config(["-c", sys.argv[1]]), "gpt-tiny")
+from lmforge.lightning_cli import parse_fit_config
+run = est.run_from_config(*parse_fit_config(["-c", sys.argv[1]]), "gpt-tiny")
 torch.manual_seed(0)
 model = build_model(run.model_config)
 opt = plugins.build("optimizer", run.optimizer, model)
@@ -172,7 +174,7 @@ def test_peak_memory_against_a_measured_cpu_training_run():
     out = subprocess.run([sys.executable, "-c", MEASURE, TINY], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    run = est.run_from_config(*est.parse_config(["-c", TINY]), "gpt-tiny")
+    run = est.run_from_config(*parse_fit_config(["-c", TINY]), "gpt-tiny")
     result = est.estimate(run, gpu_name="cpu")
     items = _items(result)
     assert result["memory"]["precision"] == "32-true"
@@ -271,9 +273,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
 
 def test_encoder_and_fsdp_configs():
     """The encoder's MLM config and the FSDP2 config: sharding divides weights, gradients and states by the GPUs."""
-    bert = est.estimate(est.run_from_config(*est.parse_config(["-c", str(ROOT / "configs/bert-tiny-mlm.yaml")]), "b"))
+    bert = est.estimate(est.run_from_config(*parse_fit_config(["-c", str(ROOT / "configs/bert-tiny-mlm.yaml")]), "b"))
     assert bert["task"] == "masked_lm" and bert["parameters"]["total"] > 0
-    run = est.run_from_config(*est.parse_config(["-c", str(ROOT / "configs/llama-fsdp.yaml")]), "llama-fsdp")
+    run = est.run_from_config(*parse_fit_config(["-c", str(ROOT / "configs/llama-fsdp.yaml")]), "llama-fsdp")
     one, eight = (_items(est.estimate(run, gpu_name="h100", gpus=n)) for n in (1, 8))
     for name in ("weights", "gradients", "optimizer states"):
         assert eight[name] == pytest.approx(one[name] / 8, abs=8)
@@ -286,3 +288,42 @@ def test_an_optimizer_plugin_may_declare_its_state(monkeypatch):
     run = est.Run(model_config=SMALL, precision="32-true", optimizer={"name": "lion"})
     result = est.estimate(run, gpu_name="cpu")
     assert _items(result)["optimizer states"] == 12 * result["parameters"]["trainable"]
+
+
+@pytest.mark.parametrize(
+    "name, key",
+    [(None, "cpu"), ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+     ("NVIDIA A100-PCIE-40GB", "a100-40gb"), ("Tesla V100-SXM2-32GB", "v100"), ("NVIDIA L4", "l4"),
+     ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA GeForce GTX 1080", None)],
+)  # fmt: skip
+def test_cuda_device_names_map_to_the_table(name, key):
+    from lmforge.hardware import key_for_device
+
+    assert key_for_device(name) == key
+
+
+def test_against_measured_compares_peak_time_and_energy():
+    config, precision = parse_fit_config(["-c", TINY])
+    predicted = est.estimate(est.run_from_config(config, "bf16-mixed", "x"), "h100", gpus=1)
+    peak = predicted["memory"]["peak_bytes"]
+    measured = {"seconds": 2 * predicted["footprint"]["seconds"] * 30 / predicted["run"]["max_steps"],
+                "peak_memory_bytes": peak // 2, "energy_kwh": 1e-3, "energy_sources": ["nvml"]}  # fmt: skip
+    table = est.against_measured(config, "bf16-mixed", 30, 1, 1, "NVIDIA H100 80GB HBM3", measured)
+    lines = table.splitlines()
+    assert lines[0].startswith("estimate vs measured (NVIDIA H100 SXM 80GB, 1 device(s), 30 steps)")
+    row = next(line for line in lines if line.startswith("peak memory"))
+    assert "+100%" in row and "max_memory_allocated" in row  # estimated twice what was "measured"
+    time_row = next(line for line in lines if line.startswith("training time"))
+    assert "MFU 0.2 achieved" in time_row  # twice as long as estimated at MFU 0.4
+    assert any(line.startswith("energy (kWh)") and "nvml" in line for line in lines)
+    assert est.against_measured(config, "bf16-mixed", 30, 1, 1, "NVIDIA GeForce GTX 1080", measured) is None
+    cpu = est.against_measured(config, "32-true", 30, 1, 1, None, measured)
+    assert "not comparable" in cpu and "runtime included" in cpu
+
+
+def test_fit_prints_estimate_against_measurement(tmp_path, capsys):
+    main(["fit", "-c", TINY, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "lmforge: measured: " in out
+    assert "estimate vs measured (CPU" in out and "2 steps)" in out and "training time" in out
