@@ -5,8 +5,10 @@ Two tasks, each a LightningModule that ``lmforge fit`` runs with its data module
 - :class:`SFTModule` (with :class:`lmforge.data.sft.SFTDataModule`): supervised fine-tuning on
   prompt/completion or chat data; the loss covers the completion tokens only.
 - :class:`ClassifierModule` (with :class:`lmforge.data.classify.ClassificationDataModule`): a
-  sequence-classification head on the decoder, pooling the last real token, as transformers'
-  ``*ForSequenceClassification`` does; accuracy, macro F1, the confusion matrix and a per-class report.
+  sequence-classification head, as transformers' ``*ForSequenceClassification`` does: on a decoder a linear
+  ``score`` on the last real token; on an encoder (BERT, DistilBERT) ``classifier`` on the pooled [CLS]
+  output, or ``pre_classifier`` + ReLU + ``classifier`` on the [CLS] hidden state where there is no pooler;
+  accuracy, macro F1, the confusion matrix and a per-class report.
 
 ``base`` names where the weights come from: a ``.ckpt`` written by ``lmforge fit``, a folder written
 by ``lmforge export`` (lmforge's safetensors format), or a Hugging Face model (a local folder, or a
@@ -34,8 +36,9 @@ from torchmetrics.classification import (
 from lmforge import parallel, plugins
 from lmforge.atomic import write_json
 from lmforge.checkpoint import load_base
+from lmforge.encoder import EncoderConfig
 from lmforge.errors import UserError
-from lmforge.model import GPT, GPTConfig
+from lmforge.families import ModelConfig, build_model, config_from_dict
 from lmforge.task import LMForgeModule
 from lmforge.tokenizers import tokenizer_to_dict
 
@@ -45,8 +48,16 @@ log = logging.getLogger("lmforge")
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999]}
 DEFAULT_SCHEDULER = {"name": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1}
 
-# Options of a base model that may change when fine-tuning; everything else fixes the weights' shapes.
+# Options of a base model that may change when fine-tuning; everything else fixes the weights' shapes. The last
+# one shortens the context (a decoder's block_size, an encoder's max_positions): learned positions are cut.
 RUNTIME_OPTIONS = ("dropout", "attention", "loss", "block_size")
+ENCODER_RUNTIME_OPTIONS = ("dropout", "attention", "loss", "max_positions")
+
+
+def runtime_options(config: ModelConfig) -> tuple[str, ...]:
+    """The options of ``config`` that ``model_options`` may change: :data:`RUNTIME_OPTIONS` for a decoder,
+    :data:`ENCODER_RUNTIME_OPTIONS` for an encoder."""
+    return ENCODER_RUNTIME_OPTIONS if isinstance(config, EncoderConfig) else RUNTIME_OPTIONS
 
 
 class FinetuneModule(LMForgeModule):
@@ -74,7 +85,7 @@ class FinetuneModule(LMForgeModule):
         self.model, self.tokenizer, self.base_info = load_base(base, revision)
         if model_options:
             self._apply_model_options(model_options)
-        self.config: GPTConfig = self.model.config
+        self.config: ModelConfig = self.model.config
         self.lora_names: list[str] = []
         if lora is not None:
             from lmforge import lora as lora_lib
@@ -112,22 +123,24 @@ class FinetuneModule(LMForgeModule):
                 params[key].requires_grad_(True)
 
     def _apply_model_options(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - set(RUNTIME_OPTIONS)
+        config = self.model.config
+        allowed = runtime_options(config)
+        unknown = set(options) - set(allowed)
         if unknown:
             raise UserError(
                 f"model.model_options: {sorted(unknown)[0]!r} cannot change when fine-tuning (it fixes the weights); "
-                f"allowed: {', '.join(RUNTIME_OPTIONS)}"
+                f"allowed: {', '.join(allowed)}"
             )
-        values = {**self.model.config.to_dict(), **options}
-        if "block_size" in options and self.model.config.pos_encoding == "learned":
-            if options["block_size"] > self.model.config.block_size:
-                raise UserError(
-                    f"model.model_options.block_size={options['block_size']} exceeds the "
-                    f"{self.model.config.block_size} learned positions of the base model"
-                )
-        new = GPT(GPTConfig.from_dict(values))
+        length = allowed[-1]  # block_size or max_positions
+        learned = isinstance(config, EncoderConfig) or config.pos_encoding == "learned"
+        if length in options and learned and options[length] > getattr(config, length):
+            raise UserError(
+                f"model.model_options.{length}={options[length]} exceeds the "
+                f"{getattr(config, length)} learned positions of the base model"
+            )
+        new = build_model(config_from_dict({**config.to_dict(), **options}))
         state = self.model.state_dict()
-        if new.wpe is not None:
+        if getattr(new, "wpe", None) is not None:
             state["wpe.weight"] = state["wpe.weight"][: new.config.block_size]
         new.load_state_dict(state, strict=True)
         self.model = new
@@ -185,7 +198,8 @@ class FinetuneModule(LMForgeModule):
                 f"checkpoint was trained with lora={meta.get('lora')!r}, the config says lora={self.lora_settings!r}; "
                 "use the same model.lora settings"
             )
-        diffs = [f"{k}={old!r} (base: {now!r})" for k, old, now in self._shape_changes(checkpoint, ("block_size",))]
+        lengths = ("block_size", "max_positions")  # may be shortened by model_options
+        diffs = [f"{k}={old!r} (base: {now!r})" for k, old, now in self._shape_changes(checkpoint, lengths)]
         if diffs:
             raise UserError(
                 "checkpoint was fine-tuned from a model of another architecture: "
@@ -229,7 +243,8 @@ class SFTModule(FinetuneModule):
                 lmforge or Hugging Face module name (q_proj, v_proj, c_attn, o_proj, up_proj, ...).
             optimizer: An optimizer plugin and its arguments.
             scheduler: A learning-rate schedule plugin and its arguments.
-            model_options: Settings of the base model that may change: dropout, attention, loss, block_size.
+            model_options: Settings of the base model that may change: dropout, attention, loss, block_size
+                (an encoder's: max_positions).
             compile: Compile the training step with torch.compile: true, or torch.compile's arguments.
             activation_checkpointing: Recompute each block's activations in the backward (true), or every n-th's.
         """
@@ -283,7 +298,16 @@ class SFTModule(FinetuneModule):
 
 
 class ClassifierModule(FinetuneModule):
-    """Sequence classification: the decoder's last real token through a linear ``score`` head."""
+    """Sequence classification, with transformers' heads (and their names, which the exporter keeps):
+
+    - a decoder: the last real token's hidden state through a bias-free linear ``score``;
+    - an encoder with a pooler (BERT): ``classifier(dropout(pooled))``, the pooler's tanh(dense) of [CLS];
+    - an encoder without one (DistilBERT): ``classifier(dropout(relu(pre_classifier(h[CLS]))))``.
+
+    An encoder reads its batch with ``attention_mask`` as the key-padding mask and ``token_type_ids`` (when it
+    has token types); the dropout is the model's ``dropout``. Its masked-LM and next-sentence heads are dropped
+    (a classifier does not use them), as a decoder's untied LM head is.
+    """
 
     task = "classify"
 
@@ -308,15 +332,24 @@ class ClassifierModule(FinetuneModule):
             lora: Train LoRA adapters (and the head) instead of all weights: {r, alpha, dropout, targets}.
             optimizer: An optimizer plugin and its arguments.
             scheduler: A learning-rate schedule plugin and its arguments.
-            model_options: Settings of the base model that may change: dropout, attention, loss, block_size.
+            model_options: Settings of the base model that may change: dropout, attention, loss, block_size
+                (an encoder's: max_positions).
             compile: Compile the training step with torch.compile: true, or torch.compile's arguments.
             activation_checkpointing: Recompute each block's activations in the backward (true), or every n-th's.
         """
         super().__init__(base, revision, lora, optimizer, scheduler, model_options, compile, activation_checkpointing)
-        if not self.config.tie_embeddings:
-            self.model.lm_head = None  # a classifier has no LM head (as transformers' *ForSequenceClassification)
+        # A classifier has no LM head (as transformers' *ForSequenceClassification); unused heads would also leave
+        # parameters without gradients, which DDP refuses.
+        self.is_encoder = isinstance(self.config, EncoderConfig)
+        if self.is_encoder:
+            self.model.mlm_head = None
+            self.model.nsp_head = None
+        elif not self.config.tie_embeddings:
+            self.model.lm_head = None
         self.labels: list[str] | None = None
-        self.score: nn.Linear | None = None
+        self.score: nn.Linear | None = None  # decoders
+        self.classifier: nn.Linear | None = None  # encoders
+        self.pre_classifier: nn.Linear | None = None  # encoders without a pooler
         if labels is not None:
             self._build_head(list(labels))
 
@@ -326,9 +359,13 @@ class ClassifierModule(FinetuneModule):
         if len(set(labels)) != len(labels):
             raise UserError(f"model.labels has duplicates: {labels!r}")
         self.labels = [str(x) for x in labels]
-        self.score = nn.Linear(self.config.n_embd, len(labels), bias=False)
-        nn.init.normal_(self.score.weight, std=0.02)
-        n = len(labels)
+        n, width = len(labels), self.config.n_embd
+        if not self.is_encoder:
+            self.score = _init_linear(nn.Linear(width, n, bias=False))
+        else:
+            if not self.config.pooler:
+                self.pre_classifier = _init_linear(nn.Linear(width, width))
+            self.classifier = _init_linear(nn.Linear(width, n))
         self.metrics = nn.ModuleDict(
             {
                 stage: nn.ModuleDict(
@@ -362,8 +399,13 @@ class ClassifierModule(FinetuneModule):
     def _optimized_module(self) -> nn.Module:
         return self  # the backbone (or its adapters) and the head
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Class logits (B, num_labels), pooled at each row's last real (non-padding) token."""
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """Class logits (B, num_labels): a decoder's at each row's last real (non-padding) token, an encoder's from
+        its [CLS] position (``token_type_ids`` default 0; a decoder ignores them)."""
+        if self.is_encoder:
+            return self._encoder_logits(input_ids, attention_mask, token_type_ids)
         h = self.model(input_ids, output="hidden")  # right padding: no real token attends to a pad
         if attention_mask is None:
             last = torch.full((input_ids.size(0),), input_ids.size(1) - 1, device=input_ids.device)
@@ -372,8 +414,23 @@ class ClassifierModule(FinetuneModule):
         pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
         return self.score(pooled)
 
+    def _encoder_logits(
+        self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None
+    ) -> Tensor:
+        mask = None if attention_mask is None else attention_mask.bool()
+        types = token_type_ids if self.config.type_vocab_size else None  # None: all type 0
+        p = self.config.dropout
+        if self.config.pooler:  # BertForSequenceClassification
+            pooled = self.model(input_ids, types, mask, output="pooled")  # (B, C): tanh(pooler(h[:, 0]))
+            return self.classifier(F.dropout(pooled, p, self.training))
+        h0 = self.model(input_ids, types, mask, output="hidden")[:, 0]  # (B, C); DistilBertForSequenceClassification
+        return self.classifier(F.dropout(F.relu(self.pre_classifier(h0)), p, self.training))
+
+    def _batch_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
     def _train_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, float]:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self._batch_logits(batch)
         y = batch["labels"]
         right = (logits.detach().argmax(-1) == y).sum()
         self._acc_right = right if self._acc_right is None else self._acc_right + right
@@ -390,7 +447,7 @@ class ClassifierModule(FinetuneModule):
             self.log("train/acc", float(sums[0] / targets), prog_bar=True)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self._batch_logits(batch)
         y = batch["labels"]
         getattr(self, f"{stage}_loss").update(F.cross_entropy(logits.float(), y), weight=y.numel())
         for metric in self.metrics[stage].values():
@@ -442,7 +499,7 @@ class ClassifierModule(FinetuneModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
-        probs = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+        probs = self._batch_logits(batch).float().softmax(-1)
         return [{"label": self.labels[int(p.argmax())], "probs": p.tolist()} for p in probs]
 
     def _metadata(self) -> dict:
@@ -455,6 +512,14 @@ class ClassifierModule(FinetuneModule):
             self._build_head(list(saved))
         elif saved is not None and list(saved) != self.labels:
             raise UserError(f"checkpoint was trained with labels {saved!r}, this run has {self.labels!r}")
+
+
+def _init_linear(layer: nn.Linear) -> nn.Linear:
+    """transformers' initialisation of a head: weights N(0, 0.02), biases zero."""
+    nn.init.normal_(layer.weight, std=0.02)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
 
 
 def format_report(report: dict) -> str:

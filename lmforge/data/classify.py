@@ -9,16 +9,24 @@ Labels are compared as strings (``1`` and ``"1"`` are the same label; surroundin
 are integers, else as strings), or the ``labels`` given; a label's class index is its position there. A label in
 the validation or test file that is not a training label is an error.
 
-A text becomes ``[bos] + encode(text)`` (``bos`` only when the tokenizer has a ``bos_id`` that is not None; no
-end-of-text token is appended), truncated to ``max_length`` tokens keeping the beginning; truncations are
-counted and logged. A batch is ``{"input_ids": (B, T) long, "attention_mask": (B, T) bool, "labels": (B,) long}``,
-right-padded with the EOS id to the longest text of the batch (attention_mask True on real tokens).
+For a decoder's tokenizer a text becomes ``[bos] + encode(text)`` (``bos`` only when the tokenizer has a
+``bos_id`` that is not None; no end-of-text token is appended), truncated to ``max_length`` tokens keeping the
+beginning; truncations are counted and logged. A batch is ``{"input_ids": (B, T) long, "attention_mask": (B, T)
+bool, "labels": (B,) long}``, right-padded with the EOS id to the longest text of the batch (attention_mask True on
+real tokens).
+
+An encoder's tokenizer (a WordPiece one, or any with ``cls_id``, ``sep_id`` and ``pad_id``) frames a text as BERT
+does: ``[CLS] text [SEP]``, or with ``text_pair_field`` the pair ``[CLS] a [SEP] b [SEP]`` (token types 0 for
+``[CLS] a [SEP]``, 1 for ``b [SEP]``). A longer one loses text tokens from its end, never the framing (for a pair,
+one token at a time from the longer text, as transformers' ``longest_first``), so the last token stays [SEP].
+Batches are right-padded with the tokenizer's ``pad_id`` and also carry ``"token_type_ids": (B, T) long``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -48,34 +56,71 @@ def _is_int(text: str) -> bool:
     return True
 
 
-class TextLabelDataset(Dataset):
-    """Tokenized texts and their class indices."""
+def is_encoder_tokenizer(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` frames texts as BERT does: it has ``cls_id``, ``sep_id`` and ``pad_id``."""
+    return all(getattr(tokenizer, name, None) is not None for name in ("cls_id", "sep_id", "pad_id"))
 
-    def __init__(self, ids: list[torch.Tensor], labels: list[int]) -> None:
-        self.ids, self.labels = ids, labels
+
+def encode_framed(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[int], list[int], bool]:
+    """(ids, token types, truncated) of ``[CLS] a [SEP]`` (texts ``(a,)``) or ``[CLS] a [SEP] b [SEP]`` (``(a, b)``)
+    in at most ``max_length`` tokens: text tokens are dropped from the end (for a pair, from the longer text first,
+    ties from b, as transformers' ``longest_first``); the special tokens always stay."""
+    a = encode(tokenizer, texts[0])
+    b = encode(tokenizer, texts[1]) if len(texts) > 1 else None
+    budget = max_length - (2 if b is None else 3)
+    if budget < (1 if b is None else 2):
+        raise CorpusError(f"classify: max_length={max_length} leaves no room for text between [CLS] and [SEP]")
+    truncated = len(a) + len(b or ()) > budget
+    if b is None:
+        a = a[:budget]
+    else:
+        while len(a) + len(b) > budget:
+            if len(a) > len(b):
+                a.pop()
+            else:
+                b.pop()
+    cls, sep = int(tokenizer.cls_id), int(tokenizer.sep_id)
+    ids = [cls, *a, sep] + ([] if b is None else [*b, sep])
+    types = [0] * (len(a) + 2) + ([] if b is None else [1] * (len(b) + 1))
+    return ids, types, truncated
+
+
+class TextLabelDataset(Dataset):
+    """Tokenized texts and their class indices (and, for an encoder's framing, the token types)."""
+
+    def __init__(self, ids: list[torch.Tensor], labels: list[int], types: list[torch.Tensor] | None = None) -> None:
+        self.ids, self.labels, self.types = ids, labels, types
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.ids[i], self.labels[i]
+    def __getitem__(self, i: int) -> tuple:
+        if self.types is None:
+            return self.ids[i], self.labels[i]
+        return self.ids[i], self.labels[i], self.types[i]
 
 
 class ClassifyCollator:
-    """Right-pads texts with ``pad_id``; returns input_ids, attention_mask and labels."""
+    """Right-pads texts with ``pad_id``; returns input_ids, attention_mask and labels (and token_type_ids, padded
+    with 0, when the items carry token types)."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-        T = max(len(ids) for ids, _ in items)
+    def __call__(self, items: list[tuple]) -> dict[str, torch.Tensor]:
+        T = max(len(item[0]) for item in items)
         input_ids = torch.full((len(items), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), T), dtype=torch.bool)
-        for b, (ids, _) in enumerate(items):
+        for b, (ids, *_) in enumerate(items):
             input_ids[b, : len(ids)] = ids
             mask[b, : len(ids)] = True
-        labels = torch.tensor([label for _, label in items], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        labels = torch.tensor([item[1] for item in items], dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if len(items[0]) > 2:
+            batch["token_type_ids"] = torch.zeros((len(items), T), dtype=torch.long)
+            for b, (_, _, types) in enumerate(items):
+                batch["token_type_ids"][b, : len(types)] = types
+        return batch
 
 
 class ClassificationDataModule(ExampleDataModule):
@@ -96,6 +141,7 @@ class ClassificationDataModule(ExampleDataModule):
         val_fraction: float = 0.1,
         text_field: str = "text",
         label_field: str = "label",
+        text_pair_field: str | None = None,
         labels: list[str] | None = None,
         max_length: int | None = None,
         bad_lines: Literal["error", "skip"] = "error",
@@ -113,9 +159,11 @@ class ClassificationDataModule(ExampleDataModule):
             val_fraction: Without val, the fraction of training records held out (a permutation seeded by seed).
             text_field: The field (CSV: column) holding the text.
             label_field: The field (CSV: column) holding the label (text or integer, compared as text).
+            text_pair_field: For sentence-pair tasks: the field (CSV: column) holding the second text, read as
+                ``[CLS] text [SEP] pair [SEP]``; needs an encoder's tokenizer ([CLS]/[SEP]).
             labels: The label names in class-index order; default: the distinct training labels, sorted.
-            max_length: Most tokens per text (longer texts keep their beginning); default the model's
-                config.block_size.
+            max_length: Most tokens per text (longer texts keep their beginning; an encoder's [CLS] and [SEP]
+                always stay); default the model's config.block_size (an encoder's max_positions).
             bad_lines: For a .jsonl line that is not valid JSON (or a CSV record with the wrong number of
                 fields): error, or skip it (counted, one warning).
             batch_size: Texts per batch.
@@ -136,6 +184,7 @@ class ClassificationDataModule(ExampleDataModule):
         self.val_fraction = val_fraction
         self.text_field = text_field
         self.label_field = label_field
+        self.text_pair_field = text_pair_field
         self.labels = labels
         self.bad_lines = bad_lines
         self.stats: dict[str, Any] = {}
@@ -177,23 +226,26 @@ class ClassificationDataModule(ExampleDataModule):
         return len(self._train_rows())
 
     # -- reading -------------------------------------------------------------------------------------------
-    def _train_rows(self) -> list[tuple[Record, str, str]]:
+    def _train_rows(self) -> list[tuple[Record, tuple[str, ...], str]]:
         if self._train_file is None:
             self._train_file = self._read(self.train_path, "data.train")
         return self._train_file
 
-    def _read(self, path: str, key: str) -> list[tuple[Record, str, str]]:
-        """(record, text, label) for each record of a file."""
+    def _read(self, path: str, key: str) -> list[tuple[Record, tuple[str, ...], str]]:
+        """(record, texts, label) for each record of a file: texts the text, or the text and its pair."""
         found: RecordFile = read_records(path, "classify", key, self.bad_lines, FORMATS)
         self._skipped += len(found.skipped)
         if found.columns is not None:
-            for field, option in ((self.text_field, "text_field"), (self.label_field, "label_field")):
+            options = [(self.text_field, "text_field"), (self.label_field, "label_field")]
+            if self.text_pair_field is not None:
+                options.append((self.text_pair_field, "text_pair_field"))
+            for field, option in options:
                 if field not in found.columns:
                     raise CorpusError(
                         f"classify: {path}: no column {field!r} (the columns are {fields_of(found.columns)}); "
                         f"set data.{option} to the column holding the {option.split('_')[0]}s"
                     )
-        return [(r, self._text(r), self._label(r)) for r in found.records]
+        return [(r, self._texts(r), self._label(r)) for r in found.records]
 
     def _field(self, record: Record, field: str, option: str) -> Any:
         if field not in record.data:
@@ -203,14 +255,18 @@ class ClassificationDataModule(ExampleDataModule):
             )
         return record.data[field]
 
-    def _text(self, record: Record) -> str:
-        text = self._field(record, self.text_field, "text_field")
+    def _texts(self, record: Record) -> tuple[str, ...]:
+        texts = (self._text(record, self.text_field, "text_field"),)
+        if self.text_pair_field is None:
+            return texts
+        return (*texts, self._text(record, self.text_pair_field, "text_pair_field"))
+
+    def _text(self, record: Record, field: str, option: str) -> str:
+        text = self._field(record, field, option)
         if not isinstance(text, str):
-            raise CorpusError(f"classify: {record.where}: field {self.text_field!r} is {type(text).__name__}, not text")
+            raise CorpusError(f"classify: {record.where}: field {field!r} is {type(text).__name__}, not text")
         if not text.strip():
-            raise CorpusError(
-                f"classify: {record.where}: the text ({self.text_field!r}) is empty; give it a text or remove it"
-            )
+            raise CorpusError(f"classify: {record.where}: the text ({field!r}) is empty; give it a text or remove it")
         return text
 
     def _label(self, record: Record) -> str:
@@ -236,27 +292,37 @@ class ClassificationDataModule(ExampleDataModule):
         splits = {"train": train, "val": val}
         if self.test_path is not None:
             splits["test"] = self._read(self.test_path, "data.test")
+        framed = is_encoder_tokenizer(tokenizer)
+        if self.text_pair_field is not None and not framed:
+            raise UserError(
+                "classify: data.text_pair_field needs an encoder's tokenizer ([CLS]/[SEP], e.g. BERT's WordPiece); "
+                "this base's tokenizer has none"
+            )
         bos = bos_ids(tokenizer)
         truncated = 0
         datasets: dict[str, Dataset] = {}
         for name, rows in splits.items():
-            all_ids, labels = [], []
-            for record, text, label in rows:
+            all_ids, labels, all_types = [], [], []
+            for record, texts, label in rows:
                 if label not in index:
                     source = "data.labels" if self.labels is not None else "the training labels"
                     raise CorpusError(
                         f"classify: {record.where}: label {label!r} is not among {source} ({', '.join(names)}); "
                         "fix the label or add training examples with it"
                     )
-                ids = bos + encode(tokenizer, text)
-                if len(ids) > max_length:
+                if framed:
+                    ids, types, cut = encode_framed(tokenizer, texts, max_length)
+                    all_types.append(torch.tensor(types, dtype=torch.long))
+                else:
+                    ids = bos + encode(tokenizer, texts[0])
+                    cut = len(ids) > max_length
                     ids = ids[:max_length]
-                    truncated += 1
+                truncated += cut
                 all_ids.append(torch.tensor(ids, dtype=torch.long))
                 labels.append(index[label])
-            datasets[name] = TextLabelDataset(all_ids, labels)
+            datasets[name] = TextLabelDataset(all_ids, labels, all_types if framed else None)
         datasets.setdefault("test", datasets["val"])
-        self.collate = ClassifyCollator(int(tokenizer.eos_id))
+        self.collate = ClassifyCollator(int(tokenizer.pad_id if framed else tokenizer.eos_id))
         self.datasets = datasets
         train_set = datasets["train"]
         lengths = [len(ids) for ids in train_set.ids]
