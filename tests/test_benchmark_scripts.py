@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -112,3 +114,18 @@ def test_train_failing_provider_is_a_row(tmp_path):
     for r in rows[1:]:
         assert r["status"] == "error" and "no-such-backend" in r["error"] and not r["tokens_per_s"], r
     assert "FAILED" in proc.stdout, log
+
+
+def test_data_quick(tmp_path):
+    """benchmarks/data.py: lmforge's token cache and Hugging Face datasets write the same tokens (a smoke run)."""
+    pytest.importorskip("datasets")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/data.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, log
+    with (tmp_path / "data.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["impl"], r["num_proc"]) for r in rows} == {(i, n) for i in ("lmforge", "hf-datasets") for n in "12"}
+    assert all(r["identical_tokens"] == "True" and float(r["mb_per_s"]) > 0 for r in rows), rows

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -156,14 +157,24 @@ def _load_valid(bin_path: Path, meta_path: Path) -> TokenFile | None:
     return TokenFile(bin_path, dtype, int(meta["num_tokens"]), meta)
 
 
+BATCH_DOCUMENTS = 256
+"""Documents per unit of work: what one encode_batch call (and, with ``num_proc``, one worker task) gets."""
+
+
 def build_token_file(
     corpus: Corpus,
     tokenizer: Tokenizer,
     cache_dir: Path,
     requested_dtype: TokenDType = "auto",
     progress: bool = True,
+    num_proc: int = 1,
 ) -> TokenFile:
-    """Return the token file for (corpus, tokenizer), tokenizing and writing it only if not cached."""
+    """Return the token file for (corpus, tokenizer), tokenizing and writing it only if not cached.
+
+    The corpus is streamed: documents are read in batches of :data:`BATCH_DOCUMENTS`, and with ``num_proc`` > 1
+    the batches are tokenized by that many worker processes, at most ``2 * num_proc`` batches in flight, while
+    this process writes their tokens in document order. The file is the same byte for byte whatever
+    ``num_proc`` is, so it shares one cache entry."""
     dtype = token_dtype(tokenizer.vocab_size, requested_dtype)
     corpus_key = corpus.key()
     key = cache_key(corpus_key, tokenizer, dtype)
@@ -176,23 +187,17 @@ def build_token_file(
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    num_tokens = num_docs = 0
-    limit = np.iinfo(dtype).max
+    num_tokens = num_docs = num_bytes = 0
     checksums = BlockChecksums()
     with staged_file(bin_path) as tmp:
         with open(tmp, "wb") as out, _progress(corpus.num_bytes(), progress) as bar:
-            for batch in _batches(corpus.documents(), 256):
-                encoded = tokenizer.encode_batch(batch)
-                for ids in encoded:
-                    arr = np.append(np.asarray(ids, dtype=np.int64), tokenizer.eos_id)
-                    if arr.max() > limit or arr.min() < 0:
-                        raise CorpusError(f"data: the tokenizer returned token id {arr.max()}, outside {dtype.name}")
-                    data = arr.astype(dtype).tobytes()
-                    out.write(data)
-                    checksums.update(data)
-                    num_tokens += arr.size
-                num_docs += len(batch)
-                bar.update(sum(len(doc.encode("utf-8")) for doc in batch))
+            for data, docs, nbytes in _tokenized(corpus.documents(), tokenizer, dtype, num_proc):
+                out.write(data)
+                checksums.update(data)
+                num_tokens += len(data) // dtype.itemsize
+                num_docs += docs
+                num_bytes += nbytes
+                bar.update(nbytes)
         if num_docs == 0:
             raise CorpusError("corpus: no text found (every file or record is empty); point data.dataset at real text")
     meta = {
@@ -200,16 +205,80 @@ def build_token_file(
         "dtype": dtype.name,
         "num_tokens": num_tokens,
         "num_documents": num_docs,
+        "num_bytes": num_bytes,
         "corpus_key": corpus_key,
         "tokenizer": tokenizer.fingerprint(),
         "vocab_size": tokenizer.vocab_size,
         "block_bytes": BLOCK_BYTES,
         "block_crc32": checksums.finish(),
         "seconds": round(time.perf_counter() - start, 3),
+        "num_proc": num_proc,
     }
     write_json(meta_path, meta)
-    log.info("token cache: wrote %s (%d tokens, %d documents, %.1f s)", bin_path, num_tokens, num_docs, meta["seconds"])
+    log.info(
+        "token cache: wrote %s (%d tokens, %d documents, %.1f s, %d process%s)",
+        bin_path, num_tokens, num_docs, meta["seconds"], num_proc, "" if num_proc == 1 else "es",
+    )  # fmt: skip
     return TokenFile(bin_path, dtype, num_tokens, meta)
+
+
+def encode_documents(tokenizer: Tokenizer, batch: list[str], dtype: np.dtype) -> tuple[bytes, int, int]:
+    """(tokens as ``dtype`` bytes, each document followed by the end-of-text token; documents; UTF-8 bytes)."""
+    limit = np.iinfo(dtype).max
+    eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
+    parts = [np.concatenate([np.asarray(ids, dtype=np.int64), eos]) for ids in tokenizer.encode_batch(batch)]
+    arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if arr.size and (arr.max() > limit or arr.min() < 0):
+        bad = int(arr.max()) if arr.max() > limit else int(arr.min())
+        raise CorpusError(f"data: the tokenizer returned token id {bad}, outside {dtype.name}")
+    return arr.astype(dtype).tobytes(), len(batch), sum(len(doc.encode("utf-8")) for doc in batch)
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(tokenizer: Tokenizer, dtype: np.dtype, parent: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    _WORKER["tokenizer"], _WORKER["dtype"] = tokenizer, dtype
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watch: when the process that started it is gone (killed with SIGKILL, it could not tell its
+    workers), the worker exits too instead of waiting forever on a queue no one writes to."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _worker_encode(batch: list[str]) -> tuple[bytes, int, int]:
+    return encode_documents(_WORKER["tokenizer"], batch, _WORKER["dtype"])
+
+
+def _tokenized(documents, tokenizer: Tokenizer, dtype: np.dtype, num_proc: int):
+    """Yield :func:`encode_documents` of each batch of ``documents``, in order."""
+    if num_proc <= 1:
+        for batch in _batches(documents, BATCH_DOCUMENTS):
+            yield encode_documents(tokenizer, batch, dtype)
+        return
+    import collections
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork where there is one: the tokenizer is inherited, not pickled, and no worker re-imports torch
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pending: collections.deque = collections.deque()
+    with ProcessPoolExecutor(num_proc, mp.get_context(method), _worker_init, (tokenizer, dtype, os.getpid())) as pool:
+        try:
+            for batch in _batches(documents, BATCH_DOCUMENTS):
+                pending.append(pool.submit(_worker_encode, batch))
+                if len(pending) >= 2 * num_proc:  # bounded: the corpus is never all in memory
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _batches(items, size: int):
