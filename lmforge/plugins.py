@@ -21,7 +21,8 @@ plugin that lmforge itself does not ship.
 Arguments are checked before anything runs: by name against the factory's signature, and by type against
 its annotations (:func:`check_kwargs`), so ``lr: [1, 2]`` is one line naming the key, not a TypeError
 deep in training. What a factory returns is checked when it is built (:func:`build`): the group's
-members, a dataset's ``key()`` (it names cache files), a tokenizer's round trip through checkpoints.
+members, a dataset's ``key()`` (it names cache files), a tokenizer's round trip through checkpoints, a filter's
+name, version, process and stats.
 """
 
 from __future__ import annotations
@@ -109,12 +110,22 @@ GROUPS: dict[str, Group] = {
             "created and renames when the exporter returns",
             ("checkpoint", "out_dir"),
         ),
+        Group(
+            "lmforge.filters",
+            "filter",
+            "a callable (**options) -> a step of data.pipeline: name and version (str; a new version rebuilds "
+            "the token cache), process(doc: str) -> str | None (None drops the document) and stats() -> dict "
+            "(docs_in, docs_out, bytes_in, bytes_out, dropped by reason, and its own counts); picklable unless "
+            "its stateful attribute is true (see lmforge.data.filters)",
+            (),
+        ),
     )
 }
 
 # Checks of what a factory returned, per kind: (test, what is missing when it fails).
 TOKENIZER_MEMBERS = ("vocab_size", "eos_id", "encode", "encode_batch", "decode", "fingerprint", "to_dict", "save")
 CORPUS_MEMBERS = ("key", "documents", "num_bytes")
+FILTER_MEMBERS = ("name", "version", "process", "stats")
 CORPUS_KEY = re.compile(r"[A-Za-z0-9._-]{1,128}")
 """What a corpus key may be: it ends up in cache file and folder names (``bpe-{key}-...``)."""
 
@@ -455,7 +466,7 @@ def validate(kind: str, spec: dict[str, Any] | str) -> None:
 
 
 def _check_result(info: PluginInfo, result: Any) -> None:
-    members = {"tokenizer": TOKENIZER_MEMBERS, "dataset": CORPUS_MEMBERS}.get(info.kind, ())
+    members = {"tokenizer": TOKENIZER_MEMBERS, "dataset": CORPUS_MEMBERS, "filter": FILTER_MEMBERS}.get(info.kind, ())
     missing = [m for m in members if not hasattr(result, m)]
     problem = f"what it returned lacks {', '.join(missing)}" if missing else None
     if info.kind == "optimizer":

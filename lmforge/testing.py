@@ -20,6 +20,9 @@ its checkpoints and their exports:
 - optimizer: steps on a tiny GPT (through ``step(closure)``, as Lightning calls it), a state_dict that loads with
   ``torch.load(weights_only=True)``, and steps after resuming from it equal to uninterrupted ones;
 - scheduler: the same with learning rates: state through a weights-only save and load, resumed rates equal;
+- filter: name and version strs, process() giving a str or None for each sample document and the same output
+  from a second build, stats() plain data (JSON), and, unless the step is ``stateful``, a pickled copy that
+  gives the same output (steps run in worker processes);
 - exporter: a tiny checkpoint written the way ``lmforge fit`` writes one, exported through ``export.export``
   into a new folder, which must then exist and hold files, with nothing else left beside it (or beside the
   checkpoint).
@@ -548,12 +551,66 @@ def _check_exporter(c: _Checks, name: str, kwargs: dict, folder: Path) -> None:
     c.run("folder", result)
 
 
+def _check_filter(c: _Checks, name: str, kwargs: dict, folder: Path) -> None:
+    import json
+    import pickle
+
+    step = c.run("build", _build, "filter", name, kwargs)
+    docs = [*SAMPLE_DOCUMENTS[:40], SAMPLE_DOCUMENTS[0], " ".join(SAMPLE_DOCUMENTS[:12])]
+
+    def members() -> None:
+        for member in ("name", "version"):
+            value = getattr(step, member)
+            _require(isinstance(value, str) and value, f"{member} is {value!r}, not a non-empty str")
+
+    def run(s: Any) -> list[str | None]:
+        out = []
+        for i, doc in enumerate(docs):
+            result = s.process(doc)
+            _require(result is None or isinstance(result, str),
+                     f"process() returned {type(result).__name__} for document {i}, not a str or None")  # fmt: skip
+            out.append(result)
+        return out
+
+    def same_again() -> None:
+        first = run(step)
+        _require(first == run(_build("filter", name, kwargs)),
+                 "a second build gave other output for the same documents; depend on the options only")  # fmt: skip
+
+    def stats() -> None:
+        value = step.stats()
+        _require(isinstance(value, dict), f"stats() returned {type(value).__name__}, not a dict")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as err:
+            raise CheckFailed(f"stats() is not plain data ({err}); use ints, floats, strs, lists and dicts") from None
+
+    def picklable() -> None:
+        if getattr(step, "stateful", False):
+            return
+        fresh = _build("filter", name, kwargs)
+        try:
+            copy = pickle.loads(pickle.dumps(fresh))
+        except Exception as err:
+            raise CheckFailed(
+                f"it does not pickle ({plugins.error_text(err)}); a step that is not stateful runs in worker "
+                "processes, or set stateful = True on it"
+            ) from None
+        _require(run(copy) == run(_build("filter", name, kwargs)), "a pickled copy gives other output")
+
+    c.run("members", members)
+    c.run("process", same_again)
+    c.run("stats", stats)
+    c.run("pickle", picklable)
+
+
 CHECKS: dict[str, Callable[[_Checks, str, dict, Path], None]] = {
     "dataset": _check_dataset,
     "tokenizer": _check_tokenizer,
     "optimizer": _check_optimizer,
     "scheduler": _check_scheduler,
     "exporter": _check_exporter,
+    "filter": _check_filter,
 }
 
 

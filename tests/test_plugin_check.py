@@ -222,10 +222,10 @@ def test_check_command_passes_the_template():
     assert [line.split()[:3] for line in lines[:-1]] == [
         ["PASS", "lmforge.datasets", "csv:"], ["PASS", "lmforge.tokenizers", "wordlevel:"],
         ["PASS", "lmforge.optimizers", "adafactor:"], ["PASS", "lmforge.schedulers", "linear:"],
-        ["PASS", "lmforge.exporters", "npz:"],
+        ["PASS", "lmforge.exporters", "npz:"], ["PASS", "lmforge.filters", "min_length:"],
     ]  # fmt: skip
     assert "checkpoint round trip, folder round trip" in lines[1]
-    assert lines[-1] == "lmforge-plugin-template 0.1.0: 5 of 5 plugins passed"
+    assert lines[-1] == "lmforge-plugin-template 0.1.0: 6 of 6 plugins passed"
 
 
 def test_check_command_names_each_broken_plugin_in_one_line(site):

@@ -42,11 +42,14 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
         token_dtype: TokenDType,
         seed: int | None,
         canaries: dict | None = None,
+        pipeline: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         from lmforge.data.canaries import check_settings
+        from lmforge.data.pipeline import check_pipeline
 
         self.canaries = check_settings(canaries) or None
+        self.pipeline = check_pipeline(pipeline) or None  # every step built once: a bad option fails here
         if batch_size < 1:
             raise UserError(f"data.batch_size={batch_size} must be positive")
         if not 0.0 < val_fraction < 1.0:
@@ -63,6 +66,8 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
         self.token_dtype = token_dtype
         self.seed = seed
         self.corpus: Corpus | None = None
+        self.filtered: Any = None
+        """The FilteredCorpus of ``data.pipeline`` (its report() holds each step's stats), or None."""
         self.tokenizer: Tokenizer | None = None
         self.token_file: TokenFile | None = None
 
@@ -71,7 +76,12 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
 
     def _prepare(self, progress: bool) -> None:
         self.corpus = plugins.build("dataset", self.dataset_spec)
-        if self.canaries:  # secrets put in on purpose, within the training part (lmforge.data.canaries)
+        if self.pipeline:  # cleaning steps between the dataset and the tokenizer (lmforge.data.pipeline)
+            from lmforge.data.pipeline import FilteredCorpus
+
+            # the canaries' positions need the size after cleaning: measured by a pass when first asked for
+            self.corpus = self.filtered = FilteredCorpus(self.corpus, self.pipeline, exact_size=bool(self.canaries))
+        if self.canaries:  # secrets put in on purpose, within the training part, after cleaning (no step removes them)
             from lmforge.data.canaries import CanaryCorpus
 
             self.corpus = CanaryCorpus(self.corpus, self.canaries, within=0.95 * (1.0 - self.val_fraction))
@@ -136,6 +146,11 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
             facts["description"] = str(describe())
         if self.canaries:
             facts["canaries"] = dict(self.canaries)
+        if self.pipeline:
+            facts["pipeline"] = [dict(step) for step in self.pipeline]
+            report = self.filtered.report() if self.filtered is not None else []
+            if report:
+                facts["pipeline_report"] = report
         return facts
 
     def state_dict(self) -> dict:

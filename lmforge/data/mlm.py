@@ -216,6 +216,7 @@ class MLMDataModule(CorpusDataModule):
         cache_dir: str | None = None,
         token_dtype: TokenDType = "auto",
         seed: int | None = None,
+        pipeline: list[dict[str, Any]] | None = None,
     ) -> None:
         """
         Args:
@@ -234,12 +235,15 @@ class MLMDataModule(CorpusDataModule):
             cache_dir: Where token files live; default $LMFORGE_CACHE or ~/.cache/lmforge.
             token_dtype: auto picks uint16 when the vocabulary fits, else uint32.
             seed: Seeds the shuffle, the masks and the NSP pairs; default the run's seed_everything.
+            pipeline: Cleaning steps (filter plugins) between the dataset and the tokenizer, in order, e.g.
+                [{name: normalize}, {name: quality}, {name: dedup}, {name: pii}].
         """
         if seq_len < (5 if nsp else 3):
             raise UserError(f"data.seq_len={seq_len} is too short: at least {5 if nsp else 3} with nsp={nsp}")
         super().__init__(
-            dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed
-        )
+            dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed,
+            pipeline=pipeline,
+        )  # fmt: skip
         MaskingCollator(1, 0, 0, [], mlm_probability=mlm_probability, mask_fraction=mask_fraction,
                         random_fraction=random_fraction)  # fmt: skip  # a bad fraction fails now
         self.nsp = nsp

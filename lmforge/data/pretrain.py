@@ -70,6 +70,7 @@ class PretrainDataModule(CorpusDataModule):
         predict_prompts: list[str] | None = None,
         seed: int | None = None,
         canaries: dict[str, Any] | None = None,
+        pipeline: list[dict[str, Any]] | None = None,
     ) -> None:
         """
         Args:
@@ -88,12 +89,16 @@ class PretrainDataModule(CorpusDataModule):
                 seed_everything. A checkpoint records the order's position, so a resumed run continues it.
             canaries: Put random secrets into the training text to measure memorisation afterwards
                 (``lmforge evaluate --task memorization``): {count, repeats: [1, 10, 100], seed}.
+            pipeline: Cleaning steps (filter plugins) between the dataset and the tokenizer, in order, e.g.
+                [{name: normalize}, {name: quality}, {name: dedup, near: {threshold: 0.8}}, {name: pii}];
+                canaries go in after them.
         """
         if seq_len < 1:
             raise UserError(f"data.seq_len={seq_len} must be positive")
         super().__init__(
-            dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed, canaries
-        )
+            dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed, canaries,
+            pipeline,
+        )  # fmt: skip
         self.predict_prompts = predict_prompts or ["The "]
 
     def entropy_nats_per_token(self) -> float | None:

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parents[1]
 REPO = HERE.parents[1]
 STORIES = HERE / "examples" / "stories.csv"
 PLUGINS = [("dataset", "csv"), ("tokenizer", "wordlevel"), ("optimizer", "adafactor"), ("scheduler", "linear"),
-           ("exporter", "npz")]  # fmt: skip
+           ("exporter", "npz"), ("filter", "min_length")]  # fmt: skip
 TINY = ["--model.config.n_layer", "1", "--model.config.n_embd", "32", "--model.config.block_size", "32",
         "--data.seq_len", "32", "--data.num_workers", "0", "--trainer.limit_val_batches", "1"]  # fmt: skip
 
@@ -118,3 +118,15 @@ def test_fine_tune_from_the_checkpoint(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     tuned = load_checkpoint(tmp_path / "sft" / "checkpoints" / "last.ckpt")
     assert tuned.task == "sft" and isinstance(tuned.tokenizer, WordLevelTokenizer)
+
+
+def test_min_length_filter_in_a_pipeline():
+    from lmforge.data.pipeline import FilteredCorpus
+
+    corpus = FilteredCorpus(SampleCorpus(["a long enough document", "short", "  another long one here  "]),
+                            [{"name": "min_length", "min_chars": 10, "strip": True}])  # fmt: skip
+    assert list(corpus.documents()) == ["a long enough document", "another long one here"]
+    (step,) = corpus.report()
+    assert step["name"] == "min_length" and step["dropped"] == {"too_short": 1} and step["docs_out"] == 2
+    with pytest.raises(UserError, match=r"data.pipeline\[0\]: filter 'min_length' has no argument 'min_char'"):
+        FilteredCorpus(SampleCorpus(), [{"name": "min_length", "min_char": 10}])
