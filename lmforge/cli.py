@@ -34,8 +34,9 @@ training runs (LightningCLI; `lmforge fit --help` lists every option of a config
   test       the same on the test split (classifiers: a per-class report)
   predict    sample continuations:       lmforge predict -c CONFIG --ckpt_path CKPT
 
-budget:
+budget and data:
   estimate   memory, FLOPs, time, energy, CO2 and cost before a run:  lmforge estimate -c CONFIG --gpu h100
+  data       what the corpus is through each cleaning step, in tokens: lmforge data report -c CONFIG
 
 models:
   export     write a checkpoint for transformers, GGUF, ...:  lmforge export CKPT --to DIR --format hf
@@ -138,6 +139,12 @@ def main(argv: list[str] | None = None) -> None:
             from lmforge.lightning_cli import parse_fit_config
 
             estimate_command(args[1:], parse_fit_config)
+            return
+        if args[0] == "data":  # the same: lmforge.data.report reads fit's config and uses commands' tables
+            from lmforge.data.report import data_command
+            from lmforge.lightning_cli import parse_fit_config
+
+            data_command(args[1:], parse_fit_config)
             return
         from lmforge.commands import COMMANDS
 

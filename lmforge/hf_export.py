@@ -1267,6 +1267,9 @@ def _data_lines(ckpt: Checkpoint, datasets: list[str]) -> list[str]:
         lines.append("- files: " + ", ".join(f"{_FILE_ROLES.get(k, k)} `{v}`" for k, v in files.items() if v))
     description = data.pop("description", None)
     data.pop("hub_datasets", None)
+    pipeline, report = data.pop("pipeline", None), data.pop("pipeline_report", None)
+    if isinstance(pipeline, list) and pipeline:
+        lines += _cleaning_lines(pipeline, report if isinstance(report, list) else [])
     lines += [f"- {key}: {value}" for key, value in data.items() if value not in (None, "", [], {})]
     if description:
         lines += ["", str(description).strip()]
@@ -1276,6 +1279,26 @@ def _data_lines(ckpt: Checkpoint, datasets: list[str]) -> list[str]:
             "The checkpoint does not record what the model was trained on (it was written before lmforge "
             "recorded it, or by a data module that does not describe its data).",
         ]
+    return lines
+
+
+def _cleaning_lines(pipeline: list, report: list) -> list[str]:
+    """The card's lines on ``data.pipeline``: the steps with their options, then what each did (documents and bytes
+    in and out, what it removed and why, duplicate clusters, PII redactions by type)."""
+    from lmforge.data.pipeline import summary_line
+
+    def described(step: Any) -> str:
+        if not isinstance(step, dict):
+            return f"`{step}`"
+        options = ", ".join(f"{k}={v}" for k, v in step.items() if k != "name")
+        return f"`{step.get('name')}`" + (f" ({options})" if options else "")
+
+    lines = ["- cleaned before tokenizing (`data.pipeline`): " + " -> ".join(described(s) for s in pipeline)]
+    for entry in report:
+        try:
+            lines.append("  - " + summary_line(entry).removeprefix("pipeline "))
+        except (KeyError, TypeError):  # a report from another version: leave it out rather than guess
+            continue
     return lines
 
 

@@ -168,13 +168,15 @@ def build_token_file(
     requested_dtype: TokenDType = "auto",
     progress: bool = True,
     num_proc: int = 1,
+    report=None,
 ) -> TokenFile:
     """Return the token file for (corpus, tokenizer), tokenizing and writing it only if not cached.
 
     The corpus is streamed: documents are read in batches of :data:`BATCH_DOCUMENTS`, and with ``num_proc`` > 1
     the batches are tokenized by that many worker processes, at most ``2 * num_proc`` batches in flight, while
     this process writes their tokens in document order. The file is the same byte for byte whatever
-    ``num_proc`` is, so it shares one cache entry."""
+    ``num_proc`` is, so it shares one cache entry. ``report``: called once the corpus is consumed, its value kept
+    in the metadata as ``pipeline_report`` (what the cleaning steps did, for a run that reuses the file)."""
     dtype = token_dtype(tokenizer.vocab_size, requested_dtype)
     corpus_key = corpus.key()
     key = cache_key(corpus_key, tokenizer, dtype)
@@ -214,6 +216,8 @@ def build_token_file(
         "seconds": round(time.perf_counter() - start, 3),
         "num_proc": num_proc,
     }
+    if report is not None:
+        meta["pipeline_report"] = report()
     write_json(meta_path, meta)
     log.info(
         "token cache: wrote %s (%d tokens, %d documents, %.1f s, %d process%s)",
@@ -237,18 +241,9 @@ def encode_documents(tokenizer: Tokenizer, batch: list[str], dtype: np.dtype) ->
 _WORKER: dict = {}
 
 
-def _worker_init(tokenizer: Tokenizer, dtype: np.dtype, parent: int) -> None:
+def _worker_init(tokenizer: Tokenizer, dtype: np.dtype) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
     _WORKER["tokenizer"], _WORKER["dtype"] = tokenizer, dtype
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A worker's watch: when the process that started it is gone (killed with SIGKILL, it could not tell its
-    workers), the worker exits too instead of waiting forever on a queue no one writes to."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
 
 
 def _worker_encode(batch: list[str]) -> tuple[bytes, int, int]:
@@ -257,28 +252,51 @@ def _worker_encode(batch: list[str]) -> tuple[bytes, int, int]:
 
 def _tokenized(documents, tokenizer: Tokenizer, dtype: np.dtype, num_proc: int):
     """Yield :func:`encode_documents` of each batch of ``documents``, in order."""
+    batches = _batches(documents, BATCH_DOCUMENTS)
     if num_proc <= 1:
-        for batch in _batches(documents, BATCH_DOCUMENTS):
+        for batch in batches:
             yield encode_documents(tokenizer, batch, dtype)
         return
+    yield from ordered_map(_worker_encode, batches, num_proc, _worker_init, (tokenizer, dtype))
+
+
+def ordered_map(fn, items, num_proc: int, initializer, initargs: tuple):
+    """``fn`` of each of ``items`` in ``num_proc`` worker processes, yielded in order, with at most ``2 *
+    num_proc`` items in flight (``items`` is consumed as results are taken: never all in memory). The workers
+    start with ``initializer(*initargs)`` and exit when this process is gone (a SIGKILL it could not pass on)."""
     import collections
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    # fork where there is one: the tokenizer is inherited, not pickled, and no worker re-imports torch
+    # fork where there is one: initargs (a tokenizer, filter steps) are inherited, not pickled, and no worker
+    # re-imports torch
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     pending: collections.deque = collections.deque()
-    with ProcessPoolExecutor(num_proc, mp.get_context(method), _worker_init, (tokenizer, dtype, os.getpid())) as pool:
+    args = (initializer, initargs, os.getpid())
+    with ProcessPoolExecutor(num_proc, mp.get_context(method), _start_worker, args) as pool:
         try:
-            for batch in _batches(documents, BATCH_DOCUMENTS):
-                pending.append(pool.submit(_worker_encode, batch))
-                if len(pending) >= 2 * num_proc:  # bounded: the corpus is never all in memory
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * num_proc:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _start_worker(initializer, initargs: tuple, parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    initializer(*initargs)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watch: when the process that started it is gone (killed with SIGKILL, it could not tell its
+    workers), the worker exits too instead of waiting forever on a queue no one writes to."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _batches(items, size: int):

@@ -4,6 +4,7 @@ the description of the data for checkpoints and model cards, and the checkpoint 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from lmforge.data.sampling import ResumableData
 from lmforge.data.sources import Corpus, CorpusError, public_spec
 from lmforge.errors import UserError
 from lmforge.tokenizers import Tokenizer, tokenizer_to_dict
+
+log = logging.getLogger(__name__)
 
 
 class CorpusDataModule(ResumableData, L.LightningDataModule):
@@ -43,6 +46,7 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
         seed: int | None,
         canaries: dict | None = None,
         pipeline: list[dict[str, Any]] | None = None,
+        num_proc: int = 1,
     ) -> None:
         super().__init__()
         from lmforge.data.canaries import check_settings
@@ -52,6 +56,9 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
         self.pipeline = check_pipeline(pipeline) or None  # every step built once: a bad option fails here
         if batch_size < 1:
             raise UserError(f"data.batch_size={batch_size} must be positive")
+        if not isinstance(num_proc, int) or num_proc < 1:
+            raise UserError(f"data.num_proc={num_proc!r} must be a positive number of processes")
+        self.num_proc = num_proc
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction={val_fraction} must be between 0 and 1")
         plugins.validate("dataset", dataset)
@@ -80,7 +87,9 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
             from lmforge.data.pipeline import FilteredCorpus
 
             # the canaries' positions need the size after cleaning: measured by a pass when first asked for
-            self.corpus = self.filtered = FilteredCorpus(self.corpus, self.pipeline, exact_size=bool(self.canaries))
+            self.corpus = self.filtered = FilteredCorpus(
+                self.corpus, self.pipeline, exact_size=bool(self.canaries), num_proc=self.num_proc
+            )
         if self.canaries:  # secrets put in on purpose, within the training part, after cleaning (no step removes them)
             from lmforge.data.canaries import CanaryCorpus
 
@@ -88,7 +97,24 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
         tokenizer = plugins.build("tokenizer", self.tokenizer_spec, self.corpus, self.cache_dir)
         self._check_tokenizer(tokenizer)
         self.tokenizer = tokenizer
-        self.token_file = build_token_file(self.corpus, tokenizer, self.cache_dir, self.token_dtype, progress)
+        report = self.filtered.report if self.filtered is not None else None
+        self.token_file = build_token_file(
+            self.corpus, tokenizer, self.cache_dir, self.token_dtype, progress, self.num_proc, report
+        )
+        if progress and self.filtered is not None and not self.filtered.report():  # reused: say what it did then
+            from lmforge.data.pipeline import summary_line
+
+            for entry in self.pipeline_report():
+                log.info("%s (when the token cache was written)", summary_line(entry))
+
+    def pipeline_report(self) -> list[dict[str, Any]]:
+        """What each ``data.pipeline`` step did: from this preparation, or from the token cache's metadata when it
+        was reused (empty without a pipeline)."""
+        if self.filtered is None:
+            return []
+        return self.filtered.report() or list(
+            (self.token_file.meta if self.token_file else {}).get("pipeline_report") or []
+        )
 
     def connect(self, tokenizer: Tokenizer | None = None, batch_size: int | None = None,
                 max_seq_length: int | None = None) -> None:  # fmt: skip
@@ -148,7 +174,7 @@ class CorpusDataModule(ResumableData, L.LightningDataModule):
             facts["canaries"] = dict(self.canaries)
         if self.pipeline:
             facts["pipeline"] = [dict(step) for step in self.pipeline]
-            report = self.filtered.report() if self.filtered is not None else []
+            report = self.pipeline_report()
             if report:
                 facts["pipeline_report"] = report
         return facts

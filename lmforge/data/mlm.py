@@ -217,6 +217,7 @@ class MLMDataModule(CorpusDataModule):
         token_dtype: TokenDType = "auto",
         seed: int | None = None,
         pipeline: list[dict[str, Any]] | None = None,
+        num_proc: int = 1,
     ) -> None:
         """
         Args:
@@ -237,12 +238,14 @@ class MLMDataModule(CorpusDataModule):
             seed: Seeds the shuffle, the masks and the NSP pairs; default the run's seed_everything.
             pipeline: Cleaning steps (filter plugins) between the dataset and the tokenizer, in order, e.g.
                 [{name: normalize}, {name: quality}, {name: dedup}, {name: pii}].
+            num_proc: Processes that clean (the pipeline's steps before dedup) and tokenize the corpus when it is
+                prepared; the token file is the same for any number.
         """
         if seq_len < (5 if nsp else 3):
             raise UserError(f"data.seq_len={seq_len} is too short: at least {5 if nsp else 3} with nsp={nsp}")
         super().__init__(
             dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed,
-            pipeline=pipeline,
+            pipeline=pipeline, num_proc=num_proc,
         )  # fmt: skip
         MaskingCollator(1, 0, 0, [], mlm_probability=mlm_probability, mask_fraction=mask_fraction,
                         random_fraction=random_fraction)  # fmt: skip  # a bad fraction fails now

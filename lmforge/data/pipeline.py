@@ -110,9 +110,11 @@ class FilteredCorpus:
     documents, num_bytes)."""
 
     def __init__(self, corpus: Any, steps: list[dict[str, Any]], where: str = "data.pipeline",
-                 exact_size: bool = False) -> None:  # fmt: skip
+                 exact_size: bool = False, num_proc: int = 1) -> None:  # fmt: skip
         self.corpus = corpus
         self.exact_size = exact_size
+        self.num_proc = num_proc
+        """Worker processes for the steps before the first stateful one (not part of the key: same output)."""
         self.steps = check_pipeline(steps, where)
         self.where = where
         self._key: str | None = None
@@ -145,8 +147,14 @@ class FilteredCorpus:
     def documents(self) -> Iterator[str]:
         steps = self.build_steps()
         counts = [dict.fromkeys(COUNTS, 0) for _ in steps]
-        for doc in self.corpus.documents():
-            for step, count in zip(steps, counts):
+        # With num_proc, the steps before the first stateful one (dedup remembers what it saw, so it and what
+        # follows run here, in order) run in worker processes over batches of documents, in order.
+        cut = next((i for i, step in enumerate(steps) if getattr(step, "stateful", False)), len(steps))
+        cut = cut if self.num_proc > 1 else 0
+        merged: list[dict[str, Any]] = [{} for _ in range(cut)]
+        source = self._parallel_prefix(cut, counts, merged) if cut else self.corpus.documents()
+        for doc in source:
+            for step, count in zip(steps[cut:], counts[cut:]):
                 count["docs_in"] += 1
                 count["bytes_in"] += _size(doc)
                 out = step.process(doc)
@@ -163,12 +171,30 @@ class FilteredCorpus:
                 count["bytes_out"] += _size(doc)
             if doc is not None:
                 yield doc
-        self._finish(steps, counts)
+        self._finish(steps, counts, merged)
 
-    def _finish(self, steps: list[Any], counts: list[dict[str, int]]) -> None:
+    def _parallel_prefix(self, cut: int, counts: list[dict[str, int]], merged: list[dict[str, Any]]) -> Iterator[str]:
+        """The documents after steps ``[0, cut)``, run by ``num_proc`` workers; their counts and stats (summed over
+        batches: a stateless step's stats are counts) go into ``counts`` and ``merged``."""
+        from lmforge.data.cache import BATCH_DOCUMENTS, _batches, ordered_map
+
+        batches = _batches(self.corpus.documents(), BATCH_DOCUMENTS)
+        for kept, batch_counts, batch_stats in ordered_map(_prefix_batch, batches, self.num_proc, _prefix_init,
+                                                           (self.steps[:cut], self.where)):  # fmt: skip
+            for total, part in zip(counts, batch_counts):
+                for key in COUNTS:
+                    total[key] += part[key]
+            for i, stats in enumerate(batch_stats):
+                merged[i] = _add_stats(merged[i], stats)
+            yield from kept
+
+    def _finish(
+        self, steps: list[Any], counts: list[dict[str, int]], merged: list[dict[str, Any]] | None = None
+    ) -> None:
         report = []
-        for step, count in zip(steps, counts):
-            stats = step.stats()
+        merged = merged or []
+        for i, (step, count) in enumerate(zip(steps, counts)):
+            stats = merged[i] if i < len(merged) else step.stats()
             if not isinstance(stats, dict):
                 raise PipelineError(f"{self.where}: filter {step.name!r} returned {type(stats).__name__} from stats()")
             entry = {"name": step.name, "version": step.version, **count, **stats}
@@ -191,6 +217,52 @@ class FilteredCorpus:
         the token cache was reused): name, version, docs_in, docs_out, bytes_in, bytes_out, dropped and the
         step's own keys."""
         return [dict(entry) for entry in self._report or []]
+
+
+_PREFIX: dict[str, Any] = {}
+
+
+def _prefix_init(specs: list[dict[str, Any]], where: str) -> None:
+    _PREFIX["specs"], _PREFIX["where"] = specs, where
+
+
+def _prefix_batch(batch: list[str]) -> tuple[list[str], list[dict[str, int]], list[dict[str, Any]]]:
+    """A worker's part of :meth:`FilteredCorpus._parallel_prefix`: the stateless steps, built afresh for each batch
+    (so each batch's stats are its own), over ``batch``."""
+    steps = [build_step(spec, i, _PREFIX["where"]) for i, spec in enumerate(_PREFIX["specs"])]
+    counts = [dict.fromkeys(COUNTS, 0) for _ in steps]
+    kept = []
+    for doc in batch:
+        for step, count in zip(steps, counts):
+            count["docs_in"] += 1
+            count["bytes_in"] += _size(doc)
+            out = step.process(doc)
+            if out is None:
+                doc = None
+                break
+            if not isinstance(out, str):
+                raise PipelineError(
+                    f"{_PREFIX['where']}: filter {step.name!r} returned {type(out).__name__} from process(); "
+                    "a filter returns the document (a str) or None to drop it"
+                )
+            doc = out
+            count["docs_out"] += 1
+            count["bytes_out"] += _size(doc)
+        if doc is not None:
+            kept.append(doc)
+    return kept, counts, [step.stats() for step in steps]
+
+
+def _add_stats(total: Any, part: Any) -> Any:
+    """Stats summed over batches: numbers added, dicts key by key; anything else the latest value."""
+    if isinstance(total, dict) and isinstance(part, dict):
+        out = dict(total)
+        for key, value in part.items():
+            out[key] = _add_stats(out[key], value) if key in out else value
+        return out
+    if isinstance(total, (int, float)) and isinstance(part, (int, float)) and not isinstance(part, bool):
+        return total + part
+    return part
 
 
 def _size(doc: str) -> int:

@@ -71,6 +71,7 @@ class PretrainDataModule(CorpusDataModule):
         seed: int | None = None,
         canaries: dict[str, Any] | None = None,
         pipeline: list[dict[str, Any]] | None = None,
+        num_proc: int = 1,
     ) -> None:
         """
         Args:
@@ -92,12 +93,14 @@ class PretrainDataModule(CorpusDataModule):
             pipeline: Cleaning steps (filter plugins) between the dataset and the tokenizer, in order, e.g.
                 [{name: normalize}, {name: quality}, {name: dedup, near: {threshold: 0.8}}, {name: pii}];
                 canaries go in after them.
+            num_proc: Processes that clean (the pipeline's steps before dedup) and tokenize the corpus when it is
+                prepared; the token file is the same for any number.
         """
         if seq_len < 1:
             raise UserError(f"data.seq_len={seq_len} must be positive")
         super().__init__(
             dataset, tokenizer, seq_len, batch_size, val_fraction, num_workers, cache_dir, token_dtype, seed, canaries,
-            pipeline,
+            pipeline, num_proc,
         )  # fmt: skip
         self.predict_prompts = predict_prompts or ["The "]
 
