@@ -77,6 +77,10 @@ def _config_path(args: list[str]) -> str:
     return "the config file"
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "list": "a list",
+               "dict": "a mapping"}  # fmt: skip
+
+
 def _explain_parse_error(message: str, parser) -> str:
     text = " ".join(message.split())
     # An error inside model/data (subclass mode) arrives wrapped: keep the inner line, keys prefixed.
@@ -87,6 +91,17 @@ def _explain_parse_error(message: str, parser) -> str:
     if nested:
         prefix, inner = nested.group(1), nested.group(2).strip()
         inner = re.sub(r"^config: ", "", inner)
+        kind = re.match(r"Expected a <class '(\w+)'>$", inner)
+        given = re.search(r"NestedArg\(key='([\w.\-]+)', val='(.*?)'\)", text)
+        typed = re.match(r"Parser key \"([\w.\-]+)\": Expected a <class '(\w+)'>\. Got value: (.*)$", inner)
+        if typed:  # e.g. --data.batch_size abc
+            return f"config: {prefix}.{typed.group(1)}={typed.group(3)!r} must be {_TYPE_WORDS.get(typed.group(2), typed.group(2))}"
+        if kind and given:  # e.g. --data.pipeline normalize: a plain word where a list belongs
+            example = {"list": "[a, b]", "dict": "{key: value}"}.get(kind.group(1), kind.group(1))
+            return (
+                f"config: {prefix}.{given.group(1)}={given.group(2)!r} must be {_TYPE_WORDS.get(kind.group(1), kind.group(1))}; give it in YAML "
+                f"syntax, e.g. --{prefix}.{given.group(1)} '{example}'"
+            )
         inner = re.sub(
             r"(unknown key |did you mean )'([\w.\-]+)'", lambda m: f"{m.group(1)}'{prefix}.{m.group(2)}'", inner
         )

@@ -79,6 +79,12 @@ def test_invalid_values_name_the_key(run_cli):
     assert "n_embd=128 must be a multiple of n_head=5" in one_line_error(
         run_cli("fit", "-c", TINY, "--model.config.n_head", "5")
     )
+    assert "config: data.batch_size='abc' must be an integer" in one_line_error(
+        run_cli("fit", "-c", TINY, "--data.batch_size", "abc")
+    )
+    assert "config: data.pipeline='normalize' must be a list; give it in YAML syntax" in one_line_error(
+        run_cli("fit", "-c", TINY, "--data.pipeline", "normalize")
+    )
 
 
 def test_corpus_errors_are_one_line(run_cli, tmp_path):
