@@ -33,6 +33,8 @@
 #   train    110 s   GPT-2 124M step (3 warmup + 10 timed steps): plain-compiled, lmforge-kernels-compiled,
 #                    then plain-eager; compile caches kept (--compile-caches), so the first step is not cold
 #   finetune  what is left, up to 30 s: pretrain gpt-tiny, packed SFT, generate (in a work folder)
+#   memory    what is left, up to 60 s: benchmarks/memory.py, lmforge estimate's peak against
+#             max_memory_allocated for gpt-small and gpt2-124m (only if 45 s or more remain)
 #   ce-chunks what is left, up to 60 s: lmforge's chunk size swept (only if 30 s or more remain)
 # 10 + 150 + 120 + 55 + 55 + 110 = 500 s, 30 s for the fine-tune, 10 s kept for the packing: 540 s.
 # Packing runs at the end, and from a trap on EXIT, INT and TERM: a session cut short still returns.
@@ -240,7 +242,18 @@ export -f finetune
 export ROOT
 step finetune "$(cap 30)" bash -c finetune
 
-# h. only if time remains: lmforge's chunk size swept at the anchor shapes
+# h. only if time remains: lmforge estimate's peak memory against max_memory_allocated (gpt-small, gpt2-124m)
+if [ "$(left)" -ge 45 ]; then
+  if [ "$DRY_RUN" = 1 ]; then
+    step memory "$(cap 40)" "$PY" benchmarks/memory.py --quick --out "$WORK"
+  else
+    step memory "$(cap 60)" "$PY" benchmarks/memory.py --configs gpt-small,gpt2-124m --steps 5 --out "$WORK"
+  fi
+else
+  printf 'memory\t60\t0\tskipped (less than 45 s left)\n' >>"$STEPS"
+fi
+
+# i. only if time remains: lmforge's chunk size swept at the anchor shapes
 if [ "$(left)" -ge 30 ]; then
   if [ "$DRY_RUN" = 1 ]; then
     step ce-chunks "$(cap 20)" "$PY" benchmarks/ce.py --device cpu --no-smoke --tokens 256 --hidden 64 \

@@ -169,6 +169,12 @@ def session_report(work: Path, budget: str = "?", dry_run: bool = False) -> str:
     tiles = work / "tiles.json"
     lines += ["", "== tiles.json: " + ("lmforge's tuned_tiles(); pin_tiles(path) or LMFORGE_ATTN_TILES=path to reuse"
                                       if tiles.exists() else "not written (no lmforge attention measured)")]  # fmt: skip
+    memory = harness.read_csv_rows(work, "memory")
+    if memory:  # benchmarks/memory.py: lmforge estimate's peak against max_memory_allocated (issue 17's check)
+        lines += ["", "== estimated vs measured peak memory (memory.csv)"]
+        lines += [f"{r.get('config')}: estimated {r.get('estimated_gib') or '-'} GiB, measured "
+                  f"{r.get('measured_gib') or '-'} GiB ({r.get('measured_as') or r.get('error')}), "
+                  f"{r.get('difference') or '-'}" for r in memory]  # fmt: skip
     finetune = work / "finetune.log"
     if finetune.exists():
         tail = [ln for ln in finetune.read_text(errors="replace").splitlines() if ln.strip()][-8:]

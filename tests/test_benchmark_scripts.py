@@ -129,3 +129,17 @@ def test_data_quick(tmp_path):
         rows = list(csv.DictReader(f))
     assert {(r["impl"], r["num_proc"]) for r in rows} == {(i, n) for i in ("lmforge", "hf-datasets") for n in "12"}
     assert all(r["identical_tokens"] == "True" and float(r["mb_per_s"]) > 0 for r in rows), rows
+
+
+def test_memory_quick(tmp_path):
+    """benchmarks/memory.py: a short fit's estimate-vs-measured table read back into memory.csv (CPU: not claimed)."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, log
+    with (tmp_path / "memory.csv").open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["config"] == "gpt-tiny" and float(row["estimated_gib"]) > 0 and float(row["measured_gib"]) > 0, row
+    assert row["difference"] == "not comparable" and "resident set" in row["measured_as"], row
