@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\nlmforge: interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader went away (`lmforge ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        raise SystemExit(141) from None
     except Exception as err:
         if os.environ.get("LMFORGE_DEBUG"):
             raise

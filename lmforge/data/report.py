@@ -28,6 +28,12 @@ from lmforge.errors import UserError
 CHUNK = 1 << 24
 """Tokens read at a time: the statistics never hold the token file in memory."""
 CORPUS_MODULES = ("PretrainDataModule", "MLMDataModule")
+DESCRIPTION = (
+    "Prepare the config's corpus as `lmforge fit` does (the same cache: fit reuses it) and report documents and "
+    "bytes through each data.pipeline step, what each removed and why, duplicate clusters, PII redactions, tokens, "
+    "document lengths and vocabulary coverage, as a table, JSON (--json) and PNG plots in --out (default "
+    "<trainer.default_root_dir>/data). Overrides as for fit, e.g. --data.pipeline '[{name: dedup}]'."
+)
 
 
 def token_statistics(token_file: Any, tokenizer: Any, top: int = 10) -> dict[str, Any]:
@@ -250,11 +256,12 @@ def data_command(argv: list[str], parse_config: Callable[[list[str]], tuple[Any,
     lengths and vocabulary coverage (table, JSON, PNG plots). ``parse_config``: how ``fit`` reads a config
     (:func:`lmforge.lightning_cli.parse_fit_config`)."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lmforge data report -c CONFIG [overrides] [--json] [--out DIR]\n\n" + data_command.__doc__)
+        print(f"usage: lmforge data report -c CONFIG [overrides] [--json] [--out DIR]\n\n{DESCRIPTION}")
         return
     if argv[0] != "report":
         raise UserError(f"data: unknown subcommand {argv[0]!r}; the one there is: lmforge data report -c CONFIG")
-    parser = OneLineParser(prog="lmforge data report", description=data_command.__doc__)
+    parser = OneLineParser(prog="lmforge data report", usage="lmforge data report -c CONFIG [overrides] [--json] "
+                           "[--out DIR]", description=DESCRIPTION)  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", help="folder for report.json and the PNG plots (default: <default_root_dir>/data)")
     args, rest = parser.parse_known_args(argv[1:])
