@@ -104,7 +104,7 @@ def key_for_device(device_name: str | None) -> str | None:
     if "a100" in name:
         return "a100-80gb" if "80g" in name else "a100-40gb"
     for key in ("h200", "h100", "v100", "l4", "rtx4090"):
-        if key in name or (key == "rtx4090" and "4090" in name):
+        if key in name:
             return key
     return None
 

@@ -154,21 +154,7 @@ class FilteredCorpus:
         merged: list[dict[str, Any]] = [{} for _ in range(cut)]
         source = self._parallel_prefix(cut, counts, merged) if cut else self.corpus.documents()
         for doc in source:
-            for step, count in zip(steps[cut:], counts[cut:]):
-                count["docs_in"] += 1
-                count["bytes_in"] += _size(doc)
-                out = step.process(doc)
-                if out is None:
-                    doc = None
-                    break
-                if not isinstance(out, str):
-                    raise PipelineError(
-                        f"{self.where}: filter {step.name!r} returned {type(out).__name__} from process(); "
-                        "a filter returns the document (a str) or None to drop it"
-                    )
-                doc = out
-                count["docs_out"] += 1
-                count["bytes_out"] += _size(doc)
+            doc = _apply(doc, steps[cut:], counts[cut:], self.where)
             if doc is not None:
                 yield doc
         self._finish(steps, counts, merged)
@@ -231,26 +217,27 @@ def _prefix_batch(batch: list[str]) -> tuple[list[str], list[dict[str, int]], li
     (so each batch's stats are its own), over ``batch``."""
     steps = [build_step(spec, i, _PREFIX["where"]) for i, spec in enumerate(_PREFIX["specs"])]
     counts = [dict.fromkeys(COUNTS, 0) for _ in steps]
-    kept = []
-    for doc in batch:
-        for step, count in zip(steps, counts):
-            count["docs_in"] += 1
-            count["bytes_in"] += _size(doc)
-            out = step.process(doc)
-            if out is None:
-                doc = None
-                break
-            if not isinstance(out, str):
-                raise PipelineError(
-                    f"{_PREFIX['where']}: filter {step.name!r} returned {type(out).__name__} from process(); "
-                    "a filter returns the document (a str) or None to drop it"
-                )
-            doc = out
-            count["docs_out"] += 1
-            count["bytes_out"] += _size(doc)
-        if doc is not None:
-            kept.append(doc)
+    kept = [d for d in (_apply(doc, steps, counts, _PREFIX["where"]) for doc in batch) if d is not None]
     return kept, counts, [step.stats() for step in steps]
+
+
+def _apply(doc: str, steps: list[Any], counts: list[dict[str, int]], where: str) -> str | None:
+    """``doc`` through ``steps`` in order (None once one drops it), each step's entry of ``counts`` updated."""
+    for step, count in zip(steps, counts):
+        count["docs_in"] += 1
+        count["bytes_in"] += _size(doc)
+        out = step.process(doc)
+        if out is None:
+            return None
+        if not isinstance(out, str):
+            raise PipelineError(
+                f"{where}: filter {step.name!r} returned {type(out).__name__} from process(); "
+                "a filter returns the document (a str) or None to drop it"
+            )
+        doc = out
+        count["docs_out"] += 1
+        count["bytes_out"] += _size(doc)
+    return doc
 
 
 def _add_stats(total: Any, part: Any) -> Any:
@@ -269,7 +256,8 @@ def _size(doc: str) -> int:
     return len(doc.encode("utf-8", errors="surrogatepass"))
 
 
-def _bytes_text(n: int) -> str:
+def bytes_text(n: int) -> str:
+    """``1.2 MB``, ``3.4 kB``, ``12 B``."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -280,7 +268,7 @@ def summary_line(entry: dict[str, Any]) -> str:
     """``pipeline quality: 120 -> 97 documents, 1.2 MB -> 1.0 MB; dropped too_few_words 20, symbol_ratio 3``."""
     text = (
         f"pipeline {entry['name']}: {entry['docs_in']} -> {entry['docs_out']} documents, "
-        f"{_bytes_text(entry['bytes_in'])} -> {_bytes_text(entry['bytes_out'])}"
+        f"{bytes_text(entry['bytes_in'])} -> {bytes_text(entry['bytes_out'])}"
     )
     dropped = {k: v for k, v in (entry.get("dropped") or {}).items() if v}
     if dropped:

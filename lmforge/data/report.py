@@ -10,7 +10,8 @@ tokenizer and token cache, so a later ``fit`` reuses the work) and reports:
   tokens, a rank-frequency curve).
 
 As a table, ``--json``, and PNG plots in ``--out`` (with matplotlib). ``fit`` prints the one-line summary of each
-step when it prepares data, and the model card's training-data section carries :func:`card_lines`.
+step when it prepares data, and the model card's training-data section lists the steps and what each did
+(:func:`lmforge.hf_export._cleaning_lines`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.commands import OneLineParser, format_table
+from lmforge.data.pipeline import bytes_text
 from lmforge.errors import UserError
 
 CHUNK = 1 << 24
@@ -109,7 +111,7 @@ def _show(tokenizer: Any, token_id: int) -> str:
 def build_report(dm: Any) -> dict[str, Any]:
     """The report of a prepared corpus data module (after ``prepare_data()``)."""
     facts = dm.describe_data()
-    steps = dm.pipeline_report() if hasattr(dm, "pipeline_report") else facts.get("pipeline_report", [])
+    steps = dm.pipeline_report()
     train_end, total = dm._split(dm.seq_len, "window")
     return {
         "dataset": facts.get("dataset"),
@@ -120,13 +122,6 @@ def build_report(dm: Any) -> dict[str, Any]:
         "split": {"train_tokens": train_end, "val_tokens": total - train_end, "val_fraction": dm.val_fraction},
         "tokens": token_statistics(dm.token_file, dm.tokenizer),
     }
-
-
-def _size(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _reasons(entry: dict[str, Any]) -> str:
@@ -141,7 +136,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"corpus: {report.get('description') or report.get('dataset')}"]
     steps = report["pipeline"]
     if steps:
-        rows = [[e["name"], f"{e['docs_in']:,}", f"{e['docs_out']:,}", _size(e["bytes_in"]), _size(e["bytes_out"]),
+        rows = [[e["name"], f"{e['docs_in']:,}", f"{e['docs_out']:,}", bytes_text(e["bytes_in"]), bytes_text(e["bytes_out"]),
                  _reasons(e)] for e in steps]  # fmt: skip
         lines += ["", format_table(["step", "docs in", "docs out", "bytes in", "bytes out", "removed / changed"], rows)]
     else:
@@ -149,7 +144,7 @@ def format_report(report: dict[str, Any]) -> str:
     t = report["tokens"]
     rows = [["tokens", f"{t['tokens']:,}"], ["documents", f"{t['documents']:,}"]]
     if "bytes_per_token" in t:
-        rows.append(["bytes per token", f"{t['bytes_per_token']:.2f} ({_size(t['bytes'])} of text)"])
+        rows.append(["bytes per token", f"{t['bytes_per_token']:.2f} ({bytes_text(t['bytes'])} of text)"])
     split = report["split"]
     rows.append(["train / val tokens", f"{split['train_tokens']:,} / {split['val_tokens']:,}"])
     if "document_tokens" in t:
@@ -165,17 +160,6 @@ def format_report(report: dict[str, Any]) -> str:
     rows.append(["most frequent", " ".join(f"'{x['text']}' {100 * x['share']:.1f}%" for x in t["top_tokens"][:6])])
     lines += ["", format_table(["tokens", ""], rows)]
     return "\n".join(lines)
-
-
-def card_lines(report: dict[str, Any]) -> list[str]:
-    """Markdown lines for the model card's training-data section."""
-    t = report["tokens"]
-    lines = [f"- {t['tokens']:,} tokens in {t['documents']:,} documents; {t['vocab_used']:,} of the "
-             f"{t['vocab_size']:,} vocabulary ids occur"]  # fmt: skip
-    for e in report["pipeline"]:
-        lines.append(f"- cleaning step `{e['name']}`: {e['docs_in']:,} -> {e['docs_out']:,} documents "
-                     f"({_size(e['bytes_in'])} -> {_size(e['bytes_out'])}); {_reasons(e)}")  # fmt: skip
-    return lines
 
 
 def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
